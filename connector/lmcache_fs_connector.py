@@ -1,0 +1,182 @@
+"""LMCacheFSConnector: the vLLM KV connector facade.
+
+vLLM builds one instance per process: the SCHEDULER role (in EngineCore)
+builds a :class:`SchedulerSide` that keeps books, the WORKER role builds a
+:class:`WorkerSide` that moves bytes; this class only forwards calls.
+
+    vllm serve MODEL --kv-transfer-config \\
+      '{"kv_connector":"LMCacheFSConnector","kv_role":"kv_both",
+        "kv_connector_extra_config":{"storage_path":"/shared/kv"}}'
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from lmcache_fs.config import ConfigError, LMCacheFSConfig, load_config
+from lmcache_fs.index import ChunkIndex
+from lmcache_fs.layout import ChunkLayout
+from lmcache_fs.log import init_logging
+from lmcache_fs.store import ChunkStore
+
+from .metadata import LMCacheFSMetadata
+from .namespace import check_hash_seed, namespace_fields, rank_namespace
+from .scheduler import SchedulerSide
+from .stats import LMCacheFSStats
+from .worker import WorkerSide
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("lmcache_fs.connector")
+
+
+class LMCacheFSConnector(KVConnectorBase_V1):
+    """Shares prefix KV between vLLM instances through one directory."""
+
+    _cache_hit_source = CacheHitSource.DISK
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig"):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        init_logging()
+        transfer = self._kv_transfer_config
+        self.config: LMCacheFSConfig = load_config(transfer.kv_connector_extra_config or {})
+        can_load = transfer.kv_role in ("kv_both", "kv_consumer")
+        can_save = transfer.kv_role in ("kv_both", "kv_producer")
+        root = self.config.check_storage_path(writable=can_save)
+
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise ConfigError(f"lmcache-fs supports models with one KV cache group; this one has "
+                              f"{len(groups)} (hybrid attention): remove the kv-transfer-config")
+        spec = groups[0].kv_cache_spec
+        block_size = int(spec.block_size)
+        hash_block_size = int(kv_cache_config.hash_block_size or block_size)
+        self.config.check_block_size(block_size)
+        self.config.check_block_size(hash_block_size)
+        fields = namespace_fields(vllm_config, kv_cache_config, self.config.chunk_size)
+        parallel = vllm_config.parallel_config
+
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        self._seed_checked = False
+        if role == KVConnectorRole.SCHEDULER:
+            self._adopt_recompute_policy()
+            layouts = [ChunkLayout(root, rank_namespace(fields, tp, pp))
+                       for pp in range(parallel.pipeline_parallel_size)
+                       for tp in range(parallel.tensor_parallel_size)]
+            indexes = [ChunkIndex(layout, self.config.lookup_negative_ttl_s) for layout in layouts]
+            for index in indexes:
+                found = index.scan()
+                if self.config.watch_events:
+                    index.start_watching()
+                logger.info("namespace %s: %d chunks found at start-up in %s (role %s)",
+                            index.layout.namespace.name, found, root, transfer.kv_role)
+            self._layout = layouts[0]
+            self._scheduler = SchedulerSide(indexes, self.config.chunk_size, block_size,
+                                            hash_block_size, can_load, can_save)
+        else:
+            from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+            layout = ChunkLayout(root, rank_namespace(fields, get_tp_group().rank_in_group,
+                                                      get_pp_group().rank_in_group))
+            if can_save:
+                layout.write_manifest()
+            self._worker = WorkerSide(ChunkStore(layout, self.config.file_mode),
+                                      groups[0].layer_names,
+                                      self.config.chunk_size // block_size, block_size,
+                                      self.config.save_queue_size, can_save)
+
+    def _adopt_recompute_policy(self) -> None:
+        # A bad chunk file must cost a recompute, never a failed request. vLLM's
+        # default policy is "fail"; the scheduler reads it after building us.
+        transfer = self._kv_transfer_config
+        if transfer.kv_load_failure_policy != "recompute":
+            logger.info("setting kv_load_failure_policy=recompute (was %r): an unreadable chunk "
+                        "file is recomputed instead of failing the request",
+                        transfer.kv_load_failure_policy)
+            transfer.kv_load_failure_policy = "recompute"
+
+    # ============================== worker side ==============================
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        assert self._worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, LMCacheFSMetadata)
+        self._worker.load(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
+                      attn_metadata: "AttentionMetadata", **kwargs: Any) -> None:
+        return  # whole chunks are gathered after the forward pass, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, LMCacheFSMetadata)
+        self._worker.save(meta)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self._worker is not None
+        return self._worker.take_failed_blocks()
+
+    def get_kv_connector_stats(self) -> LMCacheFSStats | None:
+        return self._worker.take_stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> LMCacheFSStats:
+        return LMCacheFSStats(data=data) if data else LMCacheFSStats()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+        if self._scheduler is not None:
+            for index in self._scheduler.indexes:
+                index.stop_watching()
+
+    # ============================= scheduler side ============================
+
+    def get_num_new_matched_tokens(self, request: "Request",
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        if not self._seed_checked:  # vLLM seeds its block hashes after building us
+            self._seed_checked = True
+            check_hash_seed(self._layout.directory)
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: "Request",
+                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        self._scheduler.request_finished(request)
+        return False, None

@@ -1,0 +1,45 @@
+"""What the scheduler tells the workers each step (small and picklable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass(frozen=True)
+class LoadOp:
+    """Copy blocks ``first_block..`` of chunk ``key`` into ``block_ids`` of the paged cache."""
+
+    req_id: str
+    key: str
+    first_block: int
+    block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SaveOp:
+    """Gather ``block_ids`` (one whole chunk) and publish them as chunk ``key``."""
+
+    key: str
+    parent_key: str
+    chunk_index: int
+    block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class HitSummary:
+    """For the per-request log line: tokens found in the cache and prompt length."""
+
+    hit_tokens: int
+    total_tokens: int
+    local_tokens: int
+
+
+@dataclass
+class LMCacheFSMetadata(KVConnectorMetadata):
+    """One step's loads (run before the forward pass) and saves (after it)."""
+
+    loads: list[LoadOp] = field(default_factory=list)
+    saves: list[SaveOp] = field(default_factory=list)
+    hits: dict[str, HitSummary] = field(default_factory=dict)

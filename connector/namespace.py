@@ -1,0 +1,110 @@
+"""The namespace fields of a vLLM engine: everything that makes KV bytes incompatible."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lmcache_fs.layout import FieldValue, Namespace
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+logger = logging.getLogger(__name__)
+
+HASH_SEED_MARKER_PREFIX = "hashseed-"
+
+
+def model_identity(model: str, revision: str | None) -> str:
+    """A model name that is the same on every node.
+
+    A hub id is used as is. A local folder may be mounted at different paths
+    on different nodes, so it is named by its folder name plus a hash of its
+    config.json.
+    """
+    config = Path(model) / "config.json"
+    if config.is_file():
+        digest = hashlib.sha256(config.read_bytes()).hexdigest()[:12]
+        return f"{Path(model).resolve().name}@{digest}"
+    return f"{model}@{revision}" if revision else model
+
+
+def kv_layout_name(vllm_config: "VllmConfig", head_size: int, block_size: int) -> str:
+    """How block bytes are laid out.
+
+    On CPU the attention kernels pack K and V per instruction set, so the ISA
+    is part of the layout. On CUDA chunks hold blocks in vLLM's logical
+    [heads, tokens, 2*head_size] order whatever the physical stride order
+    (NHD or HND), so engines with different attention backends can share them.
+    """
+    from vllm.platforms import current_platform
+
+    if current_platform.device_type == "cpu":
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        isa = _get_attn_isa(vllm_config.model_config.dtype, block_size, head_size,
+                            vllm_config.cache_config.cache_dtype)
+        return f"cpu-{isa}"
+    return f"{current_platform.device_type}-logical"
+
+
+def namespace_fields(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig",
+                     chunk_size: int) -> dict[str, FieldValue]:
+    """The rank-independent fields of this engine's namespace."""
+    group = kv_cache_config.kv_cache_groups[0]
+    spec = group.kv_cache_spec
+    model_config = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    return {
+        "model": model_identity(model_config.model, model_config.revision),
+        "num_layers": len(group.layer_names),
+        "num_kv_heads": int(spec.num_kv_heads),
+        "head_size": int(spec.head_size),
+        "dtype": str(model_config.dtype).removeprefix("torch."),
+        "kv_cache_dtype": str(vllm_config.cache_config.cache_dtype),
+        "kv_dtype": str(spec.dtype).removeprefix("torch."),
+        "block_size": int(spec.block_size),
+        "kv_layout": kv_layout_name(vllm_config, int(spec.head_size), int(spec.block_size)),
+        "tp_size": int(parallel.tensor_parallel_size),
+        "pp_size": int(parallel.pipeline_parallel_size),
+        "hash_algo": str(vllm_config.cache_config.prefix_caching_hash_algo),
+        "chunk_size": int(chunk_size),
+    }
+
+
+def rank_namespace(fields: dict[str, FieldValue], tp_rank: int, pp_rank: int) -> Namespace:
+    """The namespace of one rank's files (each rank writes its own shard)."""
+    return Namespace({**fields, "tp_rank": tp_rank, "pp_rank": pp_rank})
+
+
+def check_hash_seed(directory: Path) -> str:
+    """Record this engine's prefix-hash seed and warn if other instances use another.
+
+    vLLM's block hashes start from a seed (PYTHONHASHSEED, or a fixed default
+    for sha256). Instances with different seeds compute different keys for the
+    same tokens and silently never share chunks (LMCache #1788): say so.
+    Returns this engine's seed fingerprint.
+    """
+    from vllm.v1.core import kv_cache_utils
+
+    fingerprint = hashlib.sha256(bytes(kv_cache_utils.NONE_HASH)).hexdigest()[:12]
+    marker = directory / f"{HASH_SEED_MARKER_PREFIX}{fingerprint}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        marker.touch(exist_ok=True)
+        others = sorted(p.name[len(HASH_SEED_MARKER_PREFIX):] for p in directory.iterdir()
+                        if p.name.startswith(HASH_SEED_MARKER_PREFIX) and p != marker)
+    except OSError:
+        return fingerprint
+    if others:
+        logger.warning(
+            "other instances on %s hash prompts with a different seed (%s, this one %s): they "
+            "will never share chunks with this engine. Set PYTHONHASHSEED to one value on every "
+            "instance (or unset it everywhere), then restart them. PYTHONHASHSEED here is %s.",
+            directory, ", ".join(others), fingerprint,
+            "set" if os.environ.get("PYTHONHASHSEED") is not None else "unset")
+    return fingerprint

@@ -1,0 +1,158 @@
+"""Scheduler side: finds cached prefixes and decides which chunks to store.
+
+It only keeps books: no file is read or written here, only stat'ed through
+the index. Keys come from vLLM's chained block hashes (the hash of the last
+block of a chunk covers every token before it), so the same prefix has the
+same key in every process and on every node that shares the hash seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from lmcache_fs.index import ChunkIndex
+
+from .metadata import HitSummary, LMCacheFSMetadata, LoadOp, SaveOp
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+_SAVE_REQUESTED_MAX = 100_000  # keys remembered as "already asked to store"
+
+
+@dataclass
+class _Tracked:
+    """A request whose full prompt chunks may still need storing."""
+
+    request: "Request"
+    block_ids: list[int]
+    next_chunk: int = 0
+
+
+class SchedulerSide:
+    """Lookup and store planning for one engine (all TP ranks)."""
+
+    def __init__(self, indexes: Sequence[ChunkIndex], chunk_size: int, block_size: int,
+                 hash_block_size: int, can_load: bool, can_save: bool):
+        self.indexes = list(indexes)
+        self.chunk_size = chunk_size
+        self.block_size = block_size
+        self.blocks_per_chunk = chunk_size // block_size
+        self.hashes_per_chunk = chunk_size // hash_block_size
+        self.can_load = can_load
+        self.can_save = can_save
+        self._local_tokens: dict[str, int] = {}
+        self._tracked: dict[str, _Tracked] = {}
+        self._pending_loads: list[LoadOp] = []
+        self._pending_hits: dict[str, HitSummary] = {}
+        self._save_requested: set[str] = set()
+
+    # -- keys ---------------------------------------------------------------
+
+    def chunk_keys(self, request: "Request", num_tokens: int) -> list[str]:
+        """Keys of the full chunks among the first ``num_tokens`` tokens."""
+        hashes = request.block_hashes
+        n = min(num_tokens // self.chunk_size, len(hashes) // self.hashes_per_chunk)
+        return [bytes(hashes[(c + 1) * self.hashes_per_chunk - 1]).hex() for c in range(n)]
+
+    def _present(self, key: str) -> bool:
+        return all(index.contains(key) for index in self.indexes)
+
+    # -- vLLM hooks ---------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> int:
+        """Block-aligned tokens beyond ``num_computed_tokens`` that chunk files hold."""
+        self._local_tokens[request.request_id] = num_computed_tokens
+        if not self.can_load:
+            return 0
+        # vLLM must compute at least the last prompt token to sample from it.
+        loadable = (request.num_tokens - 1) // self.block_size * self.block_size
+        hit_chunks = 0
+        for key in self.chunk_keys(request, loadable + self.chunk_size):
+            if not self._present(key):
+                break
+            hit_chunks += 1
+        return max(0, min(hit_chunks * self.chunk_size, loadable) - num_computed_tokens)
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int) -> None:
+        """Plan loads for a hit; start tracking the request for stores."""
+        req_id = request.request_id
+        local = self._local_tokens.pop(req_id, 0)
+        block_ids = list(blocks.get_block_ids()[0])
+        if self.can_save:
+            self._tracked[req_id] = _Tracked(request, block_ids)
+        hit = local + num_external_tokens
+        self._pending_hits[req_id] = HitSummary(hit, request.num_tokens, local)
+        if num_external_tokens <= 0:
+            return
+        keys = self.chunk_keys(request, hit + self.chunk_size - 1)
+        for block in range(local // self.block_size, hit // self.block_size):
+            chunk, offset = divmod(block, self.blocks_per_chunk)
+            last = self._pending_loads[-1] if self._pending_loads else None
+            if last and last.req_id == req_id and last.key == keys[chunk]:
+                self._pending_loads[-1] = LoadOp(req_id, last.key, last.first_block,
+                                                 last.block_ids + (block_ids[block],))
+            else:
+                self._pending_loads.append(LoadOp(req_id, keys[chunk], offset, (block_ids[block],)))
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> LMCacheFSMetadata:
+        """This step's loads (planned at allocation) and saves (chunks this step completes)."""
+        meta = LMCacheFSMetadata(loads=self._pending_loads, hits=self._pending_hits)
+        self._pending_loads, self._pending_hits = [], {}
+        if not self.can_save:
+            return meta
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            tracked = self._tracked.get(new.req_id)
+            if tracked is not None:
+                tracked.block_ids = list(new.block_ids[0])
+                self._plan_saves(tracked, new.num_computed_tokens + scheduled[new.req_id], meta)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            tracked = self._tracked.get(req_id)
+            if tracked is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                tracked.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                tracked.block_ids.extend(new_ids[0])
+            self._plan_saves(tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
+        return meta
+
+    def request_finished(self, request: "Request") -> None:
+        """Forget the request (saves were issued in the step that computed them)."""
+        self._tracked.pop(request.request_id, None)
+        self._local_tokens.pop(request.request_id, None)
+
+    # -- stores -------------------------------------------------------------
+
+    def _plan_saves(self, tracked: _Tracked, computed_after_step: int,
+                    meta: LMCacheFSMetadata) -> None:
+        request = tracked.request
+        # Only prompt chunks are stored: they are what later requests share.
+        upto = min(computed_after_step, request.num_prompt_tokens)
+        keys = self.chunk_keys(request, upto)
+        for chunk in range(tracked.next_chunk, len(keys)):
+            key = keys[chunk]
+            blocks = tracked.block_ids[chunk * self.blocks_per_chunk:(chunk + 1) * self.blocks_per_chunk]
+            if len(blocks) < self.blocks_per_chunk:
+                break
+            tracked.next_chunk = chunk + 1
+            if key in self._save_requested or self._present(key):
+                continue
+            if len(self._save_requested) > _SAVE_REQUESTED_MAX:
+                self._save_requested.clear()
+            self._save_requested.add(key)
+            parent = keys[chunk - 1] if chunk else ""
+            meta.saves.append(SaveOp(key, parent, chunk, tuple(blocks)))
+        if tracked.next_chunk >= request.num_prompt_tokens // self.chunk_size:
+            # Every full prompt chunk has been considered: nothing more to store.
+            self._tracked.pop(request.request_id, None)

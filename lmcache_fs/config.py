@@ -1,0 +1,149 @@
+"""lmcache-fs settings: one frozen dataclass, validated once at start-up.
+
+Settings come from a YAML file named by ``LMCACHE_CONFIG_FILE`` (as LMCache
+users do), overridden key by key by a mapping (vLLM's
+``kv_connector_extra_config``). Each idea has exactly one name; an unknown key
+is an error that names the known ones, never silently ignored.
+
+Example:
+    >>> cfg = load_config({"storage_path": "/tmp"})
+    >>> cfg.chunk_size
+    256
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class LMCacheFSConfig:
+    """Validated lmcache-fs settings (see the README's configuration table)."""
+
+    storage_path: str
+    """The shared cache directory (required). Local disk, NFS or a parallel FS."""
+
+    chunk_size: int = 256
+    """Tokens per chunk file; a multiple of the engine's block size."""
+
+    max_disk_size_gb: float = 0.0
+    """Budget for the whole directory across all instances; 0 means no limit."""
+
+    save_queue_size: int = 64
+    """Chunks waiting for the background writer; when full, stores are skipped."""
+
+    lookup_negative_ttl_s: float = 2.0
+    """How long a chunk seen absent stays absent before its path is stat'ed again."""
+
+    watch_events: bool = True
+    """Watch the directory for files other local instances write (inotify)."""
+
+    file_mode: int = 0o644
+    """Permission bits of published chunk files (default: not world-writable)."""
+
+    def __post_init__(self) -> None:
+        if not self.storage_path:
+            raise ConfigError(
+                "storage_path is required: set it to the shared cache directory in "
+                f"the YAML file named by {CONFIG_FILE_ENV} or in kv_connector_extra_config")
+        if self.chunk_size <= 0:
+            raise ConfigError(f"chunk_size must be a positive number of tokens, got {self.chunk_size}")
+        if self.max_disk_size_gb < 0:
+            raise ConfigError(f"max_disk_size_gb must be >= 0 (0 = no limit), got {self.max_disk_size_gb}")
+        if self.save_queue_size <= 0:
+            raise ConfigError(f"save_queue_size must be positive, got {self.save_queue_size}")
+        if self.lookup_negative_ttl_s < 0:
+            raise ConfigError(f"lookup_negative_ttl_s must be >= 0, got {self.lookup_negative_ttl_s}")
+        if self.file_mode & 0o002:
+            raise ConfigError(f"file_mode {oct(self.file_mode)} is world-writable; use e.g. 0o644 or 0o664")
+
+    def check_block_size(self, block_size: int) -> None:
+        """Raise unless whole chunks are whole engine blocks."""
+        if self.chunk_size % block_size:
+            raise ConfigError(
+                f"chunk_size {self.chunk_size} is not a multiple of the engine's block size "
+                f"{block_size}: set chunk_size to e.g. {max(1, round(self.chunk_size / block_size)) * block_size}")
+
+    def check_storage_path(self, writable: bool = True) -> Path:
+        """Create the directory if needed; raise a clear error if it cannot be used."""
+        path = Path(self.storage_path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"storage_path {path} cannot be created ({exc.strerror}): "
+                              "create it or point storage_path at a writable directory") from exc
+        if not path.is_dir():
+            raise ConfigError(f"storage_path {path} is not a directory")
+        if writable and not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"storage_path {path} is not writable by this process: fix its "
+                              "permissions, or use kv_role 'kv_consumer' for a read-only replica")
+        return path
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    """Convert YAML/JSON/env values to the field's type, naming the key on failure."""
+    try:
+        if kind in ("bool", bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind in ("int", int):
+            if isinstance(value, str):
+                return int(value, 0)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind in ("float", float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: cannot read {value!r} as {kind}") from exc
+
+
+def load_config(overrides: Mapping[str, Any] | None = None,
+                config_file: str | None = None) -> LMCacheFSConfig:
+    """Build the config from the YAML file (if any) and then ``overrides``.
+
+    Args:
+        overrides: keys that win over the file (vLLM's kv_connector_extra_config).
+        config_file: YAML path; defaults to ``$LMCACHE_CONFIG_FILE``.
+
+    Raises:
+        ConfigError: unknown key, bad value, missing storage_path, unreadable file.
+    """
+    values: dict[str, Any] = {}
+    path = config_file or os.environ.get(CONFIG_FILE_ENV)
+    if path:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"{CONFIG_FILE_ENV}={path} cannot be read: {exc.strerror}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a YAML mapping of lmcache-fs settings")
+        values.update(loaded)
+    values.update(overrides or {})
+
+    known = {f.name: f.type for f in fields(LMCacheFSConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown lmcache-fs setting(s) {unknown}; known: {sorted(known)}")
+    if "storage_path" not in values:
+        raise ConfigError(
+            "storage_path is required: set it to the shared cache directory in the YAML "
+            f"file named by {CONFIG_FILE_ENV} or in kv_connector_extra_config")
+    return LMCacheFSConfig(**{k: _coerce(k, known[k], v) for k, v in values.items()})

@@ -1,0 +1,162 @@
+"""Which chunks exist: an in-memory set kept fresh three ways, with a stat fallback.
+
+1. A start-up scan of the namespace directory (so a restarted engine reuses
+   everything at once).
+2. watchdog (inotify) events for files that other instances on this machine
+   publish, where the filesystem delivers them.
+3. This instance's own writes, added as they are queued.
+
+inotify never reports files that another NFS client created, so a key that
+misses the set is checked by a stat of its expected path; a miss there is
+remembered for ``negative_ttl_s`` seconds so a long prompt does not stat the
+same absent chunk on every scheduler step. The filesystem calls and the clock
+are parameters, so tests and odd filesystems plug in without monkeypatching.
+
+Example:
+    >>> from lmcache_fs.layout import ChunkLayout, Namespace
+    >>> idx = ChunkIndex(ChunkLayout("/nonexistent", Namespace({"model": "m"})))
+    >>> idx.scan()
+    0
+    >>> idx.longest_prefix(["ab" * 8])
+    0
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Callable, Iterable, Sequence
+
+from lmcache_fs.layout import CHUNK_SUFFIX, ChunkLayout, check_key
+
+logger = logging.getLogger(__name__)
+
+_NEGATIVE_CACHE_MAX = 200_000  # entries; cleared wholesale past this (it is only a hint)
+
+
+class ChunkIndex:
+    """The set of published chunk keys of one namespace directory."""
+
+    def __init__(self, layout: ChunkLayout, negative_ttl_s: float = 2.0,
+                 stat: Callable[[str], os.stat_result] = os.stat,
+                 clock: Callable[[], float] = time.monotonic):
+        self.layout = layout
+        self.negative_ttl_s = negative_ttl_s
+        self._stat = stat
+        self._clock = clock
+        self._keys: set[str] = set()
+        self._absent_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._observer: object | None = None
+        self.stats = {"stat_hits": 0, "stat_misses": 0, "events": 0}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def scan(self) -> int:
+        """Add every published chunk file on disk; returns the number found."""
+        found = [key for key, _ in self.layout.iter_chunk_files()]
+        with self._lock:
+            self._keys.update(found)
+        return len(found)
+
+    def add(self, key: str) -> None:
+        """Record a chunk known to exist (our own write, or an event)."""
+        with self._lock:
+            self._keys.add(key)
+            self._absent_until.pop(key, None)
+
+    def discard(self, key: str) -> None:
+        """Forget a chunk (deleted, evicted, or found corrupt at load)."""
+        with self._lock:
+            self._keys.discard(key)
+
+    def contains(self, key: str) -> bool:
+        """True if the chunk is published, checking the disk when the set says no."""
+        if key in self._keys:
+            return True
+        now = self._clock()
+        if self._absent_until.get(key, 0.0) > now:
+            return False
+        try:
+            self._stat(str(self.layout.chunk_path(key)))
+        except OSError:  # absent, ESTALE, EACCES: all a miss, retried after the TTL
+            self.stats["stat_misses"] += 1
+            with self._lock:
+                if len(self._absent_until) > _NEGATIVE_CACHE_MAX:
+                    self._absent_until.clear()
+                self._absent_until[key] = now + self.negative_ttl_s
+            return False
+        self.stats["stat_hits"] += 1
+        self.add(key)
+        return True
+
+    def longest_prefix(self, keys: Sequence[str]) -> int:
+        """How many of ``keys`` (chunk keys in prompt order) exist from the start."""
+        for i, key in enumerate(keys):
+            if not self.contains(key):
+                return i
+        return len(keys)
+
+    # -- watching -----------------------------------------------------------
+
+    def start_watching(self) -> bool:
+        """Follow file events for this namespace; False (with a log line) if unavailable."""
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError:
+            logger.warning("watchdog is not installed: only stat lookups will find other "
+                           "instances' chunks in %s", self.layout.directory)
+            return False
+
+        index = self
+
+        class _Handler(FileSystemEventHandler):
+            def on_created(self, event) -> None:  # type: ignore[no-untyped-def]
+                index._on_paths((event.src_path,), present=True)
+
+            def on_moved(self, event) -> None:  # type: ignore[no-untyped-def]
+                index._on_paths((event.src_path,), present=False)
+                index._on_paths((event.dest_path,), present=True)
+
+            def on_deleted(self, event) -> None:  # type: ignore[no-untyped-def]
+                index._on_paths((event.src_path,), present=False)
+
+        self.layout.directory.mkdir(parents=True, exist_ok=True)
+        observer = Observer()
+        try:
+            observer.schedule(_Handler(), str(self.layout.directory), recursive=True)
+            observer.daemon = True
+            observer.start()
+        except OSError as exc:  # e.g. inotify watch limit reached
+            logger.warning("cannot watch %s for new chunks (%s); falling back to stat lookups",
+                           self.layout.directory, exc)
+            return False
+        self._observer = observer
+        return True
+
+    def stop_watching(self) -> None:
+        """Stop the event observer, if any."""
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()  # type: ignore[attr-defined]
+            observer.join(timeout=2)  # type: ignore[attr-defined]
+
+    def _on_paths(self, paths: Iterable[str | bytes], present: bool) -> None:
+        for path in paths:
+            name = os.path.basename(os.fsdecode(path))
+            if name.startswith(".") or not name.endswith(CHUNK_SUFFIX):
+                continue
+            key = name[: -len(CHUNK_SUFFIX)]
+            try:
+                check_key(key)
+            except ValueError:
+                continue
+            self.stats["events"] += 1
+            if present:
+                self.add(key)
+            else:
+                self.discard(key)

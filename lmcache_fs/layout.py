@@ -1,0 +1,134 @@
+"""Where chunk files live: the only code that turns a key into a path.
+
+A cache directory holds one namespace directory per set of KV-compatible
+engines. The namespace name is a readable model slug plus a short hash of the
+sorted-JSON fields that make KV bytes incompatible (model, geometry, dtypes,
+block size, layout/ISA, TP size and rank, hash algorithm, format version), so
+two engines that differ in any of them never read each other's chunks. The
+same fields are written once, readable, as ``namespace.json`` beside the data.
+
+    <storage_path>/<model-slug>-<hash16>/namespace.json
+    <storage_path>/<model-slug>-<hash16>/<key[:2]>/<key>.safetensors
+
+One level of 256 fan-out directories keeps a million chunks at about 4k
+entries per directory, and a recursive inotify watch at 257 watches.
+
+Example:
+    >>> ns = Namespace({"model": "org/My-Model", "num_layers": 2})
+    >>> m = ChunkLayout("/cache", ns)
+    >>> str(m.chunk_path("ab" * 32)).startswith("/cache/my-model-")
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator, Mapping, Union
+
+FORMAT_VERSION = 1
+CHUNK_SUFFIX = ".safetensors"
+MANIFEST_NAME = "namespace.json"
+TEMP_PREFIX = ".tmp."
+
+_KEY_RE = re.compile(r"^[0-9a-f]{16,128}$")
+_NAMESPACE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,80}-[0-9a-f]{16}$")
+
+FieldValue = Union[str, int, float, bool]
+
+
+class BadKeyError(ValueError):
+    """A string that is not a chunk key was about to become a path."""
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a lowercase hex chunk key, else raise.
+
+    This is the only gate between key strings and file names: nothing that
+    could hold ``/``, ``..`` or a NUL ever reaches the filesystem.
+    """
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise BadKeyError(f"not a chunk key (16-128 lowercase hex digits): {key!r}")
+    return key
+
+
+def is_namespace_name(name: str) -> bool:
+    """True if ``name`` has the shape of a namespace directory name."""
+    return bool(_NAMESPACE_RE.match(name))
+
+
+def _slug(text: str) -> str:
+    tail = text.rstrip("/").rsplit("/", 1)[-1].lower()
+    return re.sub(r"[^a-z0-9._-]+", "-", tail).strip("-._")[:48] or "model"
+
+
+class Namespace:
+    """The fields that make KV bytes compatible, and the directory name they give."""
+
+    def __init__(self, fields: Mapping[str, FieldValue]):
+        if "model" not in fields:
+            raise ValueError("a namespace needs a 'model' field")
+        self.fields: dict[str, FieldValue] = {"format_version": FORMAT_VERSION, **fields}
+        canonical = json.dumps(self.fields, sort_keys=True, separators=(",", ":"))
+        self.digest = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        self.name = f"{_slug(str(self.fields['model']))}-{self.digest}"
+
+    def __repr__(self) -> str:
+        return f"Namespace({self.name})"
+
+
+class ChunkLayout:
+    """Paths of one namespace's chunk files under a storage root."""
+
+    def __init__(self, root: str | os.PathLike[str], namespace: Namespace):
+        self.root = Path(root)
+        self.namespace = namespace
+        self.directory = self.root / namespace.name
+
+    def chunk_path(self, key: str) -> Path:
+        """The file that holds chunk ``key`` (validated hex; never leaves the root)."""
+        check_key(key)
+        return self.directory / key[:2] / f"{key}{CHUNK_SUFFIX}"
+
+    def write_manifest(self) -> None:
+        """Create the namespace directory and its readable ``namespace.json`` once."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        manifest = self.directory / MANIFEST_NAME
+        if manifest.exists():
+            return
+        tmp = self.directory / f"{TEMP_PREFIX}{os.getpid()}.{MANIFEST_NAME}"
+        tmp.write_text(json.dumps(self.namespace.fields, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, manifest)
+
+    def iter_chunk_files(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        """Yield ``(key, entry)`` for every published chunk file (temporaries skipped)."""
+        try:
+            fanout = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return
+        for sub in fanout:
+            if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
+                continue
+            try:
+                entries = list(os.scandir(sub.path))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".") or not name.endswith(CHUNK_SUFFIX):
+                    continue
+                key = name[: -len(CHUNK_SUFFIX)]
+                if _KEY_RE.match(key) and key.startswith(sub.name):
+                    yield key, entry
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, FieldValue] | None:
+    """The fields of a namespace directory, or None if it has no readable manifest."""
+    try:
+        data = json.loads((Path(directory) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

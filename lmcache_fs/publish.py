@@ -1,0 +1,82 @@
+"""Atomic publish: readers never see a partial file, and the first writer wins.
+
+A writer creates a uniquely named temporary (host, pid, random) in the target
+directory, writes and closes it, then hard-links it to the final name. ``link``
+fails if the name exists, so of two racing writers exactly one publishes; the
+other's temporary is removed. Close-to-open consistency makes the published
+file complete for every NFS client that opens it afterwards. On filesystems
+without hard links, ``os.replace`` publishes instead (both writers hold the
+same bytes for the same key, so replacing is harmless).
+
+Example:
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "a" / "x.bin"
+    >>> publish(p, lambda fd: os.write(fd, b"hi"))
+    True
+    >>> publish(p, lambda fd: os.write(fd, b"hi"))
+    False
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import socket
+from pathlib import Path
+from typing import Callable
+
+from lmcache_fs.layout import TEMP_PREFIX
+
+_HOST = socket.gethostname().replace("/", "_").replace(".", "_")[:32] or "host"
+_NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
+
+
+def temp_name(final: Path) -> Path:
+    """A temporary path beside ``final`` that no other process can choose."""
+    return final.parent / f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.{secrets.token_hex(6)}.{final.name}"
+
+
+def publish(final: str | os.PathLike[str], write: Callable[[int], object],
+            mode: int = 0o644) -> bool:
+    """Write a file through ``write(fd)`` and publish it at ``final`` atomically.
+
+    Args:
+        final: the published path; its directory is created if missing.
+        write: writes the whole content to the open descriptor.
+        mode: permission bits of the published file.
+
+    Returns:
+        True if this call published the file, False if it already existed
+        (another writer won; nothing of ours is left behind).
+
+    Raises:
+        OSError: from writing (ENOSPC, EDQUOT, EIO...); the temporary is removed.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(final)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # exact bits, whatever the process umask
+            write(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, final)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_LINK_ERRNOS:
+                raise
+            if final.exists():
+                return False
+            os.replace(tmp, final)
+            return True
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass

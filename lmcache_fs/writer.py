@@ -1,0 +1,100 @@
+"""A background writer with a bounded queue: stores never stall the engine.
+
+The engine hands over a chunk already copied out of the paged cache; if the
+queue is full the chunk is skipped and counted (a future miss, never a stall).
+Write failures (disk full, EIO) are counted and logged at most once a minute;
+the publish step guarantees that nothing half-written stays behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from lmcache_fs.store import ChunkStore
+
+logger = logging.getLogger(__name__)
+
+_ERROR_LOG_INTERVAL_S = 60.0
+
+
+@dataclass
+class WriterStats:
+    """Counters since start (read by the connector's metrics)."""
+
+    published: int = 0
+    already_present: int = 0
+    skipped_queue_full: int = 0
+    failed: int = 0
+    bytes_written: int = 0
+    seconds_writing: float = 0.0
+
+
+class BackgroundWriter:
+    """One thread that publishes queued chunks through a :class:`ChunkStore`."""
+
+    def __init__(self, store: ChunkStore, max_queue: int,
+                 on_published: Callable[[str], None] | None = None):
+        self.store = store
+        self.stats = WriterStats()
+        self._queue: queue.Queue[tuple[str, torch.Tensor, Mapping[str, str]] | None] = \
+            queue.Queue(maxsize=max_queue)
+        self._on_published = on_published
+        self._last_error_log = -_ERROR_LOG_INTERVAL_S
+        self._thread = threading.Thread(target=self._run, name="lmcache-fs-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str, data: torch.Tensor, metadata: Mapping[str, str]) -> bool:
+        """Queue a chunk; False (and counted) if the queue is full."""
+        try:
+            self._queue.put_nowait((key, data, metadata))
+            return True
+        except queue.Full:
+            self.stats.skipped_queue_full += 1
+            return False
+
+    def flush(self) -> None:
+        """Block until every queued chunk is written (tests, shutdown)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._write(*item)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, key: str, data: torch.Tensor, metadata: Mapping[str, str]) -> None:
+        start = time.perf_counter()
+        try:
+            published = self.store.save(key, data, metadata)
+        except OSError as exc:
+            self.stats.failed += 1
+            now = time.monotonic()
+            if now - self._last_error_log >= _ERROR_LOG_INTERVAL_S:
+                self._last_error_log = now
+                logger.warning("store of chunk %s failed (%s); serving continues, %d failed so "
+                               "far", key[:16], exc.strerror or exc, self.stats.failed)
+            return
+        if published:
+            self.stats.published += 1
+            self.stats.bytes_written += data.numel() * data.element_size()
+            self.stats.seconds_writing += time.perf_counter() - start
+        else:
+            self.stats.already_present += 1
+        if self._on_published is not None:
+            self._on_published(key)

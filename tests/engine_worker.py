@@ -1,0 +1,65 @@
+"""A real vLLM engine in its own process, driven line by line over stdin/stdout.
+
+Started by tests/engines.py. Each stdin line is a JSON command; each reply is
+one stdout line starting with REPLY_MARKER (vLLM's own logs go to the same
+stream and are skipped by the reader).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+REPLY_MARKER = "@@ENGINE-REPLY@@ "
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--connector-config", default="", help="JSON kv_transfer_config, or empty")
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=0)
+    args = parser.parse_args()
+
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    kwargs: dict = {}
+    if args.connector_config:
+        kwargs["kv_transfer_config"] = KVTransferConfig(**json.loads(args.connector_config))
+    if args.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+        kwargs["enable_chunked_prefill"] = True
+    llm = LLM(args.model, enforce_eager=True, gpu_memory_utilization=0.15,
+              max_model_len=args.max_model_len, seed=0, **kwargs)
+
+    def reply(obj: dict) -> None:
+        sys.stdout.write(REPLY_MARKER + json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    reply({"ready": True})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "generate":
+            params = SamplingParams(max_tokens=cmd.get("max_tokens", 8), temperature=0.0,
+                                    ignore_eos=True)
+            outputs = []
+            for ids in cmd["prompts"]:
+                start = time.perf_counter()
+                out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+                outputs.append({"token_ids": list(out.outputs[0].token_ids),
+                                "num_cached_tokens": out.num_cached_tokens or 0,
+                                "seconds": time.perf_counter() - start})
+            reply({"outputs": outputs})
+        elif op == "reset_prefix_cache":
+            reply({"ok": bool(llm.reset_prefix_cache())})
+        elif op == "quit":
+            reply({"ok": True})
+            break
+
+
+if __name__ == "__main__":
+    main()

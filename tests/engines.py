@@ -1,0 +1,77 @@
+"""Start and drive real vLLM engines in separate processes (see engine_worker.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from engine_worker import REPLY_MARKER
+
+START_TIMEOUT_S = 300
+
+
+class EngineProcess:
+    """One engine process; ``generate`` returns token ids and cache counts per prompt."""
+
+    def __init__(self, model: Path, log_path: Path, connector: dict[str, Any] | None = None,
+                 max_num_batched_tokens: int = 0, env: dict[str, str] | None = None):
+        cmd = [sys.executable, str(Path(__file__).with_name("engine_worker.py")),
+               "--model", str(model)]
+        if connector is not None:
+            cmd += ["--connector-config", json.dumps(connector)]
+        if max_num_batched_tokens:
+            cmd += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     env={**os.environ, **(env or {})})
+        self._read_reply(START_TIMEOUT_S)
+
+    def _read_reply(self, timeout_s: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"engine exited (code {self.proc.poll()}); log: {self.log_path}\n"
+                                   + self.log_tail())
+            if line.startswith(REPLY_MARKER):
+                return json.loads(line[len(REPLY_MARKER):])
+            self._log.write(line)
+            self._log.flush()
+        raise TimeoutError(f"engine did not answer in {timeout_s} s; log: {self.log_path}")
+
+    def log_tail(self, n: int = 40) -> str:
+        self._log.flush()
+        return "".join(Path(self.log_path).read_text().splitlines(keepends=True)[-n:])
+
+    def log_text(self) -> str:
+        self._log.flush()
+        return Path(self.log_path).read_text()
+
+    def command(self, op: str, timeout_s: float = 600, **kwargs: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
+        self.proc.stdin.flush()
+        return self._read_reply(timeout_s)
+
+    def generate(self, prompts: list[list[int]], max_tokens: int = 8) -> list[dict[str, Any]]:
+        return self.command("generate", prompts=prompts, max_tokens=max_tokens)["outputs"]
+
+    def reset_prefix_cache(self) -> None:
+        self.command("reset_prefix_cache")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.command("quit", timeout_s=60)
+                self.proc.wait(timeout=60)
+            except Exception:
+                self.proc.kill()
+        self._log.close()
