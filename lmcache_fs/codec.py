@@ -82,7 +82,7 @@ def checksum(data: torch.Tensor) -> str:
 
 def _byte_view(data: torch.Tensor) -> memoryview:
     # numpy has no bfloat16/float8: view the bytes as uint8 first (no copy).
-    return memoryview(data.view(torch.uint8).numpy()).cast("B")
+    return memoryview(data.reshape(-1).view(torch.uint8).numpy())
 
 
 def _check_tensor(data: torch.Tensor) -> None:
@@ -152,15 +152,18 @@ def parse_header(blob: bytes) -> ChunkHeader:
         raise ChunkFileError("truncated inside the header")
     try:
         header = json.loads(blob[8:8 + hlen])
-        meta = header["__metadata__"]
+    except ValueError as exc:
+        raise ChunkFileError(f"header is not JSON: not an lmcache-fs chunk ({exc})") from exc
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise ChunkFileError("foreign safetensors file (no lmcache-fs format tag)")
+    try:
         info = header[TENSOR_NAME]
         dtype = _ST_TO_DTYPE[info["dtype"]]
         shape = tuple(int(d) for d in info["shape"])
         start, end = (int(x) for x in info["data_offsets"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ChunkFileError(f"header is not an lmcache-fs safetensors header ({exc!r})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise ChunkFileError("foreign safetensors file (no lmcache-fs format tag)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ChunkFileError(f"format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
     nbytes = end - start

@@ -1,0 +1,48 @@
+"""Whole-block copies between paged caches and chunk buffers, for CPU and CUDA NHD layouts."""
+
+import pytest
+import torch
+
+from lmcache_fs.block_copy import gather_blocks, scatter_blocks
+
+NUM_BLOCKS, HEADS, BLOCK, HEAD2 = 12, 2, 16, 64
+
+
+def _contiguous_layers(n):
+    return [torch.randn(NUM_BLOCKS, HEADS, BLOCK, HEAD2).to(torch.bfloat16) for _ in range(n)]
+
+
+def _nhd_layers(n):
+    # vLLM's CUDA FlashAttention cache: physically [blocks, tokens, heads, C],
+    # handed to connectors as a strided logical [blocks, heads, tokens, C] view.
+    return [torch.randn(NUM_BLOCKS, BLOCK, HEADS, HEAD2).to(torch.bfloat16).permute(0, 2, 1, 3)
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("make_layers", [_contiguous_layers, _nhd_layers])
+def test_gather_then_scatter_moves_exactly_the_chosen_blocks(make_layers):
+    src_layers = make_layers(3)
+    ids = torch.tensor([7, 2, 9])
+    buf = torch.empty(3, len(ids), HEADS, BLOCK, HEAD2, dtype=torch.bfloat16)
+    gather_blocks(src_layers, ids, buf)
+    for layer, kv in enumerate(src_layers):
+        for i, block in enumerate(ids.tolist()):
+            assert torch.equal(buf[layer, i], kv[block])
+
+    dst_layers = make_layers(3)
+    before = [kv.clone() for kv in dst_layers]
+    targets = torch.tensor([0, 5, 11])
+    scatter_blocks(buf, dst_layers, targets)
+    for layer, kv in enumerate(dst_layers):
+        for i, block in enumerate(targets.tolist()):
+            assert torch.equal(kv[block], src_layers[layer][ids[i]])
+        untouched = [b for b in range(NUM_BLOCKS) if b not in targets.tolist()]
+        assert torch.equal(kv[untouched], before[layer][untouched])
+
+
+def test_nhd_view_keeps_its_strides_after_scatter():
+    layers = _nhd_layers(1)
+    strides = layers[0].stride()
+    scatter_blocks(torch.zeros(1, 1, HEADS, BLOCK, HEAD2, dtype=torch.bfloat16), layers, torch.tensor([3]))
+    assert layers[0].stride() == strides and not layers[0].is_contiguous()
+    assert torch.count_nonzero(layers[0][3]) == 0

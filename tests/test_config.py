@@ -1,0 +1,56 @@
+"""Settings: YAML file, extra-config overrides, and errors that name the fix."""
+
+import pytest
+
+from lmcache_fs.config import ConfigError, load_config
+
+
+def test_yaml_file_is_read_and_extra_config_wins(tmp_path, monkeypatch):
+    cfg_file = tmp_path / "lmcache.yaml"
+    cfg_file.write_text(f"storage_path: {tmp_path}/kv\nchunk_size: 512\nmax_disk_size_gb: 3\n")
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(cfg_file))
+    cfg = load_config({"chunk_size": "1024"})
+    assert cfg.storage_path == f"{tmp_path}/kv"
+    assert cfg.chunk_size == 1024
+    assert cfg.max_disk_size_gb == 3.0
+
+
+def test_missing_storage_path_names_the_key(monkeypatch):
+    monkeypatch.delenv("LMCACHE_CONFIG_FILE", raising=False)
+    with pytest.raises(ConfigError, match="storage_path is required"):
+        load_config({})
+
+
+def test_unknown_key_lists_the_known_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown lmcache-fs setting\(s\) \['chunksize'\].*chunk_size"):
+        load_config({"storage_path": str(tmp_path), "chunksize": 256})
+
+
+def test_bad_value_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError, match="chunk_size: cannot read 'lots'"):
+        load_config({"storage_path": str(tmp_path), "chunk_size": "lots"})
+
+
+def test_chunk_size_must_be_whole_blocks(tmp_path):
+    cfg = load_config({"storage_path": str(tmp_path), "chunk_size": 200})
+    with pytest.raises(ConfigError, match="not a multiple of the engine's block size 128.*e.g. 256"):
+        cfg.check_block_size(128)
+
+
+def test_storage_path_that_is_a_file_is_rejected(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = load_config({"storage_path": str(blocker)})
+    with pytest.raises(ConfigError, match="cannot be created|not a directory"):
+        cfg.check_storage_path()
+
+
+def test_world_writable_file_mode_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="world-writable"):
+        load_config({"storage_path": str(tmp_path), "file_mode": "0o666"})
+
+
+def test_unreadable_config_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="nope.yaml cannot be read"):
+        load_config({"storage_path": str(tmp_path)})

@@ -1,0 +1,56 @@
+"""Keys become paths only through a strict check; namespaces separate incompatible engines."""
+
+import pytest
+
+from lmcache_fs.layout import BadKeyError, ChunkLayout, Namespace, check_key, read_manifest
+
+FIELDS = {"model": "org/Model-7B", "num_layers": 32, "num_kv_heads": 8, "head_size": 128,
+          "dtype": "bfloat16", "block_size": 16, "kv_layout": "cuda-logical", "tp_size": 1,
+          "tp_rank": 0, "hash_algo": "sha256", "chunk_size": 256}
+
+
+@pytest.mark.parametrize("bad", ["", "../../etc/passwd", "AB" * 16, "ab/cd" * 4, "ab" * 4,
+                                 "zz" * 16, "ab" * 65, "ab" * 16 + "\x00", None])
+def test_anything_but_lowercase_hex_is_not_a_key(bad):
+    with pytest.raises(BadKeyError):
+        check_key(bad)
+
+
+def test_chunk_path_stays_under_its_namespace(tmp_path):
+    layout = ChunkLayout(tmp_path, Namespace(FIELDS))
+    key = "0f" * 32
+    path = layout.chunk_path(key)
+    assert path.parent.parent == layout.directory
+    assert path.parent.name == "0f" and path.name == key + ".safetensors"
+    assert layout.directory.name.startswith("model-7b-")
+
+
+@pytest.mark.parametrize("field,value", [("model", "other"), ("num_layers", 31), ("dtype", "float16"),
+                                         ("block_size", 32), ("kv_layout", "cpu-amx"), ("tp_rank", 1),
+                                         ("hash_algo", "xxhash"), ("chunk_size", 512)])
+def test_any_incompatible_field_gives_another_namespace(field, value):
+    assert Namespace({**FIELDS, field: value}).name != Namespace(FIELDS).name
+
+
+def test_namespace_name_is_stable_and_order_independent():
+    reordered = dict(reversed(list(FIELDS.items())))
+    assert Namespace(reordered).name == Namespace(FIELDS).name
+
+
+def test_manifest_holds_the_readable_fields(tmp_path):
+    layout = ChunkLayout(tmp_path, Namespace(FIELDS))
+    layout.write_manifest()
+    manifest = read_manifest(layout.directory)
+    assert manifest is not None and manifest["model"] == "org/Model-7B" and manifest["format_version"] == 1
+
+
+def test_scan_lists_published_chunks_only(tmp_path):
+    layout = ChunkLayout(tmp_path, Namespace(FIELDS))
+    good = "ab" * 32
+    layout.chunk_path(good).parent.mkdir(parents=True)
+    layout.chunk_path(good).write_bytes(b"x")
+    (layout.chunk_path(good).parent / (".tmp.host.1.abc." + good + ".safetensors")).write_bytes(b"x")
+    (layout.chunk_path(good).parent / "notes.txt").write_bytes(b"x")
+    (layout.directory / "cd").mkdir()
+    (layout.directory / "cd" / ("ab" * 32 + ".safetensors")).write_bytes(b"x")  # wrong fan-out dir
+    assert [key for key, _ in layout.iter_chunk_files()] == [good]

@@ -1,0 +1,68 @@
+"""Atomic publish: no partial file is ever visible, the first writer wins, nothing is left behind."""
+
+import multiprocessing
+import os
+import stat
+
+import pytest
+
+from lmcache_fs.publish import publish
+
+
+def _files(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_first_writer_wins_and_the_loser_leaves_nothing(tmp_path):
+    target = tmp_path / "d" / "chunk"
+    assert publish(target, lambda fd: os.write(fd, b"first")) is True
+    assert publish(target, lambda fd: os.write(fd, b"second")) is False
+    assert target.read_bytes() == b"first"
+    assert _files(target.parent) == ["chunk"]
+
+
+def test_failed_write_removes_its_temporary(tmp_path):
+    def fail(fd):
+        os.write(fd, b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        publish(tmp_path / "chunk", fail)
+    assert _files(tmp_path) == []
+
+
+def test_mode_is_applied_exactly_whatever_the_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        publish(tmp_path / "chunk", lambda fd: os.write(fd, b"x"), mode=0o640)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "chunk").st_mode) == 0o640
+
+
+def test_without_hard_links_replace_still_publishes_once(tmp_path, monkeypatch):
+    def no_link(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    assert publish(tmp_path / "chunk", lambda fd: os.write(fd, b"a")) is True
+    assert publish(tmp_path / "chunk", lambda fd: os.write(fd, b"b")) is False
+    assert (tmp_path / "chunk").read_bytes() == b"a"
+    assert _files(tmp_path) == ["chunk"]
+
+
+def _race(target: str, payload: bytes, barrier) -> bool:
+    barrier.wait()
+    return publish(target, lambda fd: os.write(fd, payload * 100_000))
+
+
+def test_racing_processes_publish_exactly_one_complete_file(tmp_path):
+    target = str(tmp_path / "chunk")
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Manager().Barrier(4)
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(_race, [(target, bytes([65 + i]), barrier) for i in range(4)])
+    assert sum(results) == 1
+    content = (tmp_path / "chunk").read_bytes()
+    assert len(content) == 100_000 and len(set(content)) == 1
+    assert _files(tmp_path) == ["chunk"]
