@@ -74,9 +74,17 @@ class WorkerSide:
             return
         assert self._staging is not None, "register_kv_caches was not called"
         per_request: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+        broken: set[str] = set()
         for op in meta.loads:
+            if op.req_id in broken:
+                # vLLM recomputes everything after the first failed block:
+                # reading the rest of this prefix would be wasted I/O.
+                self._failed_blocks.update(op.block_ids)
+                continue
             start = time.perf_counter()
             ok = self._load_one(op)
+            if not ok:
+                broken.add(op.req_id)
             spent = time.perf_counter() - start
             nbytes = self._staging.numel() * self._staging.element_size() if ok else 0
             self.stats.record_load(nbytes, spent)
@@ -97,8 +105,8 @@ class WorkerSide:
         try:
             self.store.load(op.key, self._staging)
         except ChunkFileError as exc:
-            logger.warning("chunk %s unusable (%s): recomputing %d blocks", op.key[:16], exc,
-                           len(op.block_ids))
+            logger.warning("request %s: chunk %s unusable (%s): recomputing from there",
+                           op.req_id, op.key[:16], exc)
             self._failed_blocks.update(op.block_ids)
             self.stats.record_load_error()
             return False

@@ -32,7 +32,7 @@ def main() -> None:
     if args.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
         kwargs["enable_chunked_prefill"] = True
-    llm = LLM(args.model, enforce_eager=True, gpu_memory_utilization=0.05,
+    llm = LLM(args.model, enforce_eager=True, kv_cache_memory_bytes=512 << 20,
               max_model_len=args.max_model_len, seed=0, **kwargs)
 
     def reply(obj: dict) -> None:

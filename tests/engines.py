@@ -55,11 +55,19 @@ class EngineProcess:
         self._log.flush()
         return Path(self.log_path).read_text()
 
-    def command(self, op: str, timeout_s: float = 600, **kwargs: Any) -> dict[str, Any]:
+    def send(self, op: str, **kwargs: Any) -> None:
+        """Send a command without waiting (to run several engines at once)."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
         self.proc.stdin.flush()
+
+    def receive(self, timeout_s: float = 600) -> dict[str, Any]:
+        """The reply to the oldest command sent."""
         return self._read_reply(timeout_s)
+
+    def command(self, op: str, timeout_s: float = 600, **kwargs: Any) -> dict[str, Any]:
+        self.send(op, **kwargs)
+        return self.receive(timeout_s)
 
     def generate(self, prompts: list[list[int]], max_tokens: int = 8) -> list[dict[str, Any]]:
         return self.command("generate", prompts=prompts, max_tokens=max_tokens)["outputs"]

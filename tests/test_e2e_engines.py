@@ -1,0 +1,156 @@
+"""End to end on real vLLM CPU engines in separate processes sharing one directory.
+
+Three engines for the whole module: ``plain`` (no connector: the reference
+tokens), ``a`` (connector) and ``b`` (connector, chunked prefill at 512 tokens).
+Each prompt is fresh random tokens, so no test depends on another's files.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engines import EngineProcess
+from lmcache_fs.codec import read_chunk_file, read_chunk_header
+
+pytestmark = pytest.mark.engine
+
+CHUNK = 256
+BLOCK = 128  # vLLM's CPU default block size
+PROMPT_LEN = 3000
+FULL_HIT = min(PROMPT_LEN // CHUNK * CHUNK, (PROMPT_LEN - 1) // BLOCK * BLOCK)  # 2816
+
+
+def _connector(storage: Path) -> dict:
+    return {"kv_connector": "LMCacheFSConnector", "kv_role": "kv_both",
+            "kv_connector_extra_config": {"storage_path": str(storage), "chunk_size": CHUNK}}
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shared-kv")
+
+
+@pytest.fixture(scope="module")
+def engines(synthetic_model, storage, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("engine-logs")
+    started: dict[str, EngineProcess] = {}
+    try:
+        started["plain"] = EngineProcess(synthetic_model, logs / "plain.log")
+        started["a"] = EngineProcess(synthetic_model, logs / "a.log", _connector(storage))
+        started["b"] = EngineProcess(synthetic_model, logs / "b.log", _connector(storage),
+                                     max_num_batched_tokens=512)
+        yield started
+    finally:
+        for engine in started.values():
+            engine.close()
+
+
+_rng = random.Random(1234)
+
+
+def _prompt(n: int = PROMPT_LEN) -> list[int]:
+    return [_rng.randrange(3, 250) for _ in range(n)]
+
+
+def _chunk_files(storage: Path) -> list[Path]:
+    return sorted(storage.glob("*/??/*.safetensors"))
+
+
+def _wait_for_chunks(storage: Path, count: int, timeout_s: float = 60) -> list[Path]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        files = _chunk_files(storage)
+        if len(files) >= count:
+            return files
+        time.sleep(0.1)
+    raise AssertionError(f"only {len(_chunk_files(storage))} of {count} chunk files appeared")
+
+
+def _files_of(storage: Path, prompt_files_before: set[Path]) -> list[Path]:
+    return sorted(set(_chunk_files(storage)) - prompt_files_before)
+
+
+def test_fresh_engine_loads_the_prefix_another_engine_stored(engines, storage):
+    prompt = _prompt()
+    reference = engines["plain"].generate([prompt])[0]
+    before = len(_chunk_files(storage))
+    stored = engines["a"].generate([prompt])[0]
+    assert stored["num_cached_tokens"] == 0
+    _wait_for_chunks(storage, before + PROMPT_LEN // CHUNK)
+
+    loaded = engines["b"].generate([prompt])[0]
+    assert loaded["num_cached_tokens"] == FULL_HIT
+    assert loaded["token_ids"] == reference["token_ids"] == stored["token_ids"]
+    assert f"hit {FULL_HIT}/{PROMPT_LEN} tokens" in engines["b"].log_text()
+
+
+def test_prompt_sharing_only_a_prefix_hits_its_whole_chunks(engines, storage):
+    prompt = _prompt()
+    before = len(_chunk_files(storage))
+    engines["a"].generate([prompt])
+    _wait_for_chunks(storage, before + PROMPT_LEN // CHUNK)
+    shared = 1000  # 3 whole chunks and part of a fourth
+    other = prompt[:shared] + _prompt(PROMPT_LEN - shared)
+    engines["b"].reset_prefix_cache()
+    got = engines["b"].generate([other])[0]
+    assert got["num_cached_tokens"] == shared // CHUNK * CHUNK
+    assert got["token_ids"] == engines["plain"].generate([other])[0]["token_ids"]
+
+
+def test_chunks_stored_under_chunked_prefill_load_correctly(engines, storage):
+    prompt = _prompt()
+    before = len(_chunk_files(storage))
+    engines["b"].generate([prompt])  # b prefills 512 tokens per step
+    _wait_for_chunks(storage, before + PROMPT_LEN // CHUNK)
+    engines["a"].reset_prefix_cache()
+    got = engines["a"].generate([prompt])[0]
+    assert got["num_cached_tokens"] == FULL_HIT
+    assert got["token_ids"] == engines["plain"].generate([prompt])[0]["token_ids"]
+
+
+def test_corrupted_and_truncated_chunks_are_recomputed_not_loaded(engines, storage):
+    prompt = _prompt()
+    before = set(_chunk_files(storage))
+    engines["a"].generate([prompt])
+    _wait_for_chunks(storage, len(before) + PROMPT_LEN // CHUNK)
+    by_index = {int(read_chunk_header(p).metadata["chunk_index"]): p
+                for p in _files_of(storage, before)}
+    with open(by_index[2], "r+b") as f:  # flip one bit in the data of chunk 2
+        f.seek(8192)
+        byte = f.read(1)
+        f.seek(8192)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with open(by_index[5], "r+b") as f:  # and cut chunk 5 short
+        f.truncate(by_index[5].stat().st_size // 2)
+
+    engines["b"].reset_prefix_cache()
+    got = engines["b"].generate([prompt])[0]
+    assert got["token_ids"] == engines["plain"].generate([prompt])[0]["token_ids"]
+    log = engines["b"].log_text()
+    assert "checksum mismatch" in log and "recomputing from there" in log
+    # Only the two chunks before the damaged one count as loaded.
+    assert f"hit {2 * CHUNK}/{PROMPT_LEN} tokens" in log
+
+
+def test_two_engines_storing_the_same_prompts_at_once_leave_only_valid_files(engines, storage):
+    prompts = [_prompt(), _prompt()]
+    before = set(_chunk_files(storage))
+    engines["a"].send("generate", prompts=prompts, max_tokens=4)
+    engines["b"].send("generate", prompts=prompts, max_tokens=4)
+    outputs_a = engines["a"].receive()["outputs"]
+    outputs_b = engines["b"].receive()["outputs"]
+    assert [o["token_ids"] for o in outputs_a] == [o["token_ids"] for o in outputs_b]
+
+    new_files = _files_of(storage, before)
+    assert len(new_files) >= len(prompts) * (PROMPT_LEN // CHUNK) - 2  # writers may still finish
+    new_files = _wait_for_chunks(storage, len(before) + len(prompts) * (PROMPT_LEN // CHUNK))
+    for path in _files_of(storage, before):
+        header = read_chunk_header(path)
+        out = torch.empty(header.shape, dtype=header.dtype)
+        read_chunk_file(path, out, {"key": path.stem})  # raises on any defect
+    assert not list(storage.glob("*/??/.tmp.*")), "temporaries left behind"

@@ -1,0 +1,126 @@
+"""Scheduler-side planning: block-aligned hits, the right blocks loaded, each chunk stored once."""
+
+import hashlib
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from lmcache_fs.index import ChunkIndex  # noqa: E402
+from lmcache_fs.layout import ChunkLayout, Namespace  # noqa: E402
+from lmcache_fs.connector.scheduler import SchedulerSide  # noqa: E402
+
+BLOCK, CHUNK = 16, 64  # 4 blocks per chunk
+
+
+def _request(req_id, num_tokens, salt=b""):
+    hashes, parent = [], b"seed" + salt
+    for _ in range(num_tokens // BLOCK):
+        parent = hashlib.sha256(parent).digest()
+        hashes.append(parent)
+    return SimpleNamespace(request_id=req_id, block_hashes=hashes, num_tokens=num_tokens,
+                           num_prompt_tokens=num_tokens)
+
+
+def _side(tmp_path, can_load=True, can_save=True):
+    index = ChunkIndex(ChunkLayout(tmp_path, Namespace({"model": "m"})), negative_ttl_s=0)
+    return SchedulerSide([index], CHUNK, BLOCK, BLOCK, can_load, can_save), index
+
+
+def _blocks(ids):
+    return SimpleNamespace(get_block_ids=lambda: (list(ids),))
+
+
+def _step(new=(), cached=None, scheduled=None):
+    cached = cached or SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[],
+                                       num_computed_tokens=[])
+    return SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached,
+                           num_scheduled_tokens=scheduled or {})
+
+
+def test_hit_is_whole_chunks_and_leaves_the_last_token_to_compute(tmp_path):
+    side, index = _side(tmp_path)
+    req = _request("r", 4 * CHUNK)  # 256 tokens, 4 chunks
+    for key in side.chunk_keys(req, req.num_tokens):
+        index.add(key)
+    # All four chunks exist, but the last token must be computed: 255 -> 240 (block-aligned).
+    assert side.get_num_new_matched_tokens(req, 0) == 4 * CHUNK - BLOCK
+    # Tokens already in the local prefix cache are not counted again.
+    assert side.get_num_new_matched_tokens(req, 2 * CHUNK) == 2 * CHUNK - BLOCK
+
+
+def test_gap_stops_the_hit(tmp_path):
+    side, index = _side(tmp_path)
+    req = _request("r", 5 * CHUNK)
+    keys = side.chunk_keys(req, req.num_tokens)
+    for key in (keys[0], keys[1], keys[3]):
+        index.add(key)
+    assert side.get_num_new_matched_tokens(req, 0) == 2 * CHUNK
+
+
+def test_consumer_only_role_never_plans_saves(tmp_path):
+    side, _ = _side(tmp_path, can_save=False)
+    req = _request("r", 2 * CHUNK)
+    side.get_num_new_matched_tokens(req, 0)
+    side.update_state_after_alloc(req, _blocks(range(8)), 0)
+    new = SimpleNamespace(req_id="r", block_ids=(list(range(8)),), num_computed_tokens=0)
+    assert side.build_connector_meta(_step([new], scheduled={"r": 2 * CHUNK})).saves == []
+
+
+def test_loads_target_the_blocks_after_the_local_prefix(tmp_path):
+    side, index = _side(tmp_path)
+    req = _request("r", 3 * CHUNK + 5)
+    for key in side.chunk_keys(req, req.num_tokens):
+        index.add(key)
+    ext = side.get_num_new_matched_tokens(req, BLOCK)  # one block already local
+    assert ext == 3 * CHUNK - BLOCK
+    block_ids = list(range(100, 113))
+    side.update_state_after_alloc(req, _blocks(block_ids), ext)
+    meta = side.build_connector_meta(_step())
+    keys = side.chunk_keys(req, req.num_tokens)
+    assert [(op.key, op.first_block, op.block_ids) for op in meta.loads] == [
+        (keys[0], 1, (101, 102, 103)),
+        (keys[1], 0, (104, 105, 106, 107)),
+        (keys[2], 0, (108, 109, 110, 111)),
+    ]
+    assert meta.hits["r"].hit_tokens == 3 * CHUNK and meta.hits["r"].local_tokens == BLOCK
+
+
+def test_chunked_prefill_saves_each_chunk_once_when_it_is_complete(tmp_path):
+    side, _ = _side(tmp_path)
+    req = _request("r", 3 * CHUNK + 10)
+    side.get_num_new_matched_tokens(req, 0)
+    ids = list(range(13))
+    side.update_state_after_alloc(req, _blocks(ids[:6]), 0)
+    keys = side.chunk_keys(req, req.num_tokens)
+    # Step 1: 96 tokens computed: only chunk 0 (64 tokens) is complete.
+    new = SimpleNamespace(req_id="r", block_ids=(ids[:6],), num_computed_tokens=0)
+    saves = side.build_connector_meta(_step([new], scheduled={"r": 96})).saves
+    assert [(s.key, s.chunk_index, s.block_ids, s.parent_key) for s in saves] == [
+        (keys[0], 0, (0, 1, 2, 3), "")]
+    # Step 2: up to 202 tokens: chunks 1 and 2 complete.
+    cached = SimpleNamespace(req_ids=["r"], resumed_req_ids=set(), new_block_ids=[(ids[6:],)],
+                             num_computed_tokens=[96])
+    saves = side.build_connector_meta(_step(cached=cached, scheduled={"r": 106})).saves
+    assert [(s.chunk_index, s.block_ids, s.parent_key) for s in saves] == [
+        (1, (4, 5, 6, 7), keys[0]), (2, (8, 9, 10, 11), keys[1])]
+
+
+def test_chunks_already_on_disk_or_already_queued_are_not_rewritten(tmp_path):
+    side, index = _side(tmp_path)
+    first, second = _request("a", 2 * CHUNK), _request("b", 2 * CHUNK)  # same tokens
+    index.add(side.chunk_keys(first, CHUNK)[0])
+    for req in (first, second):
+        side.get_num_new_matched_tokens(req, 0)
+        side.update_state_after_alloc(req, _blocks(range(8)), 0)
+    news = [SimpleNamespace(req_id=r, block_ids=(list(range(8)),), num_computed_tokens=0)
+            for r in ("a", "b")]
+    saves = side.build_connector_meta(_step(news, scheduled={"a": 128, "b": 128})).saves
+    assert [s.chunk_index for s in saves] == [1]
+
+
+def test_different_prefixes_give_different_keys(tmp_path):
+    side, _ = _side(tmp_path)
+    a, b = _request("a", CHUNK), _request("b", CHUNK, salt=b"lora")
+    assert side.chunk_keys(a, CHUNK) != side.chunk_keys(b, CHUNK)
