@@ -50,6 +50,21 @@ class LMCacheFSConfig:
     file_mode: int = 0o644
     """Permission bits of published chunk files (default: not world-writable)."""
 
+    eviction_high_watermark: float = 0.95
+    """Eviction starts when the directory holds more than this fraction of ``max_disk_size_gb``."""
+
+    eviction_low_watermark: float = 0.85
+    """Eviction removes least recently used chunks until the directory is below this fraction."""
+
+    eviction_interval_s: float = 60.0
+    """Seconds between eviction passes of the background evictor (engine or ``gc --daemon``)."""
+
+    temp_file_grace_s: float = 600.0
+    """Age after which a temporary file (a crashed writer's ``.tmp.*``) is removed."""
+
+    min_free_disk_gb: float = 1.0
+    """Stores stop (and serving continues) while the filesystem has less free space than this."""
+
     def __post_init__(self) -> None:
         if not self.storage_path:
             raise ConfigError(
@@ -65,6 +80,16 @@ class LMCacheFSConfig:
             raise ConfigError(f"lookup_negative_ttl_s must be >= 0, got {self.lookup_negative_ttl_s}")
         if self.file_mode & 0o002:
             raise ConfigError(f"file_mode {oct(self.file_mode)} is world-writable; use e.g. 0o644 or 0o664")
+        if not 0 < self.eviction_low_watermark < self.eviction_high_watermark <= 1:
+            raise ConfigError(
+                "need 0 < eviction_low_watermark < eviction_high_watermark <= 1, got "
+                f"{self.eviction_low_watermark} and {self.eviction_high_watermark}: e.g. 0.85 and 0.95")
+        if self.eviction_interval_s <= 0:
+            raise ConfigError(f"eviction_interval_s must be positive, got {self.eviction_interval_s}")
+        if self.temp_file_grace_s < 0:
+            raise ConfigError(f"temp_file_grace_s must be >= 0, got {self.temp_file_grace_s}")
+        if self.min_free_disk_gb < 0:
+            raise ConfigError(f"min_free_disk_gb must be >= 0 (0 = no guard), got {self.min_free_disk_gb}")
 
     def check_block_size(self, block_size: int) -> None:
         """Raise unless whole chunks are whole engine blocks."""

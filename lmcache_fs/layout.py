@@ -90,8 +90,7 @@ class ChunkLayout:
 
     def chunk_path(self, key: str) -> Path:
         """The file that holds chunk ``key`` (validated hex; never leaves the root)."""
-        check_key(key)
-        return self.directory / key[:2] / f"{key}{CHUNK_SUFFIX}"
+        return chunk_file_path(self.directory, key)
 
     def write_manifest(self) -> None:
         """Create the namespace directory and its readable ``namespace.json`` once."""
@@ -105,24 +104,41 @@ class ChunkLayout:
 
     def iter_chunk_files(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
         """Yield ``(key, entry)`` for every published chunk file (temporaries skipped)."""
+        return iter_chunk_files(self.directory)
+
+
+def chunk_file_path(directory: str | os.PathLike[str], key: str) -> Path:
+    """The file that holds chunk ``key`` in namespace directory ``directory`` (key checked)."""
+    check_key(key)
+    return Path(directory) / key[:2] / f"{key}{CHUNK_SUFFIX}"
+
+
+def iter_chunk_files(directory: str | os.PathLike[str]) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Yield ``(key, entry)`` for every chunk-named entry of a namespace directory.
+
+    Only real fan-out directories are entered (a symlinked one is skipped), and
+    only names that are a valid key under the right fan-out are yielded;
+    temporaries and stray names are not. An entry may still be a symlink or a
+    directory: callers that read it check (the loader opens with O_NOFOLLOW).
+    """
+    try:
+        fanout = list(os.scandir(directory))
+    except FileNotFoundError:
+        return
+    for sub in fanout:
+        if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
+            continue
         try:
-            fanout = list(os.scandir(self.directory))
-        except FileNotFoundError:
-            return
-        for sub in fanout:
-            if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
+            entries = list(os.scandir(sub.path))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") or not name.endswith(CHUNK_SUFFIX):
                 continue
-            try:
-                entries = list(os.scandir(sub.path))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for entry in entries:
-                name = entry.name
-                if name.startswith(".") or not name.endswith(CHUNK_SUFFIX):
-                    continue
-                key = name[: -len(CHUNK_SUFFIX)]
-                if _KEY_RE.match(key) and key.startswith(sub.name):
-                    yield key, entry
+            key = name[: -len(CHUNK_SUFFIX)]
+            if _KEY_RE.match(key) and key.startswith(sub.name):
+                yield key, entry
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, FieldValue] | None:

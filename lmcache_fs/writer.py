@@ -2,8 +2,10 @@
 
 The engine hands over a chunk already copied out of the paged cache; if the
 queue is full the chunk is skipped and counted (a future miss, never a stall).
-Write failures (disk full, EIO) are counted and logged at most once a minute;
-the publish step guarantees that nothing half-written stays behind.
+While the filesystem is below its free-space reserve, stores are skipped the
+same way. Write failures (disk full, EIO) are counted; each kind of trouble is
+logged at most once a minute. The publish step guarantees that nothing
+half-written stays behind.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from lmcache_fs.space import FreeSpaceGuard
 from lmcache_fs.store import ChunkStore
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,7 @@ class WriterStats:
     published: int = 0
     already_present: int = 0
     skipped_queue_full: int = 0
+    skipped_low_space: int = 0
     failed: int = 0
     bytes_written: int = 0
     seconds_writing: float = 0.0
@@ -40,13 +44,15 @@ class BackgroundWriter:
     """One thread that publishes queued chunks through a :class:`ChunkStore`."""
 
     def __init__(self, store: ChunkStore, max_queue: int,
-                 on_published: Callable[[str], None] | None = None):
+                 on_published: Callable[[str], None] | None = None,
+                 space_guard: FreeSpaceGuard | None = None):
         self.store = store
+        self.space_guard = space_guard
         self.stats = WriterStats()
         self._queue: queue.Queue[tuple[str, torch.Tensor, Mapping[str, str]] | None] = \
             queue.Queue(maxsize=max_queue)
         self._on_published = on_published
-        self._last_error_log = -_ERROR_LOG_INTERVAL_S
+        self._last_log: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="lmcache-fs-writer", daemon=True)
         self._thread.start()
 
@@ -79,22 +85,34 @@ class BackgroundWriter:
                 self._queue.task_done()
 
     def _write(self, key: str, data: torch.Tensor, metadata: Mapping[str, str]) -> None:
+        nbytes = data.numel() * data.element_size()
+        if self.space_guard is not None and not self.space_guard.allows(nbytes):
+            self.stats.skipped_low_space += 1
+            self._log_once_a_minute(
+                "low_space", "less than %.1f GB free under %s: stores paused, serving continues "
+                "(%d skipped so far)", self.space_guard.min_free_bytes / 1e9,
+                self.space_guard.path, self.stats.skipped_low_space)
+            return
         start = time.perf_counter()
         try:
             published = self.store.save(key, data, metadata)
         except OSError as exc:
             self.stats.failed += 1
-            now = time.monotonic()
-            if now - self._last_error_log >= _ERROR_LOG_INTERVAL_S:
-                self._last_error_log = now
-                logger.warning("store of chunk %s failed (%s); serving continues, %d failed so "
-                               "far", key[:16], exc.strerror or exc, self.stats.failed)
+            self._log_once_a_minute("failed", "store of chunk %s failed (%s); serving continues, "
+                                    "%d failed so far", key[:16], exc.strerror or exc,
+                                    self.stats.failed)
             return
         if published:
             self.stats.published += 1
-            self.stats.bytes_written += data.numel() * data.element_size()
+            self.stats.bytes_written += nbytes
             self.stats.seconds_writing += time.perf_counter() - start
         else:
             self.stats.already_present += 1
         if self._on_published is not None:
             self._on_published(key)
+
+    def _log_once_a_minute(self, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last_log.get(kind, -_ERROR_LOG_INTERVAL_S) >= _ERROR_LOG_INTERVAL_S:
+            self._last_log[kind] = now
+            logger.warning(message, *args)

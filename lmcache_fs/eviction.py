@@ -1,0 +1,270 @@
+"""Keep the whole cache directory within one budget, whoever writes to it.
+
+``max_disk_size_gb`` is one budget for the directory, not per instance: a pass
+adds up every namespace's chunk files, the quarantine and the temporaries.
+Above the high watermark it removes, until the directory is below the low
+watermark, first quarantined files and then chunk files least recently used
+first. "Used" is the file's mtime, which every instance sets when it loads
+or stores a chunk (atime is unreliable on NFS). Pinned chunks are never
+removed. Temporaries older than ``temp_file_grace_s`` (left by writers that
+crashed) are removed on every pass, whatever the budget.
+
+At most one process evicts at a time across all nodes: a pass runs only under
+the lease ``<storage_path>/eviction.lease`` (see :mod:`lmcache_fs.lease`).
+A background evictor keeps the lease between passes, so one node does the
+scanning while the others only read the lease file; if it dies, another takes
+over after ``LEASE_TTL_INTERVALS`` intervals.
+
+Removing a chunk while another instance loads it is safe: the loader gets a
+missing file (a miss) and recomputes. Just before removing a chunk the pass
+checks its mtime again, so a chunk used since the scan stays.
+
+Example:
+    >>> import tempfile
+    >>> evictor = Evictor(tempfile.mkdtemp(), max_bytes=10**9)
+    >>> evictor.run_pass().ran
+    True
+    >>> evictor.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from lmcache_fs.config import LMCacheFSConfig
+from lmcache_fs.inventory import (ChunkEntry, FileEntry, namespace_dirs, scan_chunks,
+                                  scan_quarantine, scan_temporaries, total_size)
+from lmcache_fs.lease import Lease
+from lmcache_fs.log import human_bytes
+from lmcache_fs.pins import PinStore
+
+logger = logging.getLogger(__name__)
+
+LEASE_NAME = "eviction.lease"
+LEASE_TTL_INTERVALS = 3  # a silent evictor is replaced after this many intervals
+_MIN_LEASE_TTL_S = 30.0
+
+
+@dataclass
+class EvictionReport:
+    """What one pass saw and did (``ran`` is False if another process holds the lease)."""
+
+    ran: bool
+    budget_bytes: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    evicted_chunks: int = 0
+    evicted_bytes: int = 0
+    removed_quarantined: int = 0
+    removed_temporaries: int = 0
+    skipped_pinned: int = 0
+    skipped_recently_used: int = 0
+    lease_holder: str = ""
+
+
+def lease_path(root: str | os.PathLike[str]) -> Path:
+    """The eviction lease file of the cache at ``root``."""
+    return Path(root) / LEASE_NAME
+
+
+def lease_ttl_s(interval_s: float) -> float:
+    """The eviction lease's time to live for a given pass interval."""
+    return max(LEASE_TTL_INTERVALS * interval_s, _MIN_LEASE_TTL_S)
+
+
+class Evictor:
+    """Eviction passes over one cache directory, each under the cross-node lease."""
+
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int,
+                 high_watermark: float = 0.95, low_watermark: float = 0.85,
+                 temp_grace_s: float = 600.0, lease_ttl: float = _MIN_LEASE_TTL_S,
+                 file_mode: int = 0o644,
+                 on_evicted: Callable[[str, str], None] | None = None,
+                 clock: Callable[[], float] = time.time):
+        """
+        Args:
+            root: the cache directory (``storage_path``).
+            max_bytes: the budget; 0 means none (only temporaries are cleaned).
+            high_watermark, low_watermark: fractions of ``max_bytes``.
+            temp_grace_s: age after which a temporary file is removed.
+            lease_ttl: seconds the eviction lease lasts without renewal.
+            file_mode: permission bits of the lease file.
+            on_evicted: called with ``(namespace, key)`` for each removed chunk
+                (e.g. to drop it from this process's index).
+            clock: wall-clock time (mtimes and the lease are wall-clock).
+        """
+        if not 0 < low_watermark < high_watermark <= 1:
+            raise ValueError(f"need 0 < low_watermark < high_watermark <= 1, got "
+                             f"{low_watermark}, {high_watermark}")
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.high_watermark = high_watermark
+        self.low_watermark = low_watermark
+        self.temp_grace_s = temp_grace_s
+        self.lease = Lease(lease_path(root), lease_ttl, file_mode, clock)
+        self._on_evicted = on_evicted
+        self._clock = clock
+
+    @classmethod
+    def from_config(cls, config: LMCacheFSConfig,
+                    on_evicted: Callable[[str, str], None] | None = None) -> "Evictor":
+        """An evictor with the budget, watermarks, grace and interval of ``config``."""
+        return cls(config.storage_path, int(config.max_disk_size_gb * 1e9),
+                   config.eviction_high_watermark, config.eviction_low_watermark,
+                   config.temp_file_grace_s, lease_ttl_s(config.eviction_interval_s),
+                   config.file_mode, on_evicted)
+
+    def run_pass(self) -> EvictionReport:
+        """Clean temporaries and, above the high watermark, evict down to the low one.
+
+        Keeps the lease after the pass (call :meth:`close` to give it up).
+        Returns a report with ``ran=False`` and the holder if another process
+        holds the lease.
+        """
+        if not (self.lease.renew() if self.lease.held else self.lease.acquire()):
+            holder = self.lease.holder()
+            return EvictionReport(ran=False, lease_holder=holder.describe(self._clock())
+                                  if holder else "unknown (being replaced)")
+        report = EvictionReport(ran=True, budget_bytes=self.max_bytes)
+        temporaries = self._remove_old_temporaries(report)
+        chunks: list[ChunkEntry] = []
+        for ns in namespace_dirs(self.root):
+            chunks += scan_chunks(ns)
+            if not self.lease.renew_if_due():
+                return report
+        quarantined = list(scan_quarantine(self.root))
+        report.bytes_before = report.bytes_after = (
+            total_size(chunks) + total_size(quarantined) + total_size(temporaries))
+        if self.max_bytes > 0 and report.bytes_before > self.high_watermark * self.max_bytes:
+            self._evict(report, quarantined, chunks)
+        self._log(report)
+        return report
+
+    def close(self) -> None:
+        """Give the lease up so another process can evict at once."""
+        self.lease.release()
+
+    # -- one pass ----------------------------------------------------------------
+
+    def _remove_old_temporaries(self, report: EvictionReport) -> list[FileEntry]:
+        """Remove temporaries older than the grace period; returns those that stay."""
+        cutoff = self._clock() - self.temp_grace_s
+        kept = []
+        for temp in scan_temporaries(self.root):
+            if temp.mtime <= cutoff and remove_entry(temp.path):
+                report.removed_temporaries += 1
+            else:
+                kept.append(temp)
+        return kept
+
+    def _evict(self, report: EvictionReport, quarantined: list[FileEntry],
+               chunks: list[ChunkEntry]) -> None:
+        target = self.low_watermark * self.max_bytes
+        # Pins are read after the scan, so a pin made during a long scan still counts.
+        pinned = {ns.name: PinStore(ns).pinned_keys() for ns in namespace_dirs(self.root)}
+        for entry in sorted(quarantined, key=lambda e: e.mtime):
+            if report.bytes_after <= target:
+                return
+            if remove_entry(entry.path):
+                report.removed_quarantined += 1
+            report.bytes_after -= entry.size
+        for chunk in sorted(chunks, key=lambda c: c.mtime):
+            if report.bytes_after <= target or not self.lease.renew_if_due():
+                return
+            if chunk.key in pinned.get(chunk.namespace, ()):
+                report.skipped_pinned += 1
+                continue
+            try:
+                if os.lstat(chunk.path).st_mtime > chunk.mtime:
+                    report.skipped_recently_used += 1  # loaded since the scan: no longer the LRU
+                    continue
+                removed = remove_entry(chunk.path)
+            except FileNotFoundError:
+                removed = False
+            report.bytes_after -= chunk.size  # gone either way (if not by us, by another instance)
+            if not removed:
+                continue
+            report.evicted_chunks += 1
+            report.evicted_bytes += chunk.size
+            if self._on_evicted is not None:
+                self._on_evicted(chunk.namespace, chunk.key)
+
+    def _log(self, report: EvictionReport) -> None:
+        if report.evicted_chunks or report.removed_quarantined or report.removed_temporaries:
+            logger.info("eviction pass on %s: %s -> %s (budget %s), evicted %d chunks (%s), "
+                        "removed %d quarantined and %d stale temporary files, %d pinned kept",
+                        self.root, human_bytes(report.bytes_before),
+                        human_bytes(report.bytes_after), human_bytes(report.budget_bytes),
+                        report.evicted_chunks, human_bytes(report.evicted_bytes),
+                        report.removed_quarantined, report.removed_temporaries,
+                        report.skipped_pinned)
+        if self.max_bytes and report.bytes_after > self.high_watermark * self.max_bytes:
+            logger.warning("%s still holds %s, over %.0f%% of its %s budget: pinned chunks "
+                           "(%d seen) or other instances' new files keep it full", self.root,
+                           human_bytes(report.bytes_after), 100 * self.high_watermark,
+                           human_bytes(self.max_bytes), report.skipped_pinned)
+
+
+def remove_entry(path: str | os.PathLike[str]) -> bool:
+    """Remove a file, symlink or (quarantined) directory; False if it was already gone."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+class BackgroundEvictor:
+    """Runs eviction passes every ``interval_s`` in a daemon thread (engine or ``gc --daemon``)."""
+
+    def __init__(self, evictor: Evictor, interval_s: float,
+                 on_report: Callable[[EvictionReport], None] | None = None):
+        self.evictor = evictor
+        self.interval_s = interval_s
+        self._on_report = on_report
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.run_until_stopped,
+                                        name="lmcache-fs-evictor", daemon=True)
+
+    def start(self) -> "BackgroundEvictor":
+        """Start the thread; returns self."""
+        self._thread.start()
+        return self
+
+    def run_until_stopped(self) -> None:
+        """Pass, wait, repeat, until :meth:`stop` (runs in the caller's thread if called directly)."""
+        while not self._stop.is_set():
+            try:
+                report = self.evictor.run_pass()
+                if self._on_report is not None:
+                    self._on_report(report)
+            except OSError as exc:  # e.g. the share is briefly unreachable: try next interval
+                logger.warning("eviction pass on %s failed (%s); retrying in %.0f s",
+                               self.evictor.root, exc.strerror or exc, self.interval_s)
+            self._stop.wait(self.interval_s)
+        self.evictor.close()
+
+    def stop(self) -> None:
+        """Stop after the current pass and give the lease up."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def start_background_evictor(config: LMCacheFSConfig,
+                             on_evicted: Callable[[str, str], None] | None = None
+                             ) -> BackgroundEvictor:
+    """Start evicting for ``config`` in a daemon thread (one per engine; the lease picks who works)."""
+    return BackgroundEvictor(Evictor.from_config(config, on_evicted),
+                             config.eviction_interval_s).start()

@@ -1,0 +1,143 @@
+"""Pins: prefixes that eviction never removes until they are unpinned.
+
+A pin is one small JSON file per pinned prefix, in the namespace directory it
+belongs to (so every node sees it), named by the prefix's last chunk key and
+listing all of the prefix's chunk keys:
+
+    <namespace>/pins/<last key>.json   {"keys": [...], "note": ..., "pinned_at": ..., "host": ...}
+
+One file per prefix, not one shared list: pins made on many nodes never race
+on a read-modify-write, each is published atomically, and two pinned prefixes
+that share a beginning (a common system prompt) both protect it, so unpinning
+one leaves the shared chunks pinned by the other.
+
+Example:
+    >>> import tempfile
+    >>> pins = PinStore(tempfile.mkdtemp())
+    >>> pins.pin(["aa" * 8, "bb" * 8], note="system prompt")
+    True
+    >>> sorted(pins.pinned_keys()) == ["aa" * 8, "bb" * 8]
+    True
+    >>> pins.unpin("bb" * 8)
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from lmcache_fs.layout import check_key
+from lmcache_fs.publish import publish
+
+logger = logging.getLogger(__name__)
+
+PINS_DIR = "pins"
+PIN_SUFFIX = ".json"
+_MAX_PIN_FILE = 1 << 20  # 1 MiB: about 15k keys, far beyond any real prompt
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One pinned prefix: its chunk keys in prompt order (the last one names the pin)."""
+
+    keys: tuple[str, ...]
+    note: str
+    pinned_at: float
+    host: str
+
+    @property
+    def name(self) -> str:
+        """The pin's name: the key of the prefix's last chunk."""
+        return self.keys[-1]
+
+
+class PinStore:
+    """The pins of one namespace directory."""
+
+    def __init__(self, namespace_dir: str | os.PathLike[str], mode: int = 0o644):
+        self.directory = Path(namespace_dir) / PINS_DIR
+        self.mode = mode
+
+    def _path(self, name: str) -> Path:
+        return self.directory / f"{check_key(name)}{PIN_SUFFIX}"
+
+    def pin(self, keys: Sequence[str], note: str = "") -> bool:
+        """Pin the prefix made of ``keys`` (chunk keys in prompt order).
+
+        Returns:
+            True if pinned now, False if a pin with the same last key existed.
+
+        Raises:
+            BadKeyError: a key is not a chunk key.
+            ValueError: ``keys`` is empty.
+        """
+        if not keys:
+            raise ValueError("a pin needs at least one chunk key")
+        for key in keys:
+            check_key(key)
+        record = {"keys": list(keys), "note": note, "pinned_at": time.time(),
+                  "host": socket.gethostname()}
+        text = json.dumps(record, indent=1).encode()
+        return publish(self._path(keys[-1]), lambda fd: os.write(fd, text), self.mode)
+
+    def unpin(self, name: str) -> bool:
+        """Remove the pin named ``name``; False if there was none."""
+        try:
+            os.unlink(self._path(name))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def pins(self) -> list[Pin]:
+        """Every readable pin of the namespace (unreadable pin files are logged and skipped)."""
+        try:
+            if not stat.S_ISDIR(os.lstat(self.directory).st_mode):
+                logger.warning("%s is not a real directory: its pins are ignored", self.directory)
+                return []
+            names = sorted(os.listdir(self.directory))
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in names:
+            if name.startswith(".") or not name.endswith(PIN_SUFFIX):
+                continue
+            pin = _read_pin(self.directory / name)
+            if pin is None:
+                logger.warning("unreadable pin file %s ignored", self.directory / name)
+            else:
+                found.append(pin)
+        return found
+
+    def pinned_keys(self) -> set[str]:
+        """Every chunk key that some pin protects."""
+        return {key for pin in self.pins() for key in pin.keys}
+
+    def pins_holding(self, key: str) -> list[Pin]:
+        """The pins whose prefix contains ``key``."""
+        return [pin for pin in self.pins() if key in pin.keys]
+
+
+def _read_pin(path: Path) -> Pin | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        data = json.loads(os.read(fd, _MAX_PIN_FILE))
+        keys = tuple(check_key(k) for k in data["keys"])
+        if not keys or path.name != keys[-1] + PIN_SUFFIX:
+            return None
+        return Pin(keys, str(data.get("note", "")), float(data.get("pinned_at", 0.0)),
+                   str(data.get("host", "")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    finally:
+        os.close(fd)

@@ -1,0 +1,72 @@
+"""Move provably bad entries out of the cache: a bad chunk costs one miss, not one per request.
+
+A published chunk file never changes (publishing is temp + link), so a file
+that fails its checks is bad for good: it is renamed into
+``<storage_path>/quarantine/`` where an operator can inspect it, and the path
+is free for a writer to publish a good copy. Only proof of damage quarantines:
+a missing file, a stale NFS handle or a permission error is a plain miss.
+
+    <storage_path>/quarantine/<namespace>__<fan-out>__<name>.<unix time>.<random>
+
+Quarantined files count against the disk budget and are the first to go when
+eviction runs (see :mod:`lmcache_fs.eviction`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the codec imports torch; operators' commands that only list files do not need it
+    from lmcache_fs.codec import ChunkFileError
+
+logger = logging.getLogger(__name__)
+
+QUARANTINE_DIR = "quarantine"
+
+# open()/read() errors that prove the entry itself is wrong (a symlink, a
+# directory where a file should be, a file where a directory should be).
+_BAD_ENTRY_ERRNOS = frozenset({errno.ELOOP, errno.EISDIR, errno.ENOTDIR})
+
+
+def is_bad_entry(exc: ChunkFileError) -> bool:
+    """True if ``exc`` proves the file is damaged or foreign (not merely unreachable)."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError):
+        return cause.errno in _BAD_ENTRY_ERRNOS
+    # No OS error: the bytes were read and failed a check (size, header,
+    # namespace, key, shape, dtype or checksum).
+    return True
+
+
+def quarantine_dir(root: str | os.PathLike[str]) -> Path:
+    """Where quarantined entries of the cache at ``root`` go."""
+    return Path(root) / QUARANTINE_DIR
+
+
+def quarantine(root: str | os.PathLike[str], path: str | os.PathLike[str], reason: str) -> Path | None:
+    """Rename ``path`` (a file, symlink or directory under ``root``) into the quarantine.
+
+    The rename moves a symlink itself, never its target. Failure to move it
+    (read-only mount, already moved by another instance) is not an error: the
+    entry stays a miss either way.
+
+    Returns:
+        The quarantined path, or None if nothing was moved.
+    """
+    root, path = Path(root), Path(path)
+    relative = "__".join(path.relative_to(root).parts)
+    target = quarantine_dir(root) / f"{relative}.{int(time.time())}.{secrets.token_hex(4)}"
+    try:
+        target.parent.mkdir(exist_ok=True)
+        os.rename(path, target)
+    except OSError as exc:
+        logger.debug("could not quarantine %s (%s)", path, exc.strerror)
+        return None
+    logger.warning("quarantined %s (%s) as %s", path, reason, target.name)
+    return target

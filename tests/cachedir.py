@@ -1,0 +1,66 @@
+"""Build small cache directories for tests: namespaces, chained chunk keys, deterministic bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from lmcache_fs.layout import ChunkLayout, Namespace
+from lmcache_fs.store import ChunkStore
+
+# The manifest fields the vLLM connector writes, for a tiny geometry: chunks of
+# 2 layers x 1 block x 1 head x 16 tokens x 2*8 bf16 values = 1 KiB of data.
+FIELDS = {"model": "tiny@0123456789ab", "num_layers": 2, "num_kv_heads": 1, "head_size": 8,
+          "dtype": "bfloat16", "kv_cache_dtype": "auto", "kv_dtype": "bfloat16",
+          "block_size": 16, "kv_layout": "cpu-vec", "tp_size": 1, "pp_size": 1,
+          "hash_algo": "sha256", "chunk_size": 16, "tp_rank": 0, "pp_rank": 0}
+SHAPE = (2, 1, 1, 16, 16)
+
+
+def make_store(root: str | os.PathLike[str], **fields: object) -> ChunkStore:
+    """A store for a namespace like the connector's (fields override FIELDS), manifest written."""
+    layout = ChunkLayout(root, Namespace({**FIELDS, **fields}))
+    layout.write_manifest()
+    return ChunkStore(layout)
+
+
+def prefix_keys(prompt: str, n: int) -> list[str]:
+    """``n`` chained chunk keys for a prompt name (like vLLM's chained block hashes)."""
+    keys, parent = [], prompt.encode()
+    for _ in range(n):
+        parent = hashlib.sha256(parent).digest()
+        keys.append(parent.hex())
+    return keys
+
+
+def chunk(key: str, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:
+    """The bytes every writer stores for ``key`` (derived from the key, as KV is from tokens)."""
+    gen = torch.Generator().manual_seed(int(key[:15], 16))
+    return torch.randn(shape, generator=gen).to(torch.bfloat16)
+
+
+def save_prefix(store: ChunkStore, keys: list[str], shape: tuple[int, ...] = SHAPE) -> None:
+    """Store a prefix's chunks with the connector's metadata (parent key, chunk index)."""
+    for i, key in enumerate(keys):
+        store.save(key, chunk(key, shape), {
+            "parent_key": keys[i - 1] if i else "", "chunk_index": str(i), "num_tokens": "16"})
+
+
+def load_ok(store: ChunkStore, key: str, shape: tuple[int, ...] = SHAPE) -> bool:
+    """Load ``key`` and check the bytes are the ones written for it (raises ChunkFileError)."""
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    store.load(key, out)
+    return torch.equal(out.view(torch.uint8), chunk(key, out.shape).view(torch.uint8))
+
+
+def set_mtime(path: str | os.PathLike[str], when: float) -> None:
+    """Pretend a file was last used at ``when``."""
+    os.utime(path, (when, when))
+
+
+def files_under(root: str | os.PathLike[str]) -> list[Path]:
+    """Every file and symlink under ``root``, sorted."""
+    return sorted(p for p in Path(root).rglob("*") if p.is_file() or p.is_symlink())

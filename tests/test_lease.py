@@ -1,0 +1,85 @@
+"""The cross-node lease: one holder at a time, an expired holder is taken over."""
+
+import json
+import multiprocessing
+import os
+
+from lmcache_fs.lease import Lease, read_lease
+
+
+class FakeClock:
+    def __init__(self, now=1_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def test_first_acquirer_holds_and_the_others_are_refused(tmp_path):
+    first, second = Lease(tmp_path / "l", 30), Lease(tmp_path / "l", 30)
+    assert first.acquire() and first.held
+    assert not second.acquire() and not second.held
+    assert read_lease(tmp_path / "l").pid == os.getpid()
+
+
+def test_a_released_lease_can_be_taken_at_once(tmp_path):
+    first, second = Lease(tmp_path / "l", 30), Lease(tmp_path / "l", 30)
+    first.acquire()
+    first.release()
+    assert second.acquire()
+
+
+def test_an_expired_holder_is_taken_over_and_learns_it_on_renewal(tmp_path):
+    clock = FakeClock()
+    stalled, taker = Lease(tmp_path / "l", 30, clock=clock), Lease(tmp_path / "l", 30, clock=clock)
+    assert stalled.acquire()
+    clock.now += 29
+    assert not taker.acquire()  # still valid
+    clock.now += 2
+    assert taker.acquire()
+    assert not stalled.renew() and not stalled.held
+    assert taker.renew()
+
+
+def test_renewal_keeps_a_live_holder(tmp_path):
+    clock = FakeClock()
+    holder, other = Lease(tmp_path / "l", 30, clock=clock), Lease(tmp_path / "l", 30, clock=clock)
+    holder.acquire()
+    for _ in range(5):
+        clock.now += 20
+        assert holder.renew_if_due()
+        assert not other.acquire()
+
+
+def test_a_garbage_lease_file_is_taken_over_once_a_ttl_old(tmp_path):
+    path = tmp_path / "l"
+    path.write_text("not json")
+    lease = Lease(path, 30)
+    assert not lease.acquire()  # could be a lease being written: wait a TTL
+    os.utime(path, (0, 0))
+    assert lease.acquire()
+
+
+def _race(path, barrier, results):
+    lease = Lease(path, 30)
+    barrier.wait()
+    results.put(lease.acquire())
+
+
+def test_of_many_processes_racing_for_a_free_or_expired_lease_exactly_one_wins(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    path = tmp_path / "l"
+    for round_ in range(10):
+        if round_ % 2:  # odd rounds race to take over an expired holder
+            path.write_text(json.dumps({"host": "gone", "pid": 1, "token": "x", "expires_at": 0}))
+        else:
+            path.unlink(missing_ok=True)
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_race, args=(path, barrier, results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        wins = [results.get(timeout=5) for _ in procs]
+        assert wins.count(True) == 1, f"round {round_}: {wins}"
+        assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp.")]
