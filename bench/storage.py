@@ -1,0 +1,466 @@
+"""Storage throughput: lmcache-fs's real store and load paths against raw I/O and LMCache.
+
+Every competitor writes the same chunk bytes (:mod:`bench.chunkdata`) into a
+fresh directory on the same filesystem, then loads them back twice:
+
+- store: all chunks written to the page cache, as every path here does (none
+  of them fsyncs); the files are then written back, untimed, so that no
+  writeback runs during the loads;
+- warm load: straight after the store, from the page cache;
+- cold load: after evicting every file (:mod:`bench.pagecache`).
+
+Competitors run interleaved within each round, in a rotated order, and the
+figures reported are medians over rounds, with per-round ratios to raw
+single-threaded pwrite/preadv (the fairest baseline for lmcache-fs, whose
+connector stores and loads one chunk at a time).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import hashlib
+import io
+import os
+import pstats
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from bench import chunkdata, pagecache
+from bench.common import (BenchOptions, md_table, median, progress, results_header, spread,
+                          timed, write_markdown)
+from bench.lmcache_env import ensure_lmcache
+from bench.lmcache_proxy import LMCacheError, LMCacheWorker
+from bench.plot import Panel, Series, grouped_bars
+from lmcache_fs.codec import checksum
+from lmcache_fs.layout import ChunkLayout, Namespace
+from lmcache_fs.store import ChunkStore
+from lmcache_fs.writer import BackgroundWriter
+
+PHASES = ("store", "warm load", "cold load")
+BASELINE = "raw pwrite/preadv, 1 thread"
+CONNECTOR_PATH = "lmcache-fs ChunkStore, 1 thread (connector's path)"
+LMCACHE_PATHS = {"local_disk": "LMCache LocalDiskBackend (4 threads)",
+                 "fs_connector": "LMCache fs:// FSConnector (asyncio)",
+                 "native": "LMCache native fs client (4 workers)"}
+SEED = 1234
+GOAL_OF_RAW = 0.9
+
+
+@dataclass(frozen=True)
+class Case:
+    """A chunk size: ``count`` chunks of ``layers`` layers of one 256-token KV chunk."""
+
+    label: str
+    layers: int
+    count: int
+    tokens: int = chunkdata.TOKENS
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return chunkdata.chunk_shape(self.layers, self.tokens)
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.layers * 2 * self.tokens * chunkdata.KV_HEADS * chunkdata.HEAD_DIM * \
+            chunkdata.DTYPE.itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        return self.chunk_bytes * self.count
+
+
+# 1 GiB per size: larger than any CPU cache, small enough for 2 cores and shared RAM.
+FULL_CASES = (Case("2 MiB", layers=2, count=512), Case("32 MiB", layers=32, count=32))
+QUICK_CASES = (Case("64 KiB", layers=1, count=4, tokens=16),)
+
+
+class Trial(Protocol):
+    """One competitor on one fresh directory: timed store and load, untimed check."""
+
+    def store(self) -> float:
+        """Write every chunk; returns seconds."""
+
+    def load(self) -> float | None:
+        """Read every chunk back; seconds, or None if this competitor only stores."""
+
+    def check(self) -> None:
+        """Raise unless the last load returned the right bytes (untimed)."""
+
+    def close(self) -> None:
+        """Release buffers and handles (files are removed by the caller)."""
+
+
+def _flat_bytes(t: torch.Tensor) -> memoryview:
+    """A flat byte view of a contiguous CPU tensor (no copy)."""
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def _slices(count: int, threads: int) -> list[range]:
+    step = -(-count // threads)
+    return [range(s, min(s + step, count)) for s in range(0, count, step)]
+
+
+def _in_threads(count: int, threads: int, work: Callable[[int, range], None]) -> None:
+    """Run ``work(slot, indices)`` over ``threads`` contiguous slices of ``range(count)``."""
+    if threads == 1:
+        work(0, range(count))
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, range(threads), _slices(count, threads)))
+
+
+class _LocalTrial:
+    """Shared set-up of the in-process competitors: sources, read buffers, the check."""
+
+    def __init__(self, chunks: list[torch.Tensor], threads: int):
+        self.chunks = chunks
+        self.threads = threads
+        # One reusable read buffer per thread, as the connector reuses its staging
+        # buffer; touched now so that page faults do not land inside a timing.
+        self.outs = [torch.zeros_like(chunks[0]) for _ in range(threads)]
+
+    def check(self) -> None:
+        """Raise unless thread slot 0's buffer holds the last chunk of its slice."""
+        last = _slices(len(self.chunks), self.threads)[0][-1]
+        if not torch.equal(self.outs[0].view(torch.uint8), self.chunks[last].view(torch.uint8)):
+            raise RuntimeError(f"chunk {last} did not load back intact")
+
+    def close(self) -> None:
+        self.outs = []
+
+
+class RawTrial(_LocalTrial):
+    """The ceiling: one pwrite and one preadv per file, nothing else."""
+
+    def __init__(self, chunks: list[torch.Tensor], directory: Path, threads: int):
+        super().__init__(chunks, threads)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.paths = [str(directory / f"chunk-{i:06d}.bin") for i in range(len(chunks))]
+
+    def store(self) -> float:
+        def write(_slot: int, indices: range) -> None:
+            for i in indices:
+                view = _flat_bytes(self.chunks[i])
+                fd = os.open(self.paths[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    done = 0
+                    while done < len(view):
+                        done += os.pwrite(fd, view[done:], done)
+                finally:
+                    os.close(fd)
+        return timed(lambda: _in_threads(len(self.chunks), self.threads, write))
+
+    def load(self) -> float:
+        def read(slot: int, indices: range) -> None:
+            view = _flat_bytes(self.outs[slot])
+            for i in indices:
+                fd = os.open(self.paths[i], os.O_RDONLY)
+                try:
+                    if os.preadv(fd, [view], 0) != len(view):
+                        raise RuntimeError(f"short read of {self.paths[i]}")
+                finally:
+                    os.close(fd)
+        return timed(lambda: _in_threads(len(self.chunks), self.threads, read))
+
+
+def _chunk_keys(count: int) -> list[str]:
+    """sha256-like hex keys, as vLLM's block hashes are."""
+    return [hashlib.sha256(f"bench-chunk-{i}".encode()).hexdigest() for i in range(count)]
+
+
+def _metadata(i: int, keys: list[str], tokens: int) -> dict[str, str]:
+    """The metadata the connector writes with each chunk."""
+    return {"parent_key": keys[i - 1] if i else "", "chunk_index": str(i), "num_tokens": str(tokens)}
+
+
+class ChunkStoreTrial(_LocalTrial):
+    """lmcache-fs's real paths: ChunkStore.save -> publish, ChunkStore.load -> read_chunk_file."""
+
+    def __init__(self, chunks: list[torch.Tensor], directory: Path, threads: int, tokens: int):
+        super().__init__(chunks, threads)
+        layout = ChunkLayout(directory, Namespace({"model": "bench/storage", "tokens": tokens}))
+        layout.write_manifest()
+        self.store_ = ChunkStore(layout)
+        self.keys = _chunk_keys(len(chunks))
+        self.meta = [_metadata(i, self.keys, tokens) for i in range(len(chunks))]
+
+    def store(self) -> float:
+        def save(_slot: int, indices: range) -> None:
+            for i in indices:
+                if not self.store_.save(self.keys[i], self.chunks[i], self.meta[i]):
+                    raise RuntimeError(f"chunk {i} already existed in a fresh directory")
+        return timed(lambda: _in_threads(len(self.chunks), self.threads, save))
+
+    def load(self) -> float:
+        def load(slot: int, indices: range) -> None:
+            for i in indices:
+                self.store_.load(self.keys[i], self.outs[slot])
+        return timed(lambda: _in_threads(len(self.chunks), self.threads, load))
+
+
+class WriterTrial(ChunkStoreTrial):
+    """The BackgroundWriter the connector stores through: submit all, then flush."""
+
+    def __init__(self, chunks: list[torch.Tensor], directory: Path, tokens: int):
+        super().__init__(chunks, directory, 1, tokens)
+
+    def store(self) -> float:
+        writer = BackgroundWriter(self.store_, max_queue=len(self.chunks))
+
+        def submit_and_flush() -> None:
+            for i, chunk in enumerate(self.chunks):
+                writer.submit(self.keys[i], chunk, self.meta[i])
+            writer.flush()
+        try:
+            seconds = timed(submit_and_flush)
+        finally:
+            writer.close()
+        if writer.stats.published != len(self.chunks):
+            raise RuntimeError(f"the writer published {writer.stats.published} of "
+                               f"{len(self.chunks)} chunks ({writer.stats})")
+        return seconds
+
+    def load(self) -> None:
+        return None  # loads do not go through the writer
+
+
+class LMCacheTrial:
+    """One of LMCache's paths in the worker process (it times its own calls)."""
+
+    def __init__(self, worker: LMCacheWorker, path: str, directory: Path):
+        self.worker = worker
+        worker.call("open", path=path, dir=str(directory))
+
+    def store(self) -> float:
+        return self.worker.call("store")["seconds"]
+
+    def load(self) -> float:
+        return self.worker.call("load")["seconds"]
+
+    def check(self) -> None:
+        return None  # the worker checks the bytes itself, after its timing
+
+    def close(self) -> None:
+        self.worker.call("close")
+
+
+@dataclass
+class CaseResult:
+    """GB/s per competitor and phase over rounds, and the per-round ratios to raw."""
+
+    case: Case
+    gbps: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    ratio: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    resident_after_evict: list[float] = field(default_factory=list)
+    checksum_gbps: list[float] = field(default_factory=list)
+    profiles: dict[str, str] = field(default_factory=dict)
+
+    def add_round(self, figures: dict[str, dict[str, float]]) -> None:
+        base = figures.get(BASELINE, {})
+        for name, phases in figures.items():
+            for phase, value in phases.items():
+                self.gbps.setdefault(name, {}).setdefault(phase, []).append(value)
+                if phase in base:
+                    self.ratio.setdefault(name, {}).setdefault(phase, []).append(value / base[phase])
+
+
+def _fresh(directory: Path) -> Path:
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    return directory
+
+
+def run_trial(make: Callable[[Path], Trial], directory: Path, nbytes: int,
+              result: CaseResult) -> dict[str, float]:
+    """Store, write back, warm load, evict, cold load; GB/s per phase. Removes the files."""
+    trial = make(_fresh(directory))
+    try:
+        figures = {"store": nbytes / trial.store() / 1e9}
+        files = pagecache.files_under(directory)
+        pagecache.write_back(files)
+        warm = trial.load()
+        if warm is not None:
+            trial.check()
+            figures["warm load"] = nbytes / warm / 1e9
+            pagecache.evict(files)
+            sample = max(files, key=lambda p: p.stat().st_size)
+            resident = pagecache.resident_fraction(sample)
+            if resident is not None:
+                result.resident_after_evict.append(resident)
+            figures["cold load"] = nbytes / trial.load() / 1e9
+            trial.check()
+    finally:
+        trial.close()
+        shutil.rmtree(directory, ignore_errors=True)
+        os.sync()  # finish the deletion's journal and discard I/O before the next store
+    return figures
+
+
+def _profile_connector_path(chunks: list[torch.Tensor], directory: Path, tokens: int) -> dict[str, str]:
+    """cProfile of one store and one warm load through ChunkStore: the top functions by own time."""
+    trial = ChunkStoreTrial(chunks, _fresh(directory), 1, tokens)
+    out = {}
+    try:
+        for phase, fn in (("store", trial.store), ("warm load", trial.load)):
+            prof = cProfile.Profile()
+            prof.runcall(fn)
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).strip_dirs().sort_stats("tottime").print_stats(6)
+            out[phase] = "\n".join(line for line in text.getvalue().splitlines()
+                                   if line.strip() and not line.startswith(("   Ordered", "   List")))
+    finally:
+        trial.close()
+        shutil.rmtree(directory, ignore_errors=True)
+    return out
+
+
+def _competitors(case: Case, chunks: list[torch.Tensor],
+                 worker: LMCacheWorker | None) -> dict[str, Callable[[Path], Trial]]:
+    tokens = case.tokens
+    comps: dict[str, Callable[[Path], Trial]] = {
+        BASELINE: lambda d: RawTrial(chunks, d, 1),
+        "raw pwrite/preadv, 4 threads": lambda d: RawTrial(chunks, d, 4),
+        CONNECTOR_PATH: lambda d: ChunkStoreTrial(chunks, d, 1, tokens),
+        "lmcache-fs ChunkStore, 4 threads": lambda d: ChunkStoreTrial(chunks, d, 4, tokens),
+        "lmcache-fs BackgroundWriter (store only)": lambda d: WriterTrial(chunks, d, tokens),
+    }
+    if worker is not None:
+        for path, name in LMCACHE_PATHS.items():
+            comps[name] = lambda d, path=path: LMCacheTrial(worker, path, d)
+    return comps
+
+
+def measure_case(case: Case, opts: BenchOptions, worker: LMCacheWorker | None) -> CaseResult:
+    """All competitors on one chunk size, interleaved over ``opts.rounds`` rounds."""
+    result = CaseResult(case)
+    chunks = chunkdata.make_chunks(case.shape, case.count, SEED)
+    scratch = opts.work_dir / "storage"
+    if worker is not None:
+        worker.call("case", shape=list(case.shape), count=case.count, seed=SEED,
+                    dir=str(scratch / "lmcache-cpu"))
+    comps = _competitors(case, chunks, worker)
+    names = list(comps)
+    for r in range(opts.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        figures = {}
+        for name in order:
+            figures[name] = run_trial(comps[name], scratch / "trial", case.total_bytes, result)
+        result.add_round(figures)
+        result.checksum_gbps.append(
+            case.total_bytes / timed(lambda: [checksum(c) for c in chunks]) / 1e9)
+        progress(f"storage {case.label} round {r + 1}/{opts.rounds}: " + ", ".join(
+            f"{n.split(',')[0]} {figures[n].get('warm load', figures[n]['store']):.2f}"
+            for n in names[:3]))
+    result.profiles = _profile_connector_path(chunks, scratch / "profile", case.tokens)
+    return result
+
+
+def _cell(values: list[float]) -> str:
+    return f"{median(values):.2f} ({spread(values)})" if values else "-"
+
+
+def _ratio_cell(values: list[float]) -> str:
+    return f"{median(values):.0%}" if values else "-"
+
+
+def _case_table(res: CaseResult) -> list[str]:
+    rows = []
+    for name, phases in res.gbps.items():
+        ratios = res.ratio.get(name, {})
+        rows.append([name, *(_cell(phases.get(p, [])) for p in PHASES),
+                     *(_ratio_cell(ratios.get(p, [])) for p in PHASES)])
+    return md_table(["path", *(f"{p} GB/s" for p in PHASES), *(f"{p} / raw" for p in PHASES)], rows)
+
+
+def _goal_lines(res: CaseResult) -> list[str]:
+    """Goals: the connector's path >= 90% of raw, and >= LMCache's best path, per phase."""
+    lines = []
+    ours = res.gbps.get(CONNECTOR_PATH, {})
+    ours_ratio = res.ratio.get(CONNECTOR_PATH, {})
+    for phase in PHASES:
+        ratio = median(ours_ratio.get(phase, []))
+        verdict = "met" if ratio >= GOAL_OF_RAW else "MISSED"
+        text = f"- {phase}: {ratio:.0%} of raw single-threaded ({verdict}, goal {GOAL_OF_RAW:.0%})"
+        peers = {n: median(res.gbps[n].get(phase, [])) for n in LMCACHE_PATHS.values() if n in res.gbps}
+        if peers:
+            best = max(peers, key=peers.__getitem__)
+            mine = median(ours.get(phase, []))
+            text += (f"; {mine:.2f} GB/s against LMCache's best, {best} at {peers[best]:.2f} "
+                     f"({'met' if mine >= peers[best] else 'MISSED'})")
+        lines.append(text)
+    return lines
+
+
+def _report(results: list[CaseResult], opts: BenchOptions, lmcache_note: str) -> list[str]:
+    extra = [f"- LMCache: {lmcache_note}",
+             f"- Cold loads: page cache evicted with {pagecache.METHOD}"]
+    lines = results_header("Storage throughput: lmcache-fs, raw I/O and LMCache 0.5.6", opts, extra)
+    lines += [
+        "Every path writes the same bytes (bf16 KV chunks of 256 tokens, 8 KV heads x 128) into a "
+        "fresh directory on the filesystem above. GB/s are decimal (1e9 bytes) of chunk payload; "
+        f"cells are the median over {opts.rounds} interleaved rounds with (min-max). Ratios are "
+        "medians of per-round ratios to raw single-threaded pwrite/preadv. Stores land in the page "
+        "cache (no path fsyncs); files are written back untimed before the loads. The connector "
+        "stores through the BackgroundWriter and loads with one ChunkStore.load per chunk into one "
+        "staging buffer, which is the `1 thread` row; the `4 threads` rows show what parallel I/O "
+        "would give. LMCache loads go in batches of at most 256 MiB (its CPU pool must hold about "
+        "three times the chunks in flight).", ""]
+    for res in results:
+        case = res.case
+        lines += [f"## {case.label} chunks x {case.count} ({case.total_bytes / 2**20:.0f} MiB per pass)", ""]
+        lines += _case_table(res)
+        resident = f"{max(res.resident_after_evict):.0%}" if res.resident_after_evict else "not checked"
+        lines += [f"Page cache after eviction (fincore, largest file): at most {resident} resident. "
+                  f"xxh3-64 checksum of the same bytes alone: {median(res.checksum_gbps):.2f} GB/s "
+                  "on one core (every lmcache-fs store and load hashes the chunk once).", "",
+                  "Goals for the connector's path:", *_goal_lines(res), ""]
+        for phase, text in res.profiles.items():
+            lines += [f"cProfile of one {phase} pass through ChunkStore (top functions by own time):",
+                      "", "```", text, "```", ""]
+    return lines
+
+
+def _plot(results: list[CaseResult], path: Path) -> Path | None:
+    panels = []
+    for res in results:
+        series = [Series(name, [median(p.get(ph, [])) for ph in PHASES],
+                         [min(p.get(ph, [float("nan")])) for ph in PHASES],
+                         [max(p.get(ph, [float("nan")])) for ph in PHASES])
+                  for name, p in res.gbps.items()]
+        panels.append(Panel(f"{res.case.label} chunks x {res.case.count}", PHASES, series))
+    return grouped_bars(path, "Storage throughput (median, min-max)", panels, "GB/s")
+
+
+def run(opts: BenchOptions) -> list[Path]:
+    """Measure every case; write storage.md and storage.png. Returns the files written."""
+    worker, note = None, "not measured (--no-lmcache)"
+    if opts.lmcache:
+        python, why = ensure_lmcache()
+        if python is None:
+            note = f"skipped: {why}"
+        else:
+            worker = LMCacheWorker(python, opts.work_dir / "lmcache-storage.log")
+            note = f"LMCache {worker.versions['lmcache']}, its own venv (torch {worker.versions['torch']})"
+    try:
+        results = []
+        for case in QUICK_CASES if opts.quick else FULL_CASES:
+            try:
+                results.append(measure_case(case, opts, worker))
+            except LMCacheError as exc:  # measure the rest without LMCache, and say so
+                note += f"; failed during {case.label}: {exc}"
+                if worker is not None:
+                    worker.close()
+                worker = None
+                results.append(measure_case(case, opts, None))
+    finally:
+        if worker is not None:
+            worker.close()
+        shutil.rmtree(opts.work_dir / "storage", ignore_errors=True)
+    written = [write_markdown(opts.results_dir / "storage.md", _report(results, opts, note))]
+    png = _plot(results, opts.results_dir / "storage.png")
+    return written + ([png] if png else [])
