@@ -19,9 +19,10 @@ class EngineProcess:
     """One engine process; ``generate`` returns token ids and cache counts per prompt."""
 
     def __init__(self, model: Path, log_path: Path, connector: dict[str, Any] | None = None,
-                 max_num_batched_tokens: int = 0, env: dict[str, str] | None = None):
+                 max_num_batched_tokens: int = 0, env: dict[str, str] | None = None,
+                 max_model_len: int = 8192):
         cmd = [sys.executable, str(Path(__file__).with_name("engine_worker.py")),
-               "--model", str(model)]
+               "--model", str(model), "--max-model-len", str(max_model_len)]
         if connector is not None:
             cmd += ["--connector-config", json.dumps(connector)]
         if max_num_batched_tokens:
