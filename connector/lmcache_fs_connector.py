@@ -75,7 +75,6 @@ class LMCacheFSConnector(KVConnectorBase_V1):
 
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
-        self._seed_checked = False
         if role == KVConnectorRole.SCHEDULER:
             self._adopt_recompute_policy()
             layouts = [ChunkLayout(root, rank_namespace(fields, tp, pp))
@@ -88,7 +87,7 @@ class LMCacheFSConnector(KVConnectorBase_V1):
                     index.start_watching()
                 logger.info("namespace %s: %d chunks found at start-up in %s (role %s)",
                             index.layout.namespace.name, found, root, transfer.kv_role)
-            self._layout = layouts[0]
+            check_hash_seed(layouts[0].directory, str(fields["hash_algo"]))
             self._scheduler = SchedulerSide(indexes, self.config.chunk_size, block_size,
                                             hash_block_size, can_load, can_save)
         else:
@@ -161,9 +160,6 @@ class LMCacheFSConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
-        if not self._seed_checked:  # vLLM seeds its block hashes after building us
-            self._seed_checked = True
-            check_hash_seed(self._layout.directory)
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens), False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",

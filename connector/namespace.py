@@ -81,25 +81,47 @@ def rank_namespace(fields: dict[str, FieldValue], tp_rank: int, pp_rank: int) ->
     return Namespace({**fields, "tp_rank": tp_rank, "pp_rank": pp_rank})
 
 
-def check_hash_seed(directory: Path) -> str:
-    """Record this engine's prefix-hash seed and warn if other instances use another.
+def hash_seed_fingerprint(hash_algo: str) -> str | None:
+    """A short fingerprint of the seed vLLM will derive its block hashes from.
+
+    Computed the way vLLM's EngineCore does (it seeds after building the
+    scheduler, so this is known at start-up). None when the seed is random per
+    process (a non-cryptographic hash without PYTHONHASHSEED): then no two
+    instances can ever share chunks.
+    """
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core import kv_cache_utils
+
+    hash_fn = get_hash_fn_by_name(hash_algo)
+    if os.environ.get("PYTHONHASHSEED") is None and hash_fn in kv_cache_utils._NON_CRYPTO_HASH_FUNCTIONS:
+        return None
+    seed = kv_cache_utils.resolve_none_hash_seed(hash_fn)
+    return hashlib.sha256(bytes(hash_fn(seed))).hexdigest()[:12]
+
+
+def check_hash_seed(directory: Path, hash_algo: str) -> None:
+    """Record this engine's prefix-hash seed; warn if other instances use another.
 
     vLLM's block hashes start from a seed (PYTHONHASHSEED, or a fixed default
     for sha256). Instances with different seeds compute different keys for the
-    same tokens and silently never share chunks (LMCache #1788): say so.
-    Returns this engine's seed fingerprint.
+    same tokens and silently never share chunks (LMCache #1788): say so at
+    start-up, with the fix.
     """
-    from vllm.v1.core import kv_cache_utils
-
-    fingerprint = hashlib.sha256(bytes(kv_cache_utils.NONE_HASH)).hexdigest()[:12]
+    fingerprint = hash_seed_fingerprint(hash_algo)
+    if fingerprint is None:
+        logger.warning(
+            "prefix_caching_hash_algo=%s without PYTHONHASHSEED gives every process a random "
+            "hash seed: this engine can never share chunks with another. Set PYTHONHASHSEED to "
+            "one value on every instance, or use the default sha256.", hash_algo)
+        return
     marker = directory / f"{HASH_SEED_MARKER_PREFIX}{fingerprint}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         marker.touch(exist_ok=True)
         others = sorted(p.name[len(HASH_SEED_MARKER_PREFIX):] for p in directory.iterdir()
                         if p.name.startswith(HASH_SEED_MARKER_PREFIX) and p != marker)
-    except OSError:
-        return fingerprint
+    except OSError:  # a read-only replica cannot leave its marker: nothing to compare
+        return
     if others:
         logger.warning(
             "other instances on %s hash prompts with a different seed (%s, this one %s): they "
@@ -107,4 +129,3 @@ def check_hash_seed(directory: Path) -> str:
             "instance (or unset it everywhere), then restart them. PYTHONHASHSEED here is %s.",
             directory, ", ".join(others), fingerprint,
             "set" if os.environ.get("PYTHONHASHSEED") is not None else "unset")
-    return fingerprint
