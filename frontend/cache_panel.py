@@ -1,0 +1,106 @@
+"""What the shared cache directory holds: namespaces, chunk files and bytes.
+
+Reads the directory only through :mod:`lmcache_fs.layout`, the module that
+owns the on-disk layout, so the panel counts exactly what the engines would
+load (published chunk files; temporaries and stray files are not counted).
+
+Example:
+    >>> summarize_cache("/nonexistent").visible
+    False
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmcache_fs.layout import ChunkLayout, Namespace, is_namespace_name, read_manifest
+
+
+@dataclass(frozen=True)
+class NamespaceSummary:
+    """One namespace directory: the engines of one model and KV geometry."""
+
+    name: str
+    model: str
+    chunks: int
+    bytes: int
+    note: str = ""
+    """Why the chunks were not counted (unreadable or mismatched manifest), else empty."""
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    root: str
+    visible: bool
+    namespaces: tuple[NamespaceSummary, ...] = ()
+
+    @property
+    def chunks(self) -> int:
+        return sum(ns.chunks for ns in self.namespaces)
+
+    @property
+    def bytes(self) -> int:
+        return sum(ns.bytes for ns in self.namespaces)
+
+
+def _summarize_namespace(root: Path, name: str) -> NamespaceSummary:
+    fields = read_manifest(root / name)
+    if fields is None:
+        return NamespaceSummary(name, "?", 0, 0, "no readable namespace.json")
+    namespace = Namespace(fields)
+    if namespace.name != name:
+        return NamespaceSummary(name, str(fields.get("model", "?")), 0, 0,
+                                "namespace.json does not match the directory name")
+    chunks = size = 0
+    for _key, entry in ChunkLayout(root, namespace).iter_chunk_files():
+        try:
+            size += entry.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:  # evicted while we counted
+            continue
+        chunks += 1
+    return NamespaceSummary(name, str(fields["model"]), chunks, size)
+
+
+def summarize_cache(root: str | os.PathLike[str]) -> CacheSummary:
+    """Count chunk files and bytes per namespace under ``root`` (never raises on a bad tree)."""
+    path = Path(root)
+    try:
+        names = sorted(e.name for e in os.scandir(path)
+                       if e.is_dir(follow_symlinks=False) and is_namespace_name(e.name))
+    except OSError:
+        return CacheSummary(str(path), False)
+    return CacheSummary(str(path), True, tuple(_summarize_namespace(path, n) for n in names))
+
+
+def wait_for_new_chunks(root: str | os.PathLike[str], before: int, timeout_s: float = 30.0,
+                        settle_s: float = 1.0) -> int:
+    """Wait until chunk files stop appearing under ``root`` (a writer finished publishing).
+
+    Returns how many chunk files are new since the count ``before`` (0 after
+    ``timeout_s`` if none appeared).
+    """
+    deadline = time.monotonic() + timeout_s
+    count, stable_since = before, time.monotonic()
+    while time.monotonic() < deadline:
+        now = summarize_cache(root).chunks
+        if now != count:
+            count, stable_since = now, time.monotonic()
+        elif count > before and time.monotonic() - stable_since >= settle_s:
+            break
+        time.sleep(0.2)
+    return count - before
+
+
+def human_bytes(n: int) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"

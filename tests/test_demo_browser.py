@@ -1,0 +1,125 @@
+"""The local demo end to end: one launcher run (four real CPU engines and the page) serves
+the headless TTFT comparison, the page in headless Chromium, and the Ctrl-C clean-up."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+import pytest
+
+from demo_helpers import REPO, Launcher, pids_with_env
+
+pytestmark = pytest.mark.engine
+
+ARTIFACTS = REPO / "tests" / "artifacts"
+RUN_MARKER = "LMCACHE_FS_DEMO_TEST_RUN"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+START_AND_COMPARE_TIMEOUT_S = 900
+
+
+@dataclass
+class DemoRun:
+    launcher: Launcher
+    page_url: str
+    rows: list[dict[str, Any]]
+    engine_ports: list[int]
+    marker: str
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    """One launcher run for the whole module: comparison first, then the page stays up."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    workdir = tmp_path_factory.mktemp("demo")
+    marker = uuid.uuid4().hex
+    launcher = Launcher(["--headless", "--keep-serving", "--rounds", "2", "--page-port", "0",
+                         "--workdir", str(workdir), "--json", str(workdir / "comparison.json")],
+                        ARTIFACTS / "demo-launcher.log", env={RUN_MARKER: marker})
+    try:
+        url = launcher.wait_for_line(r"Demo page: (http://\S+)", START_AND_COMPARE_TIMEOUT_S).group(1)
+        ports = [int(m) for line in launcher.lines
+                 for m in re.findall(r"ready at http://127\.0\.0\.1:(\d+)", line)]
+        rows = json.loads((workdir / "comparison.json").read_text())
+        yield DemoRun(launcher, url, rows, ports, marker)
+    finally:
+        launcher.interrupt()
+
+
+def test_headless_comparison_cached_engine_b_beats_plain_engines_on_a_prompt_only_a_served(
+        demo: DemoRun) -> None:
+    a, b, *plain = demo.rows
+    assert (a["label"], b["label"]) == ("A · lmcache-fs", "B · lmcache-fs")
+    assert [p["uses_cache"] for p in plain] == [False, False]
+    # B met each prompt for the first time and loaded (nearly) all of it from A's chunks.
+    assert b["local_hit_tokens"] == [0, 0]
+    assert all(hits >= 0.8 * n for hits, n in zip(b["shared_hit_tokens"], b["prompt_tokens"]))
+    assert a["shared_hit_tokens"] == [0, 0]
+    # Plain engines met each prompt for the first time too: nothing reused, a full prefill.
+    assert all(p["shared_hit_tokens"] == p["local_hit_tokens"] == [0, 0] for p in plain)
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    plain_median = min(median(p["ttft_s"]) for p in plain)
+    assert median(b["ttft_s"]) < 0.5 * plain_median, demo.rows
+    # Loading A's KV must not change the answer: greedy tokens are identical everywhere.
+    assert all(row["same_answer_as_writer"] for row in demo.rows)
+    assert any("faster to the first token" in line for line in demo.launcher.lines)
+
+
+def test_browser_page_asks_every_engine_and_shows_answers_and_ttft(demo: DemoRun) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if not shutil.which("chromium") and not Path(CHROMIUM).exists():
+        pytest.skip("Chromium not installed (Debian: apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 2600})
+            page.goto(demo.page_url)
+            sidebar = page.locator('[data-testid="stSidebar"]')
+            sync_api.expect(sidebar.get_by_text("up", exact=True)).to_have_count(4, timeout=60_000)
+            sync_api.expect(page.get_by_text("answers are meaningless")).to_be_visible()
+            page.get_by_role("button", name=re.compile("^Store a fresh copy")).click()
+            page.get_by_text(re.compile(r"\d+ new chunk files in the shared directory")).wait_for(
+                timeout=120_000)
+            page.get_by_role("button", name="Ask the selected engines").click()
+            page.get_by_text("TTFT per engine and question").wait_for(timeout=180_000)
+            # The script has finished once the chart and the cache panel below it are drawn.
+            page.locator('[data-testid="stVegaLiteChart"]').wait_for(timeout=60_000)
+            page.get_by_text("Shared cache directory").wait_for(timeout=60_000)
+            page.wait_for_timeout(1000)
+            columns = {}
+            for column in page.locator('[data-testid="stColumn"]').all():
+                text = column.inner_text()
+                if "TTFT" in text and "prompt tokens" in text:
+                    columns[text.split("\n", 1)[0]] = text
+            page.screenshot(path=str(ARTIFACTS / "demo-page.png"), full_page=True)
+        finally:
+            browser.close()
+    assert sorted(columns) == ["A · lmcache-fs", "B · lmcache-fs", "C · plain vLLM", "D · plain vLLM"]
+    shared = {label: int(re.search(r"([\d,]+) tokens from the shared directory", text)
+                         .group(1).replace(",", "")) for label, text in columns.items()}
+    ttft = {label: float(re.search(r"TTFT\s+([\d.]+) s", text).group(1))
+            for label, text in columns.items()}
+    # B read the fresh copy only A had seen: loaded from the shared directory, and sooner.
+    assert shared["B · lmcache-fs"] > 0
+    assert shared["C · plain vLLM"] == shared["D · plain vLLM"] == 0
+    assert ttft["B · lmcache-fs"] < min(ttft["C · plain vLLM"], ttft["D · plain vLLM"])
+
+
+def test_ctrl_c_stops_every_process_the_launcher_started(demo: DemoRun) -> None:
+    assert pids_with_env(RUN_MARKER, demo.marker), "the demo should be running before Ctrl-C"
+    assert demo.launcher.interrupt() == 0
+    assert pids_with_env(RUN_MARKER, demo.marker) == []
+    page_port = urlparse(demo.page_url).port
+    for port in [*demo.engine_ports, page_port]:
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still listening"
+    assert "All demo processes stopped." in demo.launcher.lines
