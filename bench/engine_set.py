@@ -68,7 +68,7 @@ class EngineSet:
             # First requests pay one-off costs (allocations, first kernel use): not TTFT.
             rng = random.Random(99)
             for engine in self.engines.values():
-                for n in (300, 1500):
+                for n in (300, min(1500, max_len)):
                     engine.generate([[rng.randrange(3, 250) for _ in range(n)]], max_tokens=2)
         except BaseException:
             self.close()
