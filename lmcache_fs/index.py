@@ -125,9 +125,9 @@ class ChunkIndex:
             def on_deleted(self, event) -> None:  # type: ignore[no-untyped-def]
                 index._on_paths((event.src_path,), present=False)
 
-        self.layout.directory.mkdir(parents=True, exist_ok=True)
         observer = Observer()
         try:
+            self.layout.directory.mkdir(parents=True, exist_ok=True)
             observer.schedule(_Handler(), str(self.layout.directory), recursive=True)
             observer.daemon = True
             observer.start()
