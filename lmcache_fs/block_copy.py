@@ -4,9 +4,12 @@ A chunk buffer has shape ``[num_layers, num_blocks, *page_shape]`` where
 ``page_shape`` is a layer's logical per-block shape (vLLM:
 ``[num_kv_heads, block_size, 2 * head_size]``). Copying whole blocks through
 the logical view is correct for every vLLM layout: contiguous CPU pages and
-CUDA's strided NHD/HND views alike, since indexing follows strides. These are
-the pure-torch reference and fallback; CUDA kernels in ``cuda/`` do the same
-in one launch per chunk.
+CUDA's strided NHD/HND views alike, since indexing follows strides.
+
+For CUDA tensors both functions first try the kernels in the repository's
+``cuda/`` directory (:mod:`lmcache_fs.block_copy_cuda`), which do the whole
+chunk in one launch; the torch code below is the fallback and the reference
+the kernels are tested against, bit for bit.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from lmcache_fs.block_copy_cuda import copy_blocks_cuda
 
 
 def gather_blocks(layers: Sequence[torch.Tensor], block_ids: torch.Tensor,
@@ -25,12 +30,27 @@ def gather_blocks(layers: Sequence[torch.Tensor], block_ids: torch.Tensor,
         block_ids: int64 block ids on the caches' device.
         out: ``[len(layers), len(block_ids), *page_shape]``, contiguous.
     """
+    if out.is_cuda and copy_blocks_cuda(True, layers, block_ids, out):
+        return
+    out = _as_bytes(out)
     for i, kv in enumerate(layers):
-        torch.index_select(kv, 0, block_ids, out=out[i])
+        torch.index_select(_as_bytes(kv), 0, block_ids, out=out[i])
 
 
 def scatter_blocks(src: torch.Tensor, layers: Sequence[torch.Tensor],
                    block_ids: torch.Tensor) -> None:
-    """Copy ``src[layer, i]`` into block ``block_ids[i]`` of every layer (the inverse of gather)."""
+    """Copy ``src[layer, i]`` into block ``block_ids[i]`` of every layer (the inverse of gather).
+
+    ``src`` may be a slice ``chunk[:, a:b]`` of a chunk buffer: only each
+    block's page must be contiguous.
+    """
+    if src.is_cuda and copy_blocks_cuda(False, layers, block_ids, src):
+        return
+    src = _as_bytes(src)
     for i, kv in enumerate(layers):
-        kv.index_copy_(0, block_ids, src[i])
+        _as_bytes(kv).index_copy_(0, block_ids, src[i])
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A uint8 view of a one-byte dtype (torch has no index_copy_ for fp8); others unchanged."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t

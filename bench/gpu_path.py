@@ -1,0 +1,470 @@
+"""The GPU path in one call: build, check bit-exactness, measure kernels and reads.
+
+    python -m bench.gpu_path [--out bench/results/gpu_path.md] [--quick]
+
+On a CUDA machine this
+
+1. builds the block-copy kernels (``cuda/``) and times the build;
+2. runs the GPU tests (``pytest -m gpu``): kernels against the torch
+   reference, bit for bit, for HND / NHD / padded layouts and bf16 / fp16 / fp8,
+   and the read path end to end;
+3. times gather and scatter kernels against a device-to-device copy of the
+   same bytes (goal: >= 80 %), and against the torch fallback, with the L2
+   cache flushed before every timed copy so that neither side reads from L2;
+4. times file-to-GPU reads of 2 MiB and 32 MiB chunk files, cold (pages
+   evicted) and warm: the disk alone (pread into host memory), a plain read +
+   H2D copy, kvikio alone, and lmcache-fs' reader on each path it can take
+   (goal: at least the better of plain and kvikio, and >= 90 % of the disk);
+5. writes a markdown table with the machine, versions and command.
+
+Without CUDA it writes nothing and says so: there is nothing to measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Sequence, TypeVar
+from unittest import mock
+
+import torch
+
+from bench.common import REPO, RESULTS_DIR, WORK_DIR, machine_lines, md_table, median, progress, \
+    write_markdown
+from bench.pagecache import METHOD as EVICT_METHOD
+from bench.pagecache import evict
+from lmcache_fs import block_copy, cuda_build, gpu_io
+from lmcache_fs.block_copy import gather_blocks, scatter_blocks
+from lmcache_fs.codec import ALIGNMENT
+from lmcache_fs.gpu_io import GpuChunkReader, ReadBackend, ReadPath
+from lmcache_fs.gpu_save import DeviceChunkSaver
+from lmcache_fs.layout import ChunkLayout, Namespace
+from lmcache_fs.log import init_logging
+from lmcache_fs.store import ChunkStore
+from lmcache_fs.writer import BackgroundWriter
+
+MIB = 1 << 20
+STAGING_BYTES = 256 * MIB  # the reader's default: 16 slots of 2 MiB, 8 of 32 MiB
+L2_FLUSH_BYTES = 256 * MIB  # several times any GPU's L2
+
+
+# -- kernels ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One model's KV geometry and one chunk of it."""
+
+    name: str
+    layers: int
+    heads: int
+    tokens: int  # per block
+    width: int  # 2 * head_size
+    dtype: torch.dtype
+    blocks: int  # per chunk
+    nhd: bool  # vLLM's CUDA FlashAttention layout (a strided view); else HND
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.layers * self.blocks * self.heads * self.tokens * self.width * self.dtype.itemsize
+
+
+KERNEL_CASES = [
+    KernelCase("Llama-3-8B bf16 NHD", 32, 8, 16, 256, torch.bfloat16, 16, True),
+    KernelCase("Llama-3-8B bf16 HND", 32, 8, 16, 256, torch.bfloat16, 16, False),
+    KernelCase("Llama-3-8B fp8 NHD", 32, 8, 16, 256, torch.float8_e4m3fn, 16, True),
+    KernelCase("small model bf16 NHD", 16, 2, 16, 128, torch.bfloat16, 16, True),
+]
+
+
+def _paged_layers(case: KernelCase, total_blocks: int) -> list[torch.Tensor]:
+    shape = ((total_blocks, case.tokens, case.heads, case.width) if case.nhd
+             else (total_blocks, case.heads, case.tokens, case.width))
+    layers = []
+    for _ in range(case.layers):
+        raw = torch.randint(0, 256, (*shape[:-1], case.width * case.dtype.itemsize),
+                            dtype=torch.uint8, device="cuda")
+        kv = raw.view(case.dtype)
+        layers.append(kv.permute(0, 2, 1, 3) if case.nhd else kv)
+    return layers
+
+
+def time_on_gpu(fn: Callable[[], object], iterations: int) -> float:
+    """Median seconds of ``fn`` on the current stream, L2 flushed before each call."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    times = []
+    for i in range(iterations + 3):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if i >= 3:  # warm-up: allocator, plan cache, clocks
+            times.append(start.elapsed_time(end) / 1e3)
+    return median(times)
+
+
+def bench_kernels(iterations: int) -> tuple[list[list[object]], list[str]]:
+    """Rows of the kernel table, and any bit-exactness failure seen while timing."""
+    rows, failures = [], []
+    torch_only = mock.patch.object(block_copy, "copy_blocks_cuda", lambda *args: False)
+    for case in KERNEL_CASES:
+        total = max(4 * case.blocks, (2 << 30) // (case.chunk_bytes // case.blocks))
+        layers = _paged_layers(case, total)
+        ids = torch.randperm(total, device="cuda")[:case.blocks]
+        chunk_shape = (case.layers, case.blocks, case.heads, case.tokens, case.width)
+        chunk = torch.empty(chunk_shape, dtype=case.dtype, device="cuda")
+        reference = torch.empty_like(chunk)
+        gather_blocks(layers, ids, chunk)
+        with torch_only:
+            gather_blocks(layers, ids, reference)
+        if not torch.equal(chunk.view(torch.uint8), reference.view(torch.uint8)):
+            failures.append(f"{case.name}: gather differs from the torch reference")
+        src = torch.empty(case.chunk_bytes, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        d2d = time_on_gpu(lambda: dst.copy_(src), iterations)
+        for direction, run in (("gather", lambda: gather_blocks(layers, ids, chunk)),
+                               ("scatter", lambda: scatter_blocks(chunk, layers, ids))):
+            kernel = time_on_gpu(run, iterations)
+            with torch_only:
+                fallback = time_on_gpu(run, max(3, iterations // 5))
+            rows.append([case.name, direction, f"{case.chunk_bytes / MIB:.0f}",
+                         f"{kernel * 1e6:.1f}", f"{case.chunk_bytes / kernel / 1e9:.0f}",
+                         f"{case.chunk_bytes / d2d / 1e9:.0f}", f"{d2d / kernel:.0%}",
+                         f"{fallback * 1e6:.0f}", f"{fallback / kernel:.1f}x"])
+    return rows, failures
+
+
+# -- saves -----------------------------------------------------------------------------
+
+def bench_saves(work_dir: Path, count: int) -> list[list[object]]:
+    """Engine-thread time per save and publish throughput: async D2H vs ``.cpu()``."""
+    case = KERNEL_CASES[0]
+    total = 64 * case.blocks
+    layers = _paged_layers(case, total)
+    shape = (case.layers, case.blocks, case.heads, case.tokens, case.width)
+    ids = [torch.randperm(total, device="cuda")[:case.blocks] for _ in range(count)]
+    directory = work_dir / "saves"
+    shutil.rmtree(directory, ignore_errors=True)
+    store = ChunkStore(ChunkLayout(directory, Namespace({"model": "bench"})))
+    writer = BackgroundWriter(store, max_queue=count)
+    saver = DeviceChunkSaver(writer, "cuda", max_pending=count, chunk_bytes=case.chunk_bytes)
+
+    def gathered(i: int) -> torch.Tensor:
+        chunk = torch.empty(shape, dtype=case.dtype, device="cuda")
+        gather_blocks(layers, ids[i], chunk)
+        return chunk
+
+    methods = {
+        "gather + DeviceChunkSaver (side-stream D2H)":
+            lambda key, i: saver.submit(key, gathered(i), {}),
+        "gather + .cpu() (blocking D2H)": lambda key, i: writer.submit(key, gathered(i).cpu(), {}),
+    }
+    rows = []
+    for n, (name, save) in enumerate(methods.items()):
+        torch.cuda.synchronize()
+        per_call, start = [], time.perf_counter()
+        for i in range(count):
+            t0 = time.perf_counter()
+            save(f"{n:08x}{i:08x}", i)
+            per_call.append(time.perf_counter() - t0)
+        saver.flush()
+        writer.flush()
+        seconds = time.perf_counter() - start
+        rows.append([name, f"{case.chunk_bytes / MIB:.0f} MiB x {count}",
+                     f"{median(per_call) * 1e6:.0f}", f"{max(per_call) * 1e6:.0f}",
+                     f"{case.chunk_bytes * count / seconds / 1e9:.2f}",
+                     writer.stats.failed + saver.skipped])
+    saver.close()
+    writer.close()
+    shutil.rmtree(directory, ignore_errors=True)
+    return rows
+
+
+# -- reads -----------------------------------------------------------------------------
+
+def _chunk_files(store: ChunkStore, count: int, chunk_bytes: int) -> list[str]:
+    """Write ``count`` chunk files of ``chunk_bytes`` of data each; returns their keys."""
+    base = torch.randint(0, 256, (chunk_bytes,), dtype=torch.uint8)
+    keys = []
+    for i in range(count):
+        base[:8] = torch.tensor(list(i.to_bytes(8, "little")), dtype=torch.uint8)
+        key = f"{chunk_bytes:08x}{i:08x}"
+        store.save(key, base.view(torch.bfloat16).view(1, -1), {})
+        keys.append(key)
+    return keys
+
+
+def _striped(paths: Sequence[Path], workers: int, read: Callable[[Path, int], None]) -> None:
+    """``workers`` threads, thread w reading paths[w::workers] into its own buffers (slot w)."""
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda w: [read(p, w) for p in paths[w::workers]], range(workers)))
+
+
+def disk_alone(paths: Sequence[Path], nbytes: int, workers: int) -> Callable[[], None]:
+    """What the filesystem gives: pread each file's data into host memory, nothing else."""
+    buffers = [bytearray(nbytes) for _ in range(workers)]
+
+    def read(path: Path, slot: int) -> None:
+        with open(path, "rb", buffering=0) as f:
+            os.preadv(f.fileno(), [buffers[slot]], ALIGNMENT)
+
+    return lambda: _striped(paths, workers, read)
+
+
+def plain_read_h2d(paths: Sequence[Path], nbytes: int, workers: int) -> Callable[[], None]:
+    """The obvious way: pread into pinned host memory, then copy to the GPU (no checksum)."""
+    host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(workers)]
+    device = [torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in range(workers)]
+    streams = [torch.cuda.Stream() for _ in range(workers)]
+
+    def read(path: Path, slot: int) -> None:
+        with open(path, "rb", buffering=0) as f:
+            os.preadv(f.fileno(), [memoryview(host[slot].numpy())], ALIGNMENT)
+        with torch.cuda.stream(streams[slot]):
+            device[slot].copy_(host[slot], non_blocking=True)
+        streams[slot].synchronize()
+
+    return lambda: _striped(paths, workers, read)
+
+
+def kvikio_alone(kvikio: ModuleType, paths: Sequence[Path], nbytes: int,
+                 workers: int) -> Callable[[], None]:
+    """kvikio by itself: ``workers`` preads in flight into GPU buffers (no checksum)."""
+    device = [torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in range(workers)]
+
+    def read(path: Path, slot: int) -> None:
+        with kvikio.CuFile(path, "r") as f:
+            f.pread(device[slot], nbytes, ALIGNMENT).get()
+
+    return lambda: _striped(paths, workers, read)
+
+
+def through_reader(reader: GpuChunkReader, keys: Sequence[str]) -> Callable[[], None]:
+    """lmcache-fs' reader as the worker uses it (each chunk consumed on the current stream)."""
+    def run() -> None:
+        for i, chunk in reader.read(keys):
+            if not isinstance(chunk, torch.Tensor):
+                raise RuntimeError(f"chunk {keys[i]} failed: {chunk}")
+        torch.cuda.synchronize()
+
+    return run
+
+
+PLAIN, DISK = "plain read + H2D", "disk alone (pread to host)"
+
+
+def bench_reads(work_dir: Path, sizes: Sequence[tuple[int, int]], rounds: int
+                ) -> list[list[object]]:
+    """Rows of the read table: every competitor, cold and warm, per chunk size."""
+    rows = []
+    kvikio_backend = _kvikio_backend()
+    for chunk_bytes, count in sizes:
+        directory = work_dir / f"chunks-{chunk_bytes // MIB}MiB"
+        shutil.rmtree(directory, ignore_errors=True)
+        store = ChunkStore(ChunkLayout(directory, Namespace({"model": "bench"})))
+        progress(f"writing {count} chunk files of {chunk_bytes // MIB} MiB")
+        keys = _chunk_files(store, count, chunk_bytes)
+        paths = [store.layout.chunk_path(k) for k in keys]
+        workers = max(1, min(gpu_io.MAX_SLOTS, STAGING_BYTES // chunk_bytes))
+        readers = {"lmcache-fs posix (verified)": (ReadBackend(ReadPath.POSIX), True)}
+        competitors: dict[str, Callable[[], None]] = {
+            DISK: disk_alone(paths, chunk_bytes, workers),
+            PLAIN: plain_read_h2d(paths, chunk_bytes, workers),
+        }
+        kvikio_name = None
+        if kvikio_backend is not None:
+            mode = kvikio_backend.path.value
+            kvikio_name = f"kvikio alone ({mode})"
+            competitors[kvikio_name] = kvikio_alone(kvikio_backend.kvikio, paths, chunk_bytes,
+                                                    workers)
+            readers[f"lmcache-fs {mode} (verified)"] = (kvikio_backend, True)
+            readers[f"lmcache-fs {mode} (verify off)"] = (kvikio_backend, False)
+        opened = {name: GpuChunkReader(store, (1, chunk_bytes // 2), torch.bfloat16, "cuda",
+                                       backend, staging_bytes=STAGING_BYTES, verify=verify)
+                  for name, (backend, verify) in readers.items()}
+        competitors.update({name: through_reader(r, keys) for name, r in opened.items()})
+
+        seconds: dict[tuple[str, str], list[float]] = {}
+        for _ in range(rounds):  # interleaved, so drift hits every competitor alike
+            for name, run in competitors.items():
+                for state in ("cold", "warm"):
+                    if state == "cold":
+                        evict(paths)
+                    else:
+                        run()  # every page cached
+                    start = time.perf_counter()
+                    run()
+                    seconds.setdefault((name, state), []).append(time.perf_counter() - start)
+        for reader in opened.values():
+            reader.close()
+        total = chunk_bytes * count
+
+        def gbps(name: str, state: str) -> float:
+            return total / median(seconds[(name, state)]) / 1e9
+
+        for state in ("cold", "warm"):
+            best = max(gbps(PLAIN, state), gbps(kvikio_name, state) if kvikio_name else 0.0)
+            for name in competitors:
+                rows.append([f"{chunk_bytes // MIB} MiB x {count}", state, name, workers,
+                             f"{gbps(name, state):.2f}", f"{gbps(name, state) / gbps(DISK, state):.0%}",
+                             f"{gbps(name, state) / best:.0%}"])
+        shutil.rmtree(directory, ignore_errors=True)
+    return rows
+
+
+def _kvikio_backend() -> ReadBackend | None:
+    """kvikio on its best path here, or None (with the reason printed) if it cannot run."""
+    try:
+        kvikio, gds = gpu_io.probe_kvikio()
+    except Exception as exc:  # noqa: BLE001 - reported, then measured without kvikio
+        progress(f"kvikio unavailable: {type(exc).__name__}: {exc}")
+        return None
+    return ReadBackend(ReadPath.GDS if gds else ReadPath.KVIKIO_POSIX, kvikio)
+
+
+# -- the report -----------------------------------------------------------------------
+
+def run_gpu_tests() -> str:
+    """Run the GPU-marked tests in a subprocess; returns pytest's summary line."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+           "tests/test_block_copy_cuda.py", "tests/test_gpu_io.py"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    if done.returncode != 0:
+        print(done.stdout[-6000:], done.stderr[-3000:], file=sys.stderr)
+    return lines[-1] if lines else f"pytest exited {done.returncode}: {done.stderr[-300:]}"
+
+
+def software_lines(build_seconds: float | None) -> list[str]:
+    """GPU, CUDA, compiler and kvikio versions, as markdown bullets."""
+    props = torch.cuda.get_device_properties(0)
+    try:
+        nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True,
+                              check=False).stdout.strip().splitlines()[-1]
+    except OSError:
+        nvcc = "nvcc not found"
+    try:
+        import kvikio
+        import kvikio.cufile_driver
+        import kvikio.defaults
+
+        try:
+            gds = kvikio.cufile_driver.get("is_gds_available")
+        except Exception as exc:  # noqa: BLE001 - old libcufile: report, don't fail
+            gds = f"unknown ({exc})"
+        kv = (f"kvikio {kvikio.__version__}, compat mode preferred: "
+              f"{kvikio.defaults.is_compat_mode_preferred()}, cuFile reports GDS available: "
+              f"{gds}, {kvikio.defaults.get('num_threads')} threads, task size "
+              f"{kvikio.defaults.get('task_size') // MIB} MiB")
+    except Exception as exc:  # noqa: BLE001 - measured without kvikio
+        kv = f"kvikio not usable: {type(exc).__name__}: {exc}"
+    build = (f"built in {build_seconds:.0f} s" if build_seconds is not None
+             else "FAILED to build (see the log); the torch fallback was measured")
+    return [f"- GPU: {props.name}, {props.multi_processor_count} SMs, "
+            f"{props.total_memory / 2**30:.0f} GiB; torch CUDA {torch.version.cuda}; {nvcc}",
+            f"- Kernels: {build}", f"- {kv}"]
+
+
+T = TypeVar("T")
+
+
+def guarded(what: str, fn: Callable[[], T], fallback: T, problems: list[str]) -> T:
+    """``fn()``, or ``fallback`` with the error noted: one broken part must not lose the rest."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - reported in the results file
+        traceback.print_exc()
+        problems.append(f"{what}: {type(exc).__name__}: {exc}")
+        return fallback
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "gpu_path.md")
+    parser.add_argument("--work-dir", type=Path, default=WORK_DIR / "gpu_path",
+                        help="scratch directory on the filesystem under test")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    args = parser.parse_args(argv)
+    init_logging()
+    if not torch.cuda.is_available():
+        print("bench.gpu_path: no CUDA device here; nothing to measure", file=sys.stderr)
+        return 2
+    command = "python -m bench.gpu_path " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    progress("building the CUDA kernels")
+    start = time.perf_counter()
+    built = cuda_build.load_block_copy_extension() is not None
+    build_seconds = time.perf_counter() - start if built else None
+    problems: list[str] = []
+    progress("running the GPU tests")
+    tests = guarded("GPU tests", run_gpu_tests, "not run", problems)
+    progress("timing the kernels")
+    kernel_rows, failures = guarded("kernel timing", lambda: bench_kernels(10 if args.quick else 100),
+                                    ([], []), problems)
+    progress("timing the reads")
+    sizes = [(2 * MIB, 16), (32 * MIB, 4)] if args.quick else [(2 * MIB, 256), (32 * MIB, 32)]
+    read_rows = guarded("read timing", lambda: bench_reads(args.work_dir, sizes,
+                                                            1 if args.quick else 3), [], problems)
+    progress("timing the saves")
+    save_rows = guarded("save timing", lambda: bench_saves(args.work_dir, 8 if args.quick else 32),
+                        [], problems)
+    machine = guarded("machine description",
+                      lambda: machine_lines(args.work_dir, software_lines(build_seconds)),
+                      software_lines(build_seconds), problems)
+
+    lines = [
+        "# The GPU path: block-copy kernels and file-to-GPU reads", "",
+        *machine,
+        f"- Command: `{command}`" + (" (quick: smoke-test sizes, not a measurement)"
+                                     if args.quick else ""),
+        *(f"- FAILED: {p}" for p in problems),
+        "",
+        "## Bit-exactness", "",
+        f"- GPU tests (`pytest -m gpu tests/test_block_copy_cuda.py tests/test_gpu_io.py`): {tests}",
+        f"- Timed configurations compared with the torch reference: "
+        f"{'all identical' if not failures else '; '.join(failures)}", "",
+        "## Kernels: one launch per chunk vs a device-to-device copy of the same bytes", "",
+        "GB/s = chunk bytes / time (each byte is read once and written once); L2 flushed before "
+        "every timed call; median of the timed calls. Goal: kernel >= 80 % of the copy.", "",
+        *md_table(["case", "direction", "chunk MiB", "kernel us", "kernel GB/s", "D2D copy GB/s",
+                   "kernel / copy", "torch fallback us", "speed-up"], kernel_rows),
+        "## Saves: what a save costs the engine's thread", "",
+        "Host time of one save call (gather queued, copy to host handed off) and the rate at "
+        "which the chunks were published (all files written, the writer's thread included).", "",
+        *md_table(["method", "chunks", "engine-thread us per save (median)", "slowest save us",
+                   "published GB/s", "failed or skipped"], save_rows),
+        "## Reads: chunk files into GPU memory", "",
+        f"Cold: pages evicted before each pass ({EVICT_METHOD}); warm: read once before. Every "
+        "competitor keeps `in flight` reads going at once (the reader's staging slots). "
+        "`verified` recomputes the xxh3-64 checksum of every chunk on the host. Goals: the "
+        "reader at least as fast as the better of `plain read + H2D` and `kvikio alone`, and "
+        ">= 90 % of `disk alone`. `of best baseline`: of the better of those two. Median of the "
+        "passes.", "",
+        *md_table(["chunks", "cache", "competitor", "in flight", "GB/s", "of disk alone",
+                   "of best baseline"], read_rows),
+        "Reading the numbers: `cold` measures the disk; `warm` measures the page cache and the "
+        "CPU work per chunk. With verification on (the default) every chunk is hashed on the "
+        "host (the format's xxh3-64, which cannot be computed in parallel on a GPU), kvikio "
+        "reads after a copy back from the GPU, so warm reads are bound by hashing and per-chunk "
+        "Python work rather than by I/O; `verify off` shows the I/O path alone. Host-side "
+        "figures vary between VMs: compare rows within one file only.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    write_markdown(args.out, lines)
+    return 0 if not (failures or problems) and " failed" not in tests else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""Read chunk files into GPU memory, several at a time, never loading unverified bytes.
+
+Three read paths, chosen once per process by :func:`choose_read_backend`:
+
+``kvikio-gds``
+    kvikio with GPUDirect Storage: the file's data (4096-aligned, see
+    :mod:`lmcache_fs.codec`) is DMA'd straight into a cuFile-registered GPU
+    staging slot.
+``kvikio-posix``
+    kvikio's compatibility mode: its own thread pool reads through pinned
+    bounce buffers into the same GPU slot (what kvikio does where GDS is not
+    supported: containers without ``/run/udev``, overlayfs, NFS over TCP).
+``posix``
+    the codec's own reader (one ``preadv``) into a pinned host slot, verified
+    there, then an asynchronous host-to-device copy on the caller's stream.
+    Always available; the fallback whenever kvikio or CUDA is missing.
+
+Verification. The codec stores an xxh3-64 checksum of the data. XXH3 folds
+its input sequentially (a non-linear scramble every 1 KiB), so it cannot be
+computed in parallel on the GPU, and a different GPU-friendly hash would need
+a new file format. So bytes that land on the host (``posix``) are hashed
+there, and bytes that land on the GPU (``kvikio-*``) are copied back into a
+pinned host slot on a side stream and hashed there: one extra device-to-host
+copy per chunk and about 10 GB/s of hashing per thread (H100 host, measured;
+it scaled poorly with threads for 2 MiB chunks). Cold reads stay bound by the
+disk, but page-cache reads are bound by the hashing: see
+``bench/results/gpu_path.md``. ``verify=False`` skips it for the kvikio paths
+only, trusting the filesystem for the data; header, size, namespace and key
+are still checked. The default verifies.
+
+Failure of any one chunk (missing, vanished mid-read, truncated, foreign,
+corrupt, an I/O error) is reported as a :class:`ChunkFileError` for that chunk,
+which callers treat as a miss; it never stops the other reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import logging
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from lmcache_fs.codec import (ALIGNMENT, ChunkFileError, ChunkHeader, checksum, parse_header,
+                              read_chunk_header)
+from lmcache_fs.layout import BadKeyError
+from lmcache_fs.store import ChunkStore
+
+logger = logging.getLogger(__name__)
+
+USE_GDS_CHOICES = ("auto", "true", "false")
+KVIKIO_THREADS_ENV = "KVIKIO_NTHREADS"  # kvikio's own variable: when set, we leave it alone
+MAX_SLOTS = 16  # more reads in flight than this gains nothing on one disk or NIC
+
+
+class ReadPath(str, enum.Enum):
+    """How chunk data reaches GPU memory."""
+
+    GDS = "kvikio-gds"
+    KVIKIO_POSIX = "kvikio-posix"
+    POSIX = "posix"
+
+
+@dataclass(frozen=True)
+class ReadBackend:
+    """A read path and, for the kvikio paths, the imported kvikio module."""
+
+    path: ReadPath
+    kvikio: ModuleType | None = None
+
+
+class GdsUnavailableError(RuntimeError):
+    """``use_gds="true"`` was asked for, but GPUDirect Storage cannot be used here."""
+
+
+def kvikio_threads() -> int:
+    """Threads for kvikio's pool: enough to keep a fast disk busy (its default is 1)."""
+    return min(16, max(4, os.cpu_count() or 4))
+
+
+def probe_kvikio() -> tuple[ModuleType, bool]:
+    """Import kvikio, size its thread pool, and say whether GDS is active.
+
+    Raises:
+        Exception: with the reason whenever kvikio cannot read into this GPU
+            (no CUDA device, kvikio or libkvikio/libcufile not importable).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device")  # every kvikio read needs libcuda
+    import kvikio
+    import kvikio.defaults
+
+    if KVIKIO_THREADS_ENV not in os.environ:
+        kvikio.defaults.set("num_threads", kvikio_threads())
+    return kvikio, not kvikio.defaults.is_compat_mode_preferred()
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_once() -> tuple[ModuleType, bool] | str:
+    try:
+        return probe_kvikio()
+    except Exception as exc:  # noqa: BLE001 - any failure means "no kvikio"
+        return f"{type(exc).__name__}: {exc}"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(level: int, message: str) -> None:
+    logger.log(level, message)
+
+
+def choose_read_backend(use_gds: str, device: torch.device) -> ReadBackend:
+    """Pick the read path for ``device`` from the ``use_gds`` setting (probed once per process).
+
+    ``"auto"``: GDS where kvikio reports it, kvikio's POSIX mode where kvikio
+    loads without GDS, else the POSIX reader with one warning that names the
+    reason. ``"false"``: always the POSIX reader. ``"true"``: GDS or an error.
+    A CPU device always reads with POSIX (there is nothing to transfer).
+
+    Raises:
+        ValueError: ``use_gds`` is not one of ``auto``, ``true``, ``false``.
+        GdsUnavailableError: ``use_gds="true"`` and GDS is not usable.
+    """
+    if use_gds not in USE_GDS_CHOICES:
+        raise ValueError(f"use_gds must be one of {USE_GDS_CHOICES}, got {use_gds!r}")
+    if device.type != "cuda":
+        return ReadBackend(ReadPath.POSIX)
+    if use_gds == "false":
+        _log_once(logging.INFO, "chunk reads: POSIX into pinned host memory + async H2D copy "
+                                "(use_gds=false)")
+        return ReadBackend(ReadPath.POSIX)
+    probed = _probe_once()
+    if isinstance(probed, str):
+        if use_gds == "true":
+            raise GdsUnavailableError(f"use_gds=true but kvikio is unavailable ({probed}); "
+                                      "install kvikio with libcufile, or set use_gds to auto")
+        _log_once(logging.WARNING, f"chunk reads: kvikio unavailable ({probed}); using POSIX "
+                                   "reads into pinned host memory + async H2D copies")
+        return ReadBackend(ReadPath.POSIX)
+    kvikio, gds = probed
+    if use_gds == "true" and not gds:
+        raise GdsUnavailableError("use_gds=true but kvikio found no usable cuFile driver (it "
+                                  "would run in POSIX compatibility mode); set use_gds to auto")
+    path = ReadPath.GDS if gds else ReadPath.KVIKIO_POSIX
+    _log_once(logging.INFO, f"chunk reads: kvikio {kvikio.__version__}, "
+                            f"{'GPUDirect Storage' if gds else 'POSIX compatibility mode'}, "
+                            f"{kvikio.defaults.get('num_threads')} threads")
+    return ReadBackend(path, kvikio)
+
+
+def check_header(header: ChunkHeader, file_size: int, dtype: torch.dtype,
+                 shape: Sequence[int], expect: Mapping[str, str]) -> None:
+    """Raise :class:`ChunkFileError` unless a chunk's header fits what the caller expects."""
+    if file_size != header.data_offset + header.nbytes:
+        raise ChunkFileError(f"size {file_size} bytes, header promises "
+                             f"{header.data_offset + header.nbytes}")
+    if header.dtype != dtype or header.shape != tuple(shape):
+        raise ChunkFileError(f"holds {header.dtype} {list(header.shape)}, "
+                             f"expected {dtype} {list(shape)}")
+    for k, v in expect.items():
+        if header.metadata.get(k) != v:
+            raise ChunkFileError(f"metadata {k}={header.metadata.get(k)!r}, expected {v!r}")
+
+
+@contextlib.contextmanager
+def _as_chunk_errors() -> Iterator[None]:
+    """Turn the errors of opening and reading a chunk file into misses."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise ChunkFileError("missing") from exc
+    except (OSError, RuntimeError) as exc:  # kvikio reports I/O errors as RuntimeError
+        raise ChunkFileError(f"read failed: {exc}") from exc
+
+
+@dataclass
+class KvikioRead:
+    """A chunk whose header passed its checks and whose data kvikio is reading into ``out``."""
+
+    file: Any  # kvikio.CuFile, open until finish()
+    io: Any  # kvikio.IOFuture of the data read
+    header: ChunkHeader
+    out: torch.Tensor
+
+    def finish(self, host: torch.Tensor | None, stream: torch.cuda.Stream | None) -> ChunkHeader:
+        """Wait for the data and close the file; with ``host``, verify the checksum there.
+
+        ``host`` is a contiguous CPU tensor like ``out``: ``out`` is copied into
+        it on ``stream`` (a side stream, so that the engine's stream neither
+        waits nor is waited for) and hashed. ``host=None`` skips verification.
+
+        Raises:
+            ChunkFileError: the read failed or fell short, or the data is corrupt.
+        """
+        try:
+            with _as_chunk_errors():
+                got = self.io.get()
+        finally:
+            self.file.close()
+        if got != self.header.nbytes:
+            raise ChunkFileError(f"short read: {got} of {self.header.nbytes} data bytes")
+        if host is not None:
+            if stream is None:
+                host.copy_(self.out)
+            else:
+                with torch.cuda.stream(stream):
+                    host.copy_(self.out, non_blocking=True)
+                stream.synchronize()
+            if checksum(host) != self.header.metadata.get("checksum"):
+                raise ChunkFileError("checksum mismatch: the data is corrupt")
+        return self.header
+
+
+class DeviceBytes:
+    """A contiguous CUDA tensor's bytes as kvikio takes them, described once.
+
+    torch builds ``__cuda_array_interface__`` anew in Python on every access;
+    a staging slot's description never changes, so it is built here once and
+    kept with the tensor (which it keeps alive).
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.__cuda_array_interface__ = {
+            "shape": (tensor.numel() * tensor.element_size(),), "typestr": "|u1",
+            "data": (tensor.data_ptr(), False), "strides": None, "version": 3}
+
+
+def _read_header(fd: int, path: str | os.PathLike[str]) -> ChunkHeader:
+    """The header through the open descriptor (one pread); longer than a page: the codec's way."""
+    try:
+        return parse_header(os.pread(fd, ALIGNMENT, 0))
+    except ChunkFileError:
+        return read_chunk_header(path)  # raises again if the header is bad, not just long
+
+
+def start_read_kvikio(kvikio: ModuleType, path: str | os.PathLike[str], out: torch.Tensor,
+                      expect: Mapping[str, str], target: object | None = None) -> KvikioRead:
+    """Check a chunk file's header on the host, then start reading its data into ``out``.
+
+    The first half of :func:`lmcache_fs.codec.read_chunk_file` for a GPU
+    ``out`` (contiguous; on the host only for a CPU stand-in of kvikio): the
+    data is read from its 4096-aligned offset by kvikio's own threads, without
+    the GIL, while the caller goes on. :meth:`KvikioRead.finish` is the second.
+    ``target`` is what kvikio reads into (default: ``out``'s bytes), e.g. a
+    :class:`DeviceBytes` of ``out``.
+
+    Raises:
+        ChunkFileError: missing, unreadable, truncated, foreign or of another
+            dtype or shape (nothing is left open).
+    """
+    with _as_chunk_errors():
+        f = kvikio.CuFile(path, "r")
+    try:
+        with _as_chunk_errors():
+            header = _read_header(f.fileno(), path)
+            check_header(header, os.fstat(f.fileno()).st_size, out.dtype, out.shape, expect)
+            io = f.pread(out.view(-1).view(torch.uint8) if target is None else target,
+                         header.nbytes, header.data_offset)
+    except BaseException:
+        f.close()
+        raise
+    return KvikioRead(f, io, header, out)
+
+
+class GpuChunkReader:
+    """Reads whole chunk files into a ring of staging slots on one device.
+
+    Built once per worker after the KV caches are known. ``staging_bytes``
+    decides how many chunks are read at once (slots = staging_bytes //
+    chunk bytes, at least 1, at most :data:`MAX_SLOTS`); the same number of
+    pinned host slots back the POSIX path and the checksum of kvikio reads.
+
+    Threads: kvikio reads are started from the caller's thread (a header read
+    and a non-blocking ``pread``; kvikio's C++ pool moves the bytes), and a
+    pool thread per slot waits for each and verifies it, so little Python runs
+    per chunk. POSIX reads run whole in the pool threads (``preadv`` and the
+    hash release the GIL).
+    """
+
+    def __init__(self, store: ChunkStore, chunk_shape: Sequence[int], dtype: torch.dtype,
+                 device: torch.device | str, backend: ReadBackend, *,
+                 staging_bytes: int = 256 << 20, verify: bool = True):
+        self.store = store
+        self.device = torch.device(device)
+        self.backend = backend
+        self.verify = verify or backend.path is ReadPath.POSIX
+        nbytes = dtype.itemsize
+        for d in chunk_shape:
+            nbytes *= d
+        self.slots = max(1, min(MAX_SLOTS, staging_bytes // max(1, nbytes)))
+        on_gpu = self.device.type == "cuda"
+        host = (torch.empty((self.slots, nbytes), dtype=torch.uint8, pin_memory=on_gpu)
+                if self.verify or not on_gpu else None)
+        self._device_buffer = (torch.empty((self.slots, nbytes), dtype=torch.uint8,
+                                           device=self.device) if on_gpu else host)
+        self._device = [b.view(dtype).view(tuple(chunk_shape)) for b in self._device_buffer]
+        self._host = ([b.view(dtype).view(tuple(chunk_shape)) for b in host]
+                      if host is not None else [])
+        self._targets = ([DeviceBytes(b) for b in self._device_buffer] if on_gpu
+                         else [None] * self.slots)
+        # kvikio reads are verified through a copy back to the host, on a side
+        # stream per slot so that it never waits for (or delays) the engine.
+        self._streams = ([torch.cuda.Stream(self.device) for _ in range(self.slots)]
+                         if on_gpu and backend.kvikio is not None else [])
+        # An event per slot, recorded after the consumer queued its work on the
+        # slot; a read into the slot waits for it (None: the slot is free).
+        self._in_use: list[torch.cuda.Event | None] = [None] * self.slots
+        if backend.kvikio is not None and on_gpu:
+            backend.kvikio.memory_register(self._device_buffer)
+        self._pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="lmcache-fs-read")
+
+    def _read_posix(self, key: str, slot: int, in_use: torch.cuda.Event | None) -> None:
+        if in_use is not None:
+            in_use.synchronize()  # the H2D copy out of this host slot has finished
+        self.store.load(key, self._host[slot])  # verifies everything
+
+    def _start(self, key: str, slot: int) -> Future[Any]:
+        """Begin reading ``key`` into ``slot``; the future completes once it is there, verified."""
+        in_use = self._in_use[slot]
+        if self.backend.kvikio is None:
+            return self._pool.submit(self._read_posix, key, slot, in_use)
+        if in_use is not None:
+            in_use.synchronize()  # kvikio writes into the slot as soon as the read starts
+        try:
+            try:
+                path = self.store.layout.chunk_path(key)
+            except BadKeyError as exc:
+                raise ChunkFileError(str(exc)) from exc
+            read = start_read_kvikio(self.backend.kvikio, path, self._device[slot],
+                                     self.store.identity(key), self._targets[slot])
+        except ChunkFileError as exc:
+            failed: Future[Any] = Future()
+            failed.set_exception(exc)
+            return failed
+        return self._pool.submit(read.finish, self._host[slot] if self.verify else None,
+                                 self._streams[slot] if self._streams else None)
+
+    def _to_device(self, slot: int) -> torch.Tensor:
+        """The slot's chunk on the device (POSIX on CUDA: queue the H2D copy now)."""
+        device = self._device[slot]
+        if self.backend.kvikio is None and self._device_buffer.is_cuda:
+            device.copy_(self._host[slot], non_blocking=True)
+        return device
+
+    def read(self, keys: Sequence[str]) -> Iterator[tuple[int, torch.Tensor | ChunkFileError]]:
+        """Yield ``(i, chunk)`` for ``keys[i]`` in order, reading ahead as far as the slots allow.
+
+        ``chunk`` is a ``[*chunk_shape]`` tensor on the device, or the
+        :class:`ChunkFileError` that made ``keys[i]`` a miss. On CUDA it is
+        ready in the current stream's order; it stays valid until the
+        generator is resumed, and work the caller queues on the current
+        stream before resuming (a scatter into the paged cache) finishes
+        before the slot is reused. Stopping early is safe: reads already
+        started are waited for.
+        """
+        pending: deque[Future[Any]] = deque()
+        try:
+            for i in range(min(self.slots, len(keys))):
+                pending.append(self._start(keys[i], i))
+            for i in range(len(keys)):
+                slot = i % self.slots
+                try:
+                    pending.popleft().result()
+                except ChunkFileError as exc:
+                    yield i, exc
+                else:
+                    yield i, self._to_device(slot)
+                self._in_use[slot] = self._mark_in_use()
+                if i + self.slots < len(keys):
+                    pending.append(self._start(keys[i + self.slots], slot))
+        finally:
+            for future in pending:
+                if not future.cancel():
+                    future.exception()  # wait: no read may outlive the call
+            if keys:
+                # The caller may stop at any yield: whatever it queued so far must
+                # finish before the next call reuses any slot.
+                self._in_use = [self._mark_in_use()] * self.slots
+
+    def _mark_in_use(self) -> torch.cuda.Event | None:
+        if self.device.type != "cuda":
+            return None  # CPU work is synchronous: done when the caller resumes
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def close(self) -> None:
+        """Stop the read threads and release the staging slots' cuFile registration."""
+        self._pool.shutdown(wait=True)
+        if self.backend.kvikio is not None and self.device.type == "cuda":
+            self.backend.kvikio.memory_deregister(self._device_buffer)

@@ -1,0 +1,302 @@
+"""Chunk reads into GPU staging slots: path choice, pipelining, verification, saves.
+
+Everything above the ``gpu`` mark runs on any machine: the POSIX path on a CPU
+"device", and the kvikio path through a stand-in kvikio that reads into host
+memory (same calls, same offsets), so the header checks and the checksum of
+kvikio reads are exercised without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmcache_fs import gpu_io
+from lmcache_fs.codec import ChunkFileError
+from lmcache_fs.gpu_io import (GdsUnavailableError, GpuChunkReader, ReadBackend, ReadPath,
+                               choose_read_backend)
+from lmcache_fs.layout import ChunkLayout, Namespace
+from lmcache_fs.store import ChunkStore
+
+SHAPE = (2, 3, 4, 16, 32)  # layers, blocks, heads, tokens, 2*head_size
+NBYTES = 2 * 3 * 4 * 16 * 32 * 2
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ChunkStore:
+    return ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
+
+
+@pytest.fixture
+def records(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """This test's log records, even after log.init_logging() stopped propagation."""
+    monkeypatch.setattr(logging.getLogger("lmcache_fs"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="lmcache_fs.gpu_io")
+    return caplog
+
+
+@pytest.fixture(autouse=True)
+def fresh_probe():
+    """Each test probes and logs as if in a new process."""
+    gpu_io._probe_once.cache_clear()
+    gpu_io._log_once.cache_clear()
+    yield
+    gpu_io._probe_once.cache_clear()
+    gpu_io._log_once.cache_clear()
+
+
+def _key(i: int) -> str:
+    return f"{i:016x}"
+
+
+def _save(store: ChunkStore, n: int) -> list[torch.Tensor]:
+    chunks = [torch.randn(SHAPE).to(torch.bfloat16) for _ in range(n)]
+    for i, chunk in enumerate(chunks):
+        store.save(_key(i), chunk, {"chunk_index": str(i)})
+    return chunks
+
+
+def _flip_a_data_byte(store: ChunkStore, key: str) -> None:
+    path = store.layout.chunk_path(key)
+    with open(path, "r+b") as f:
+        f.seek(4096 + 100)
+        byte = f.read(1)
+        f.seek(4096 + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+class FakeKvikio:
+    """kvikio's CuFile/pread/memory_register surface, reading into host tensors at once."""
+
+    __version__ = "fake"
+
+    class CuFile:
+        def __init__(self, path, flags="r"):
+            self._fd = os.open(path, os.O_RDONLY)
+
+        def fileno(self):
+            return self._fd
+
+        def pread(self, buf, size, file_offset=0):
+            got = os.preadv(self._fd, [memoryview(buf.numpy())[:size]], file_offset)
+            return type("Future", (), {"get": lambda self: got})()
+
+        def close(self):
+            os.close(self._fd)
+
+    @staticmethod
+    def memory_register(buf):
+        pass
+
+    @staticmethod
+    def memory_deregister(buf):
+        pass
+
+
+def _reader(store, backend, **kw) -> GpuChunkReader:
+    return GpuChunkReader(store, SHAPE, torch.bfloat16, "cpu", backend, **kw)
+
+
+# -- choosing the read path ---------------------------------------------------------
+
+def test_failed_probe_falls_back_to_posix_with_one_warning(monkeypatch, records):
+    # Guards against a machine without kvikio losing the GPU path, or flooding the log.
+    def no_kvikio():
+        raise ImportError("libkvikio.so: cannot open shared object file")
+    monkeypatch.setattr(gpu_io, "probe_kvikio", no_kvikio)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    first = choose_read_backend("auto", torch.device("cuda"))
+    second = choose_read_backend("auto", torch.device("cuda"))
+    assert first.path is second.path is ReadPath.POSIX and first.kvikio is None
+    warnings = [r for r in records.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "libkvikio.so" in warnings[0].getMessage() and "POSIX" in warnings[0].getMessage()
+
+
+def test_use_gds_true_refuses_to_run_without_kvikio(monkeypatch):
+    # Guards against "true" silently meaning "maybe".
+    def no_kvikio():
+        raise ImportError("no module named kvikio")
+    monkeypatch.setattr(gpu_io, "probe_kvikio", no_kvikio)
+    with pytest.raises(GdsUnavailableError, match="use_gds=true.*set use_gds to auto"):
+        choose_read_backend("true", torch.device("cuda"))
+
+
+def test_use_gds_true_refuses_kvikio_compatibility_mode(monkeypatch):
+    monkeypatch.setattr(gpu_io, "probe_kvikio", lambda: (FakeKvikio, False))
+    with pytest.raises(GdsUnavailableError, match="compatibility mode"):
+        choose_read_backend("true", torch.device("cuda"))
+
+
+def test_auto_uses_kvikio_when_it_reports_gds(monkeypatch, records):
+    fake = type("K", (FakeKvikio,), {"defaults": type("D", (), {"get": staticmethod(lambda k: 8)})})
+    monkeypatch.setattr(gpu_io, "probe_kvikio", lambda: (fake, True))
+    backend = choose_read_backend("auto", torch.device("cuda"))
+    assert backend == ReadBackend(ReadPath.GDS, fake)
+    assert any("GPUDirect Storage, 8 threads" in r.getMessage() for r in records.records)
+
+
+def test_use_gds_false_and_cpu_devices_never_probe(monkeypatch):
+    def must_not_probe():
+        raise AssertionError("probed")
+    monkeypatch.setattr(gpu_io, "probe_kvikio", must_not_probe)
+    assert choose_read_backend("false", torch.device("cuda")).path is ReadPath.POSIX
+    assert choose_read_backend("auto", torch.device("cpu")).path is ReadPath.POSIX
+
+
+def test_unknown_use_gds_value_names_the_choices():
+    with pytest.raises(ValueError, match=r"use_gds must be one of \('auto', 'true', 'false'\)"):
+        choose_read_backend("yes", torch.device("cpu"))
+
+
+def test_kvikio_thread_count_is_not_kvikios_default_of_one():
+    assert 4 <= gpu_io.kvikio_threads() <= 16
+
+
+# -- reading through the POSIX path and a stand-in kvikio ------------------------------
+
+BACKENDS = [ReadBackend(ReadPath.POSIX), ReadBackend(ReadPath.KVIKIO_POSIX, FakeKvikio)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.path.value)
+@pytest.mark.parametrize("num_keys", [0, 1, 7])
+def test_reads_every_chunk_in_order_through_fewer_slots(store, backend, num_keys):
+    # Guards against slot reuse overwriting a chunk before the caller used it.
+    chunks = _save(store, num_keys)
+    reader = _reader(store, backend, staging_bytes=2 * NBYTES)
+    assert reader.slots == 2
+    seen = []
+    for i, chunk in reader.read([_key(i) for i in range(num_keys)]):
+        assert isinstance(chunk, torch.Tensor) and torch.equal(chunk, chunks[i])
+        seen.append(i)
+    assert seen == list(range(num_keys))
+    reader.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.path.value)
+def test_a_missing_or_corrupt_chunk_is_a_miss_for_that_chunk_only(store, backend):
+    chunks = _save(store, 4)
+    _flip_a_data_byte(store, _key(2))
+    reader = _reader(store, backend, staging_bytes=2 * NBYTES)
+    results = {i: c.clone() if isinstance(c, torch.Tensor) else c
+               for i, c in reader.read([_key(0), _key(9), _key(2), _key(3)])}
+    assert torch.equal(results[0], chunks[0]) and torch.equal(results[3], chunks[3])
+    assert isinstance(results[1], ChunkFileError) and "missing" in str(results[1])
+    assert isinstance(results[2], ChunkFileError) and "checksum" in str(results[2])
+    reader.close()
+
+
+def test_kvikio_reads_check_the_header_before_reading_data(store, tmp_path):
+    # Guards against loading another namespace's chunk or a truncated file onto the GPU.
+    _save(store, 1)
+    other = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "other"})))
+    other.layout.chunk_path(_key(0)).parent.mkdir(parents=True)
+    os.link(store.layout.chunk_path(_key(0)), other.layout.chunk_path(_key(0)))
+    reader = _reader(other, BACKENDS[1])
+    [(_, foreign)] = reader.read([_key(0)])
+    assert isinstance(foreign, ChunkFileError) and "namespace" in str(foreign)
+
+    path = store.layout.chunk_path(_key(0))
+    os.truncate(path, os.path.getsize(path) - 1)
+    [(_, truncated)] = _reader(store, BACKENDS[1]).read([_key(0)])
+    assert isinstance(truncated, ChunkFileError) and "size" in str(truncated)
+
+
+def test_kvikio_reads_find_data_behind_a_header_longer_than_a_page(store):
+    # The header is read through the open file in one page; a longer one must still work.
+    chunk = torch.randn(SHAPE).to(torch.bfloat16)
+    store.save(_key(0), chunk, {"note": "x" * 5000})
+    assert os.path.getsize(store.layout.chunk_path(_key(0))) == 8192 + NBYTES
+    [(_, got)] = _reader(store, BACKENDS[1]).read([_key(0)])
+    assert isinstance(got, torch.Tensor) and torch.equal(got, chunk)
+
+
+def test_unverified_kvikio_reads_are_an_explicit_choice(store):
+    # verify=False trusts the filesystem: a flipped data byte is loaded as is.
+    chunks = _save(store, 1)
+    _flip_a_data_byte(store, _key(0))
+    [(_, chunk)] = _reader(store, BACKENDS[1], verify=False).read([_key(0)])
+    assert isinstance(chunk, torch.Tensor) and not torch.equal(chunk, chunks[0])
+    posix = _reader(store, BACKENDS[0], verify=False)
+    assert posix.verify, "POSIX reads are verified on the host whatever the setting"
+
+
+def test_stopping_early_leaves_the_reader_usable(store):
+    chunks = _save(store, 6)
+    reader = _reader(store, BACKENDS[0], staging_bytes=3 * NBYTES)
+    for i, _ in reader.read([_key(i) for i in range(6)]):
+        if i == 1:
+            break
+    again = [torch.equal(c, chunks[5 - i]) for i, c in reader.read([_key(5), _key(4)])]
+    assert again == [True, True]
+    reader.close()
+
+
+# -- on a GPU ------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _gpu_backends() -> list[ReadBackend]:
+    backends = [ReadBackend(ReadPath.POSIX)]
+    try:
+        kvikio, gds = gpu_io.probe_kvikio()
+    except Exception:  # noqa: BLE001 - kvikio not installed here: test the POSIX path only
+        return backends
+    return backends + [ReadBackend(ReadPath.GDS if gds else ReadPath.KVIKIO_POSIX, kvikio)]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("verify", [True, False])
+def test_gpu_reads_then_scatter_reproduce_the_saved_blocks(store, verify):
+    from lmcache_fs.block_copy import gather_blocks, scatter_blocks
+
+    layers, blocks, heads, tokens, width = SHAPE
+    paged = [torch.randn(64, tokens, heads, width, device="cuda").to(torch.bfloat16)
+             .permute(0, 2, 1, 3) for _ in range(layers)]  # vLLM's NHD view
+    ids = [torch.randperm(64, device="cuda")[:blocks] for _ in range(5)]
+    for n, block_ids in enumerate(ids):
+        chunk = torch.empty(SHAPE, dtype=torch.bfloat16, device="cuda")
+        gather_blocks(paged, block_ids, chunk)
+        store.save(_key(n), chunk.cpu(), {})
+    for backend in _gpu_backends():
+        target = [torch.zeros_like(kv) for kv in paged]
+        reader = GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", backend,
+                                staging_bytes=2 * NBYTES, verify=verify)
+        for n, chunk in reader.read([_key(n) for n in range(len(ids))]):
+            assert isinstance(chunk, torch.Tensor), chunk
+            scatter_blocks(chunk, target, ids[n])
+        torch.cuda.synchronize()
+        for kv, want in zip(target, paged):
+            for block_ids in ids:
+                assert torch.equal(kv[block_ids], want[block_ids]), backend.path
+        reader.close()
+
+
+@pytest.mark.gpu
+@cuda
+def test_device_saver_publishes_what_was_on_the_gpu(store):
+    from lmcache_fs.gpu_save import DeviceChunkSaver
+    from lmcache_fs.writer import BackgroundWriter
+
+    writer = BackgroundWriter(store, max_queue=8)
+    saver = DeviceChunkSaver(writer, "cuda", max_pending=4)
+    chunks = [torch.randn(SHAPE, device="cuda").to(torch.bfloat16) for _ in range(6)]
+    for i, chunk in enumerate(chunks):
+        assert saver.submit(_key(i), chunk, {"chunk_index": str(i)})
+    del chunk
+    chunks_host = [c.cpu() for c in chunks]
+    del chunks  # the saver must keep the device memory alive until its copy is done
+    saver.flush()
+    writer.flush()
+    for i, want in enumerate(chunks_host):
+        out = torch.empty(SHAPE, dtype=torch.bfloat16)
+        store.load(_key(i), out)
+        assert torch.equal(out, want)
+    saver.close()
+    writer.close()
