@@ -32,9 +32,9 @@ from typing import Callable, Sequence
 
 import requests
 
+from ask import EngineAnswer, ask_one
 from cache_panel import summarize_cache, wait_for_new_chunks
 from demo_config import CONFIG_ENV, DemoConfig, EngineConfig, sample_documents, write_demo_config
-from ask import EngineAnswer, ask_one
 from engine_client import check_health
 
 REPO = Path(__file__).resolve().parent.parent
@@ -344,7 +344,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below
+    # Ctrl-C raises KeyboardInterrupt even where SIGINT was inherited as ignored (a job
+    # started with `&`), and TERM exits through the same clean-up (the finally below).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = args.workdir.resolve()
     kv_dir = (args.kv_dir or workdir / "kv").resolve()
     log_dir = workdir / "logs"

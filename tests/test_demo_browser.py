@@ -1,5 +1,6 @@
-"""The local demo end to end: one launcher run (four real CPU engines and the page) serves
-the headless TTFT comparison, the page in headless Chromium, and the Ctrl-C clean-up."""
+"""The local demo: the launcher's pieces, then end to end, where one launcher run (four real
+CPU engines and the page) serves the headless TTFT comparison, the page in headless Chromium
+and the Ctrl-C clean-up."""
 
 from __future__ import annotations
 
@@ -17,14 +18,47 @@ import pytest
 
 from demo_helpers import REPO, Launcher, pids_with_env
 
-pytestmark = pytest.mark.engine
+import launcher as demo_launcher  # frontend/launcher.py (frontend/ is put on sys.path by demo_helpers)
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 RUN_MARKER = "LMCACHE_FS_DEMO_TEST_RUN"
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 START_AND_COMPARE_TIMEOUT_S = 900
+
+
+def test_only_the_cache_engines_get_the_connector_and_they_share_one_directory(tmp_path: Path) -> None:
+    kv = tmp_path / "kv"
+    cached = demo_launcher.engine_command(tmp_path, demo_launcher.EngineSpec("a", "A", 1, True), kv)
+    plain = demo_launcher.engine_command(tmp_path, demo_launcher.EngineSpec("c", "C", 2, False), kv)
+    transfer = json.loads(cached[cached.index("--kv-transfer-config") + 1])
+    assert transfer == {"kv_connector": "LMCacheFSConnector", "kv_role": "kv_both",
+                        "kv_connector_extra_config": {"storage_path": str(kv)}}
+    assert "--kv-transfer-config" not in plain
+    assert cached[cached.index("--port") + 1] == "1" and "127.0.0.1" in cached
+
+
+def test_a_local_model_folder_is_served_and_anything_else_gets_the_synthetic_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmcache_fs.synthetic_model as synthetic
+
+    monkeypatch.setattr(synthetic, "build_synthetic_model", lambda path: tmp_path / "built")
+    real = tmp_path / "my-llama"
+    real.mkdir()
+    assert demo_launcher.resolve_model(str(real)) == (real, False)
+    (real / synthetic.MARKER).write_text("{}")
+    assert demo_launcher.resolve_model(str(real)) == (real, True)  # a synthetic folder says so
+    assert demo_launcher.resolve_model("mistralai/Mistral-7B-Instruct-v0.2") == (tmp_path / "built", True)
+    assert demo_launcher.resolve_model("") == (tmp_path / "built", True)
+
+
+def test_the_table_gives_b_speedup_over_the_plain_median() -> None:
+    row = lambda label, cache, ttft: demo_launcher.ComparisonRow(  # noqa: E731
+        label, "r", cache, ttft, [100], [0], [0], True)
+    table = demo_launcher.format_table([row("A", True, [2.0]), row("B", True, [0.1]),
+                                        row("C", False, [1.0]), row("D", False, [3.0])])
+    assert table.splitlines()[0].split()[:3] == ["engine", "role", "TTFT"]
+    assert table.endswith("B vs plain vLLM on a prompt neither had seen: 20.0x faster to the first token")
 
 
 @dataclass
@@ -55,6 +89,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         launcher.interrupt()
 
 
+@pytest.mark.engine
 def test_headless_comparison_cached_engine_b_beats_plain_engines_on_a_prompt_only_a_served(
         demo: DemoRun) -> None:
     a, b, *plain = demo.rows
@@ -74,12 +109,14 @@ def test_headless_comparison_cached_engine_b_beats_plain_engines_on_a_prompt_onl
     assert any("faster to the first token" in line for line in demo.launcher.lines)
 
 
+@pytest.mark.engine
 def test_browser_page_asks_every_engine_and_shows_answers_and_ttft(demo: DemoRun) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    if not shutil.which("chromium") and not Path(CHROMIUM).exists():
+    chromium = shutil.which("chromium")
+    if chromium is None:
         pytest.skip("Chromium not installed (Debian: apt-get install chromium)")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 2600})
             page.goto(demo.page_url)
@@ -114,6 +151,7 @@ def test_browser_page_asks_every_engine_and_shows_answers_and_ttft(demo: DemoRun
     assert ttft["B · lmcache-fs"] < min(ttft["C · plain vLLM"], ttft["D · plain vLLM"])
 
 
+@pytest.mark.engine
 def test_ctrl_c_stops_every_process_the_launcher_started(demo: DemoRun) -> None:
     assert pids_with_env(RUN_MARKER, demo.marker), "the demo should be running before Ctrl-C"
     assert demo.launcher.interrupt() == 0
