@@ -26,13 +26,14 @@ from lmcache_fs.config import ConfigError, LMCacheFSConfig, load_config
 from lmcache_fs.index import ChunkIndex
 from lmcache_fs.layout import ChunkLayout
 from lmcache_fs.log import init_logging
+from lmcache_fs.space import FreeSpaceGuard
 from lmcache_fs.store import ChunkStore
 
 from .metadata import LMCacheFSMetadata
 from .namespace import check_hash_seed, namespace_fields, rank_namespace
 from .scheduler import SchedulerSide
 from .stats import LMCacheFSStats
-from .worker import WorkerSide
+from .worker import ReadOptions, WorkerSide
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -97,10 +98,12 @@ class LMCacheFSConnector(KVConnectorBase_V1):
                                                       get_pp_group().rank_in_group))
             if can_save:
                 layout.write_manifest()
-            self._worker = WorkerSide(ChunkStore(layout, self.config.file_mode),
-                                      groups[0].layer_names,
-                                      self.config.chunk_size // block_size, block_size,
-                                      self.config.save_queue_size, can_save)
+            cfg = self.config
+            self._worker = WorkerSide(
+                ChunkStore(layout, cfg.file_mode), groups[0].layer_names,
+                cfg.chunk_size // block_size, block_size, cfg.save_queue_size, can_save,
+                ReadOptions(cfg.use_gds, cfg.staging_buffer_mb << 20, cfg.verify_device_reads),
+                FreeSpaceGuard(root, int(cfg.min_free_disk_gb * 1e9)))
 
     def _adopt_recompute_policy(self) -> None:
         # A bad chunk file must cost a recompute, never a failed request. vLLM's

@@ -21,8 +21,8 @@ class LMCacheFSStats(KVConnectorStats):
 
     data: dict[str, Any] = field(default_factory=_zero)
 
-    def record_load(self, nbytes: int, seconds: float) -> None:
-        self.data["loaded_chunks"] += 1 if nbytes else 0
+    def record_load(self, nbytes: int, chunks: int, seconds: float) -> None:
+        self.data["loaded_chunks"] += chunks
         self.data["loaded_bytes"] += nbytes
         self.data["load_seconds"] += seconds
 

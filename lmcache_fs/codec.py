@@ -33,7 +33,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import xxhash
@@ -186,6 +186,24 @@ def read_chunk_header(path: str | os.PathLike[str]) -> ChunkHeader:
     return parse_header(head)
 
 
+def check_header(header: ChunkHeader, file_size: int, dtype: torch.dtype,
+                 shape: Sequence[int], expect: Mapping[str, str]) -> None:
+    """Raise :class:`ChunkFileError` unless a chunk's header fits what the caller expects.
+
+    Every reader (POSIX here, kvikio in :mod:`lmcache_fs.gpu_io`) runs these
+    checks before any byte of the file reaches the KV cache.
+    """
+    if file_size != header.data_offset + header.nbytes:
+        raise ChunkFileError(f"size {file_size} bytes, header promises "
+                             f"{header.data_offset + header.nbytes}")
+    if header.dtype != dtype or header.shape != tuple(shape):
+        raise ChunkFileError(f"holds {header.dtype} {list(header.shape)}, "
+                             f"expected {dtype} {list(shape)}")
+    for k, v in expect.items():
+        if header.metadata.get(k) != v:
+            raise ChunkFileError(f"metadata {k}={header.metadata.get(k)!r}, expected {v!r}")
+
+
 def read_chunk_file(path: str | os.PathLike[str], out: torch.Tensor,
                     expect: Mapping[str, str]) -> ChunkHeader:
     """Read a chunk file into ``out`` and verify it completely.
@@ -223,16 +241,9 @@ def read_chunk_file(path: str | os.PathLike[str], out: torch.Tensor,
         raise ChunkFileError(f"read failed: {exc.strerror}") from exc
     finally:
         os.close(fd)
-    if size != header.data_offset + header.nbytes:
-        raise ChunkFileError(f"size {size} bytes, header promises {header.data_offset + header.nbytes}")
-    if header.dtype != out.dtype or header.shape != tuple(out.shape):
-        raise ChunkFileError(f"holds {header.dtype} {list(header.shape)}, "
-                             f"expected {out.dtype} {list(out.shape)}")
+    check_header(header, size, out.dtype, out.shape, expect)
     if got != header.data_offset + header.nbytes:
         raise ChunkFileError(f"short read: {got} of {size} bytes")
-    for k, v in expect.items():
-        if header.metadata.get(k) != v:
-            raise ChunkFileError(f"metadata {k}={header.metadata.get(k)!r}, expected {v!r}")
     if header.metadata.get("checksum") != checksum(out):
         raise ChunkFileError("checksum mismatch: the data is corrupt")
     return header

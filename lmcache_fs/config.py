@@ -65,6 +65,20 @@ class LMCacheFSConfig:
     min_free_disk_gb: float = 1.0
     """Stores stop (and serving continues) while the filesystem has less free space than this."""
 
+    use_gds: str = "auto"
+    """GPU reads: ``auto`` (kvikio, with GPUDirect Storage where cuFile works, else kvikio's
+    POSIX mode; without kvikio or CUDA, POSIX reads plus a host-to-device copy, with one
+    warning), ``true`` (GDS or a start-up error), ``false`` (POSIX plus host-to-device copy)."""
+
+    staging_buffer_mb: int = 256
+    """Per-worker read staging (and as much pinned host memory on CUDA); reads in
+    flight = this // chunk bytes, 1 to 16."""
+
+    verify_device_reads: bool = True
+    """Checksum chunks read by kvikio straight to the GPU (a copy back to the host plus
+    xxh3). False trusts the filesystem for their data bytes (header, size and identity are
+    still checked); POSIX reads are always verified."""
+
     def __post_init__(self) -> None:
         if not self.storage_path:
             raise ConfigError(
@@ -78,6 +92,10 @@ class LMCacheFSConfig:
             raise ConfigError(f"save_queue_size must be positive, got {self.save_queue_size}")
         if self.lookup_negative_ttl_s < 0:
             raise ConfigError(f"lookup_negative_ttl_s must be >= 0, got {self.lookup_negative_ttl_s}")
+        if self.use_gds not in ("auto", "true", "false"):
+            raise ConfigError(f"use_gds must be auto, true or false, got {self.use_gds!r}")
+        if self.staging_buffer_mb <= 0:
+            raise ConfigError(f"staging_buffer_mb must be positive, got {self.staging_buffer_mb}")
         if self.file_mode & 0o002:
             raise ConfigError(f"file_mode {oct(self.file_mode)} is world-writable; use e.g. 0o644 or 0o664")
         if not 0 < self.eviction_low_watermark < self.eviction_high_watermark <= 1:
@@ -133,6 +151,8 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
             return int(value)
         if kind in ("float", float):
             return float(value)
+        if isinstance(value, bool):  # YAML's `use_gds: true` is a bool
+            return "true" if value else "false"
         return str(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name}: cannot read {value!r} as {kind}") from exc

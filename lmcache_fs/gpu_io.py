@@ -48,8 +48,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from lmcache_fs.codec import (ALIGNMENT, ChunkFileError, ChunkHeader, checksum, parse_header,
-                              read_chunk_header)
+from lmcache_fs.codec import (ALIGNMENT, ChunkFileError, ChunkHeader, check_header, checksum,
+                              parse_header, read_chunk_header)
 from lmcache_fs.layout import BadKeyError
 from lmcache_fs.store import ChunkStore
 
@@ -152,20 +152,6 @@ def choose_read_backend(use_gds: str, device: torch.device) -> ReadBackend:
                             f"{'GPUDirect Storage' if gds else 'POSIX compatibility mode'}, "
                             f"{kvikio.defaults.get('num_threads')} threads")
     return ReadBackend(path, kvikio)
-
-
-def check_header(header: ChunkHeader, file_size: int, dtype: torch.dtype,
-                 shape: Sequence[int], expect: Mapping[str, str]) -> None:
-    """Raise :class:`ChunkFileError` unless a chunk's header fits what the caller expects."""
-    if file_size != header.data_offset + header.nbytes:
-        raise ChunkFileError(f"size {file_size} bytes, header promises "
-                             f"{header.data_offset + header.nbytes}")
-    if header.dtype != dtype or header.shape != tuple(shape):
-        raise ChunkFileError(f"holds {header.dtype} {list(header.shape)}, "
-                             f"expected {dtype} {list(shape)}")
-    for k, v in expect.items():
-        if header.metadata.get(k) != v:
-            raise ChunkFileError(f"metadata {k}={header.metadata.get(k)!r}, expected {v!r}")
 
 
 @contextlib.contextmanager
