@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmcache-fs-installed
 # CPU torch wheels: PyTorch's own index on a user's machine (pip finds a local wheel first where one exists).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Debian packages the end-to-end tests use: a browser for the demo page, FUSE mounts
+# for two-"node" tests, and docker-compose's offline config check.
+SYSTEM_PACKAGES := chromium bindfs fuse3 docker-compose
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install system-deps test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -19,7 +22,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-test: install
+# Installs what is missing when run as root with apt; elsewhere the tests that need
+# these skip and say which package to install.
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "not root: tests needing$$missing will skip"; fi; \
+	fi
+
+test: install system-deps
 	$(PY) -m pytest -q -rs tests
 
 test-fast: install
