@@ -6,6 +6,12 @@ A chunk buffer has shape ``[num_layers, num_blocks, *page_shape]`` where
 the logical view is correct for every vLLM layout: contiguous CPU pages and
 CUDA's strided NHD/HND views alike, since indexing follows strides.
 
+On the CPU, blocks are copied one page at a time: torch's ``index_copy_`` and
+``index_select`` go element by element there (measured 100-500x slower than
+memcpy for bf16 pages), and a page-sized ``copy_`` stays on the calling
+thread, where a larger one would wake the OpenMP pool (milliseconds when the
+engine's cores are busy).
+
 For CUDA tensors both functions first try the kernels in the repository's
 ``cuda/`` directory (:mod:`lmcache_fs.block_copy_cuda`), which do the whole
 chunk in one launch; the torch code below is the fallback and the reference
@@ -34,8 +40,8 @@ def gather_blocks(layers: Sequence[torch.Tensor], block_ids: torch.Tensor,
         return
     if not out.is_cuda:
         for i, kv in enumerate(layers):
-            for pos, block, n in _runs(block_ids):
-                out[i, pos:pos + n].copy_(kv[block:block + n])
+            for pos, block in enumerate(block_ids.tolist()):
+                out[i, pos].copy_(kv[block])
         return
     out = _as_bytes(out)
     for i, kv in enumerate(layers):
@@ -53,30 +59,12 @@ def scatter_blocks(src: torch.Tensor, layers: Sequence[torch.Tensor],
         return
     if not src.is_cuda:
         for i, kv in enumerate(layers):
-            for pos, block, n in _runs(block_ids):
-                kv[block:block + n].copy_(src[i, pos:pos + n])
+            for pos, block in enumerate(block_ids.tolist()):
+                kv[block].copy_(src[i, pos])
         return
     src = _as_bytes(src)
     for i, kv in enumerate(layers):
         _as_bytes(kv).index_copy_(0, block_ids, src[i])
-
-
-def _runs(block_ids: torch.Tensor) -> list[tuple[int, int, int]]:
-    """``(position, first block, length)`` of each run of consecutive block ids.
-
-    On the CPU, torch's ``index_copy_``/``index_select`` go element by element
-    (measured 100-500x slower than memcpy for bf16 pages); copying runs of
-    whole pages with ``copy_`` is a memcpy per run, and vLLM allocates a
-    request's blocks mostly in runs.
-    """
-    ids = block_ids.tolist()
-    runs: list[tuple[int, int, int]] = []
-    for pos, block in enumerate(ids):
-        if runs and runs[-1][1] + runs[-1][2] == block:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((pos, block, 1))
-    return runs
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
