@@ -264,7 +264,14 @@ class BackgroundEvictor:
 
 def start_background_evictor(config: LMCacheFSConfig,
                              on_evicted: Callable[[str, str], None] | None = None
-                             ) -> BackgroundEvictor:
-    """Start evicting for ``config`` in a daemon thread (one per engine; the lease picks who works)."""
+                             ) -> BackgroundEvictor | None:
+    """Start evicting for ``config`` in a daemon thread (one per engine; the lease picks who works).
+
+    Returns None without a budget (``max_disk_size_gb`` 0): an engine then
+    neither scans the directory nor holds the lease, so a ``gc --daemon``
+    sidecar with a budget can do the work.
+    """
+    if config.max_disk_size_gb <= 0:
+        return None
     return BackgroundEvictor(Evictor.from_config(config, on_evicted),
                              config.eviction_interval_s).start()

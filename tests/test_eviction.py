@@ -190,6 +190,10 @@ def test_the_background_evictor_keeps_the_directory_within_budget(tmp_path, stor
     assert not lease_path(tmp_path).exists()  # given up on stop
 
 
+def test_without_a_budget_an_engine_starts_no_evictor(tmp_path):
+    assert eviction.start_background_evictor(load_config({"storage_path": str(tmp_path)})) is None
+
+
 def test_a_failing_pass_is_retried_not_fatal(tmp_path, monkeypatch):
     calls = []
 

@@ -1,0 +1,215 @@
+"""The `lmcache-fs` command: every subcommand, --json, exit codes, and help for a new user."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cachedir import make_store, prefix_keys, save_prefix, set_mtime
+from lmcache_fs.cli import EXIT_BUSY, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, main
+from lmcache_fs.eviction import lease_path
+from lmcache_fs.lease import Lease
+from lmcache_fs.pins import PinStore
+from lmcache_fs.progress import Progress
+
+SCRIPT = Path(sys.executable).with_name("lmcache-fs")
+
+
+@pytest.fixture
+def cache(tmp_path):
+    """A cache directory with one namespace holding two prompts of 3 chunks each."""
+    store = make_store(tmp_path)
+    save_prefix(store, prefix_keys("a", 3))
+    save_prefix(store, prefix_keys("b", 3))
+    return store
+
+
+def run(capsys, *argv):
+    """(exit code, parsed JSON output) of ``lmcache-fs ARGV --json``."""
+    code = main([*argv, "--json"])
+    out = capsys.readouterr().out
+    return code, json.loads(out) if out.strip() else None
+
+
+def test_ls_lists_namespaces_with_model_chunks_bytes_and_last_use(capsys, cache, tmp_path):
+    code, data = run(capsys, "ls", "--storage-path", str(tmp_path))
+    [ns] = data["namespaces"]
+    assert code == EXIT_OK
+    assert ns["name"] == cache.layout.namespace.name and ns["model"] == "tiny@0123456789ab"
+    assert ns["chunks"] == 6 and ns["bytes"] == 6 * (4096 + 1024) and ns["last_used"]
+
+
+def test_ls_prints_a_table_for_people(capsys, cache, tmp_path):
+    assert main(["--storage-path", str(tmp_path), "ls"]) == EXIT_OK
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split()[:3] == ["NAMESPACE", "MODEL", "CHUNKS"] and "31 KB" in row
+
+
+def test_inspect_by_key_shows_the_header_and_who_pins_it(capsys, cache, tmp_path):
+    keys = prefix_keys("a", 3)
+    PinStore(cache.layout.directory).pin(keys)
+    code, data = run(capsys, "inspect", keys[1], "--verify", "--storage-path", str(tmp_path))
+    [info] = data["files"]
+    assert code == EXIT_OK and info["verified"] == "data and checksum ok"
+    assert info["shape"] == [2, 1, 1, 16, 16] and info["dtype"] == "bfloat16"
+    assert info["metadata"]["parent_key"] == keys[0] and info["pinned_by"] == [keys[2]]
+
+
+def test_inspect_flags_a_corrupt_file(capsys, cache, tmp_path):
+    path = cache.layout.chunk_path(prefix_keys("a", 1)[0])
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(raw)
+    code, data = run(capsys, "inspect", str(path), "--verify", "--storage-path", str(tmp_path))
+    assert code == EXIT_PROBLEMS and "checksum" in data["files"][0]["problem"]
+
+
+def test_inspect_of_an_unknown_key_is_exit_1(capsys, cache, tmp_path):
+    assert run(capsys, "inspect", "ef" * 32, "--storage-path", str(tmp_path))[0] == EXIT_PROBLEMS
+
+
+def test_verify_reports_bad_files_and_quarantine_leaves_a_clean_cache(capsys, cache, tmp_path):
+    bad = cache.layout.chunk_path(prefix_keys("b", 3)[2])
+    bad.write_bytes(bad.read_bytes()[:-10])
+    cache.layout.chunk_path("ab" * 32).parent.mkdir(exist_ok=True)
+    os.symlink("/etc/passwd", cache.layout.chunk_path("ab" * 32))
+    code, data = run(capsys, "verify", "--storage-path", str(tmp_path))
+    assert code == EXIT_PROBLEMS and data["checked"] == 6
+    assert sorted(Path(f["path"]).name[:2] for f in data["bad"]) == sorted([bad.name[:2], "ab"])
+    code, data = run(capsys, "verify", "--quarantine", "--storage-path", str(tmp_path))
+    assert {f["action"] for f in data["bad"]} == {"quarantined"}
+    assert run(capsys, "verify", "--storage-path", str(tmp_path)) == (EXIT_OK, {"checked": 5, "bad": []})
+    assert len(os.listdir(tmp_path / "quarantine")) == 2
+
+
+def test_verify_reports_a_symlinked_fan_out_directory_without_entering_it(capsys, cache, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, cache.layout.directory / "ff")
+    code, data = run(capsys, "verify", "--quarantine", "--storage-path", str(tmp_path))
+    assert code == EXIT_PROBLEMS and [Path(f["path"]).name for f in data["bad"]] == ["ff"]
+    assert outside.is_dir() and not (cache.layout.directory / "ff").exists()
+
+
+def test_verify_delete_removes_bad_files(capsys, cache, tmp_path):
+    bad = cache.layout.chunk_path(prefix_keys("a", 1)[0])
+    bad.write_bytes(b"")
+    code, data = run(capsys, "verify", "--delete", "--storage-path", str(tmp_path))
+    assert code == EXIT_PROBLEMS and data["bad"][0]["action"] == "deleted" and not bad.exists()
+
+
+def test_gc_evicts_the_least_recently_used_down_to_the_budget(capsys, cache, tmp_path):
+    for i, key in enumerate(prefix_keys("a", 3) + prefix_keys("b", 3)):
+        set_mtime(cache.layout.chunk_path(key), time.time() - 1000 + i)
+    code, report = run(capsys, "gc", "--max-disk-size-gb", str(3 * 5120 / 1e9),
+                       "--storage-path", str(tmp_path))
+    assert code == EXIT_OK and report["evicted_chunks"] == 4  # down to 85% of 3 chunks
+    assert [k for k in prefix_keys("b", 3) if cache.layout.chunk_path(k).exists()] == prefix_keys("b", 3)[1:]
+    assert not lease_path(tmp_path).exists()  # a one-shot pass gives the lease back
+
+
+def test_gc_exits_3_while_another_process_holds_the_eviction_lease(capsys, cache, tmp_path):
+    Lease(lease_path(tmp_path), 60).acquire()
+    code, report = run(capsys, "gc", "--storage-path", str(tmp_path))
+    assert code == EXIT_BUSY and not report["ran"] and f"pid {os.getpid()}" in report["lease_holder"]
+
+
+def test_gc_daemon_keeps_passing_until_sigterm(cache, tmp_path):
+    daemon = subprocess.Popen([str(SCRIPT), "gc", "--daemon", "--json", "--eviction-interval-s",
+                               "0.2", "--max-disk-size-gb", "0.000001", "--storage-path",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    first = json.loads(daemon.stdout.readline())
+    second = json.loads(daemon.stdout.readline())
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == EXIT_OK
+    assert first["evicted_chunks"] == 6 and second["ran"] and second["evicted_chunks"] == 0
+    assert not lease_path(tmp_path).exists()
+
+
+def test_pin_by_key_pins_the_whole_prefix_and_unpin_removes_it(capsys, cache, tmp_path):
+    keys = prefix_keys("a", 3)
+    code, data = run(capsys, "pin", keys[2], "--note", "faq", "--storage-path", str(tmp_path))
+    assert code == EXIT_OK and data["pins"][0] | {"namespace": None} == {
+        "namespace": None, "name": keys[2], "chunks": 3, "present": 3, "new": True,
+        "complete_prefix": True}
+    code, data = run(capsys, "pin", "--list", "--storage-path", str(tmp_path))
+    assert [(p["name"], p["note"], p["present"]) for p in data["pins"]] == [(keys[2], "faq", 3)]
+    assert run(capsys, "unpin", keys[2], "--storage-path", str(tmp_path))[0] == EXIT_OK
+    assert PinStore(cache.layout.directory).pins() == []
+
+
+def test_unpinning_a_chunk_inside_a_pin_names_the_pin_to_remove(capsys, cache, tmp_path):
+    keys = prefix_keys("a", 3)
+    main(["pin", keys[2], "--storage-path", str(tmp_path)])
+    capsys.readouterr()
+    assert main(["unpin", keys[0], "--storage-path", str(tmp_path)]) == EXIT_PROBLEMS
+    assert f"part of pin(s) {keys[2][:16]}" in capsys.readouterr().out
+
+
+def test_pin_of_a_key_no_namespace_holds_is_exit_1(capsys, cache, tmp_path):
+    assert run(capsys, "pin", "ef" * 32, "--storage-path", str(tmp_path))[0] == EXIT_PROBLEMS
+
+
+def test_clear_asks_for_confirmation_and_refuses_without_a_terminal(capsys, cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    code, data = run(capsys, "clear", "--all", "--storage-path", str(tmp_path))
+    assert code == EXIT_USAGE and "pass --yes" in data["error"] and "6 chunk files" in data["error"]
+    assert len(list(cache.layout.directory.glob("*/*.safetensors"))) == 6
+
+
+def test_clear_one_namespace_deletes_its_chunks_and_pins_and_keeps_the_other(capsys, cache, tmp_path):
+    other = make_store(tmp_path, model="other")
+    save_prefix(other, prefix_keys("c", 2))
+    PinStore(cache.layout.directory).pin(prefix_keys("a", 3))
+    code, data = run(capsys, "clear", "--namespace", cache.layout.namespace.name[:20], "--yes",
+                     "--storage-path", str(tmp_path))
+    assert code == EXIT_OK and data == {"deleted_chunks": 6, "deleted_pins": 1}
+    assert list(cache.layout.directory.glob("*/*.safetensors")) == []
+    assert (cache.layout.directory / "namespace.json").exists()
+    assert len(list(other.layout.directory.glob("*/*.safetensors"))) == 2
+
+
+def test_an_unknown_namespace_is_exit_2_and_lists_the_known_ones(capsys, cache, tmp_path):
+    code, data = run(capsys, "verify", "--namespace", "nope", "--storage-path", str(tmp_path))
+    assert code == EXIT_USAGE and cache.layout.namespace.name in data["error"]
+
+
+def test_stats_reads_the_budget_from_the_engines_config_file(capsys, cache, tmp_path):
+    config = tmp_path / "lmcache.yaml"
+    config.write_text(f"storage_path: {tmp_path}\nmax_disk_size_gb: 0.0001\n")
+    (cache.layout.chunk_path(prefix_keys("a", 1)[0]).parent / ".tmp.h.1.x.y").write_bytes(b"x")
+    code, data = run(capsys, "stats", "--config", str(config))
+    assert code == EXIT_OK
+    assert data["chunks"] == 6 and data["budget_bytes"] == 100_000
+    assert data["budget_used"] == pytest.approx((6 * 5120 + 1) / 100_000)
+    assert data["temporaries"] == 1 and data["evictor"] is None
+    assert data["filesystem_free_bytes"] > 0 and data["stores_paused"] is False
+
+
+def test_without_a_storage_path_it_says_how_to_give_one(capsys, monkeypatch):
+    monkeypatch.delenv("LMCACHE_CONFIG_FILE", raising=False)
+    assert main(["ls"]) == EXIT_USAGE
+    assert "--storage-path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["", "ls", "inspect", "verify", "gc", "pin", "unpin", "clear", "stats"])
+def test_every_command_has_help(command):
+    done = subprocess.run([str(SCRIPT), *command.split(), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--json" in done.stdout
+    if not command:
+        assert "exit codes" in done.stdout
+
+
+def test_progress_is_drawn_on_a_terminal_only():
+    shown, hidden = io.StringIO(), io.StringIO()
+    for stream, enabled in ((shown, True), (hidden, False)):
+        with Progress("verify", total=2, stream=stream, enabled=enabled) as progress:
+            progress.advance(2)
+    assert "verify  2/2  100%" in shown.getvalue() and hidden.getvalue() == ""
+

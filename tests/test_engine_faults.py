@@ -1,0 +1,253 @@
+"""Faults under real vLLM engines: two nodes without shared file events, planted bad files,
+eviction after lookup, a read-only restart. The answer never changes: every engine's greedy
+tokens equal those of an engine without the cache.
+
+Four engine start-ups in all, two at a time: A and B (one FUSE mount of the cache each,
+like two NFS clients), then a restarted read-only engine R beside a no-cache baseline.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import torch
+
+from engines import EngineProcess
+from lmcache_fs.codec import write_chunk_file
+from lmcache_fs.eviction import Evictor
+from lmcache_fs.inventory import namespace_dirs, scan_chunks, scan_quarantine, scan_temporaries
+from mounts import bindfs_view, read_only_view
+
+pytestmark = pytest.mark.engine
+
+CHUNK_TOKENS = 256
+PROMPT_TOKENS = 800  # 3 full chunks; vLLM computes the rest
+rng = random.Random(0)
+PROMPTS = [[rng.randrange(3, 250) for _ in range(PROMPT_TOKENS)] for _ in range(11)]
+P_FIRST, P_EVICT, P_BAD = 0, 1, range(2, 11)
+BAD_KINDS = ["bit flip in the data", "truncated", "zero length", "garbage",
+             "a valid chunk of another namespace", "a valid chunk of another shape",
+             "a valid chunk of another key", "a directory", "a symlink outside the storage path"]
+TEXT = "".join(random.Random(1).choice("abcdefghij klmnop,.") for _ in range(2 * CHUNK_TOKENS + 40))
+CLI = Path(sys.executable).with_name("lmcache-fs")
+
+
+def _spec(run, name, connector, core):
+    """An engine on one OpenMP thread bound to ``core``.
+
+    vLLM's CPU build reserves one more core when a KV connector is configured, so
+    on a 2-core machine an engine with the connector would compute with 2 threads
+    and one without it with 1: another summation order, and a random model's
+    near-tied logits then pick other tokens. One thread each makes the no-cache
+    comparison exact.
+    """
+    return {"model": run["model"], "log_path": run["logs"] / f"faults-engine-{name}.log",
+            "connector": connector, "env": {"VLLM_CPU_OMP_THREADS_BIND": str(core)}}
+
+
+def _connector(storage_path, role="kv_both"):
+    return {"kv_connector": "LMCacheFSConnector", "kv_role": role,
+            "kv_connector_extra_config": {"storage_path": str(storage_path)}}
+
+
+def _start(*specs):
+    """Start engines (EngineProcess keyword arguments each) at once; returns them in order."""
+    engines: list = [None] * len(specs)
+    errors = []
+
+    def start(i, spec):
+        try:
+            engines[i] = EngineProcess(**spec)
+        except Exception as exc:  # reported below, after the others are up or failed
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(i, s)) for i, s in enumerate(specs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        for engine in engines:
+            if engine is not None:
+                engine.close()
+        raise errors[0]
+    return engines
+
+
+def _key(prompt, index):
+    """The key the engines give chunk ``index`` of ``prompt`` (vLLM's hash of its last block)."""
+    from lmcache_fs.prompt_keys import chunk_keys
+
+    return chunk_keys(prompt, CHUNK_TOKENS, 128)[index]
+
+
+def _chunk_files(source):
+    return {c.key: Path(c.path) for ns in namespace_dirs(source) for c in scan_chunks(ns)}
+
+
+def _wait_for_chunks(source, n, timeout_s=60):
+    deadline = time.monotonic() + timeout_s
+    while len(_chunk_files(source)) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _chunk_files(source)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, synthetic_model, artifacts_dir):
+    """The shared directory, its two FUSE views, the model, and what each engine answered."""
+    root = tmp_path_factory.mktemp("engine-faults")
+    source = root / "kv"
+    source.mkdir()
+    with ExitStack() as mounts:
+        yield {"source": source, "a": mounts.enter_context(bindfs_view(source, root / "node-a")),
+               "b": mounts.enter_context(bindfs_view(source, root / "node-b")), "root": root,
+               "model": synthetic_model, "logs": artifacts_dir, "tokens": {}, "notes": {}}
+
+
+@pytest.fixture(scope="class")
+def nodes(run):
+    """Engines A and B, started together, each on its own mount of the directory."""
+    a, b = _start(_spec(run, "a", _connector(run["a"]), core=0),
+                  _spec(run, "b", _connector(run["b"]), core=1))
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _plant(kind, path, files, tmp):
+    """Replace the chunk file at ``path`` by a bad entry of ``kind``."""
+    raw = bytearray(path.read_bytes())
+    header_json = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    meta = header_json["__metadata__"]
+    shape = header_json["kv"]["shape"]
+    path.unlink()
+    if kind == "bit flip in the data":
+        raw[-5] ^= 0x01
+        path.write_bytes(raw)
+    elif kind == "truncated":
+        path.write_bytes(raw[:-4096])
+    elif kind == "zero length":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(random.Random(2).randbytes(len(raw)))
+    elif kind == "a valid chunk of another namespace":
+        write_chunk_file(path, torch.randn(shape).to(torch.bfloat16),
+                         {"namespace": "other-model-0123456789abcdef", "key": meta["key"]})
+    elif kind == "a valid chunk of another shape":
+        write_chunk_file(path, torch.randn([shape[0] + 1, *shape[1:]]).to(torch.bfloat16),
+                         {"namespace": meta["namespace"], "key": meta["key"]})
+    elif kind == "a valid chunk of another key":  # real KV of this model, of another prefix
+        path.write_bytes(files[meta["parent_key"]].read_bytes())
+    elif kind == "a directory":
+        path.mkdir()
+    elif kind == "a symlink outside the storage path":
+        outside = tmp / f"outside-{meta['key'][:8]}.safetensors"
+        outside.write_bytes(raw)  # the very chunk, valid, but outside: still never read
+        os.symlink(outside, path)
+
+
+class TestTwoNodesWithoutSharedFileEvents:
+
+    def test_the_engine_on_mount_b_hits_chunks_the_engine_on_mount_a_wrote(self, run, nodes):
+        a, b = nodes
+        for i, out in enumerate(a.generate(PROMPTS)):  # cold: A's answers are the no-hit ones
+            run["tokens"][("A cold", i)] = out["token_ids"]
+        files = _wait_for_chunks(run["source"], 3 * len(PROMPTS))
+        assert len(files) == 3 * len(PROMPTS)
+        [hit] = b.generate([PROMPTS[P_FIRST]])  # B was up before A wrote: no event told it
+        assert hit["num_cached_tokens"] == 3 * CHUNK_TOKENS
+        assert hit["token_ids"] == run["tokens"][("A cold", P_FIRST)]
+        run["notes"]["two_mounts"] = f"B hit {hit['num_cached_tokens']}/{PROMPT_TOKENS} tokens written by A"
+
+    def test_planted_bad_files_are_misses_and_the_tokens_do_not_change(self, run, nodes):
+        _, b = nodes
+        files = _chunk_files(run["source"])
+        planted = {}
+        for kind, p in zip(BAD_KINDS, P_BAD):
+            planted[kind] = _key(PROMPTS[p], 1)  # the second chunk: the first still hits
+            _plant(kind, files[planted[kind]], files, run["root"])
+        outs = b.generate([PROMPTS[p] for p in P_BAD])
+        for (kind, p), out in zip(zip(BAD_KINDS, P_BAD), outs):
+            assert out["token_ids"] == run["tokens"][("A cold", p)], kind
+            assert not os.path.lexists(files[planted[kind]]), f"{kind} was not quarantined"
+        assert b.proc.poll() is None  # no crash
+        assert len(list(scan_quarantine(run["source"]))) == len(BAD_KINDS)
+        assert b.log_text().count("unusable") >= len(BAD_KINDS)  # each loaded as a miss
+        run["notes"]["planted_in_engine"] = {k: "miss, quarantined, same tokens" for k in BAD_KINDS}
+
+    def test_chunks_evicted_after_the_lookup_are_recomputed(self, run, nodes):
+        _, b = nodes
+        [first] = b.generate([PROMPTS[P_EVICT]])
+        assert first["num_cached_tokens"] == 3 * CHUNK_TOKENS
+        b.reset_prefix_cache()  # the next request must load from files again
+        files = _chunk_files(run["source"])
+        victims = [_key(PROMPTS[P_EVICT], c) for c in range(3)]
+        report = self._evict_exactly(run["source"], [files[k] for k in victims])
+        assert report.evicted_chunks == 3
+        [again] = b.generate([PROMPTS[P_EVICT]])  # B's index still lists them: loads get "missing"
+        assert again["token_ids"] == run["tokens"][("A cold", P_EVICT)]
+        assert "unusable (missing)" in b.log_text()
+        run["notes"]["evicted_after_lookup"] = "load failed as missing, recomputed, same tokens"
+
+    def test_pinning_by_prompt_text_selects_the_chunks_the_engine_stored(self, run, nodes):
+        from lmcache_fs.prompt_keys import tokenize
+
+        a, _ = nodes
+        ids = tokenize(str(run["model"]), TEXT)
+        before = set(_chunk_files(run["source"]))
+        a.generate([ids])
+        stored = set(_wait_for_chunks(run["source"], len(before) + 2)) - before
+        prompt_file = run["root"] / "prompt.txt"
+        prompt_file.write_text(TEXT)
+        done = subprocess.run([str(CLI), "pin", "--model", str(run["model"]), "--prompt-file",
+                               str(prompt_file), "--storage-path", str(run["source"]), "--json"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        [pin] = json.loads(done.stdout)["pins"]
+        assert pin["chunks"] == pin["present"] == len(stored) == 2
+        assert pin["name"] in stored
+
+    @staticmethod
+    def _evict_exactly(source, paths):
+        """Make ``paths`` the least recently used and run a real pass whose budget removes just
+        them (after the quarantined files, which always go first)."""
+        for path in paths:
+            os.utime(path, (time.time() - 3600, time.time() - 3600))
+        quarantined = sum(e.size for e in scan_quarantine(source))
+        total = sum(c.size for ns in namespace_dirs(source) for c in scan_chunks(ns))
+        total += quarantined + sum(e.size for e in scan_temporaries(source))
+        victims = sum(p.stat().st_size for p in paths)
+        evictor = Evictor(source, max_bytes=total, high_watermark=0.99,
+                          low_watermark=(total - quarantined - victims + 1000) / total)
+        try:
+            return evictor.run_pass()
+        finally:
+            evictor.close()
+
+
+class TestRestart:
+
+    def test_a_restarted_read_only_engine_reuses_chunks_at_once_and_answers_like_no_cache(self, run):
+        with read_only_view(run["source"], run["root"] / "read-only") as ro:
+            restarted, baseline = _start(_spec(run, "restarted", _connector(ro, "kv_consumer"), core=0),
+                                         _spec(run, "baseline", None, core=1))
+            try:
+                [first] = restarted.generate([PROMPTS[P_FIRST]])
+                assert first["num_cached_tokens"] == 3 * CHUNK_TOKENS  # the first request hits
+                outs = restarted.generate(PROMPTS)
+                reference = baseline.generate(PROMPTS)
+                assert "chunks found at start-up" in restarted.log_text()
+            finally:
+                restarted.close()
+                baseline.close()
+        for i, (out, ref) in enumerate(zip(outs, reference)):
+            assert out["token_ids"] == ref["token_ids"], f"prompt {i}"
+            assert run["tokens"][("A cold", i)] == ref["token_ids"], f"prompt {i}"
+        assert first["token_ids"] == reference[P_FIRST]["token_ids"]

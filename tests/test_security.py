@@ -1,0 +1,129 @@
+"""Security: keys never become paths unchecked, nothing is read or written through a symlink,
+files are not world-writable, only safetensors is parsed, and headers are checked first."""
+
+import ast
+import os
+import pickle
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from cachedir import SHAPE, chunk, files_under, load_ok, make_store, prefix_keys, save_prefix
+from lmcache_fs.codec import ChunkFileError, write_chunk_file
+from lmcache_fs.layout import ChunkLayout, Namespace
+from lmcache_fs.pins import PinStore
+from lmcache_fs.store import ChunkStore
+
+PACKAGE = Path(__file__).resolve().parent.parent / "lmcache_fs"
+
+
+@pytest.fixture
+def store(tmp_path):
+    return make_store(tmp_path / "kv")
+
+
+def _outside_copy(tmp_path, store, key):
+    """A valid chunk file for ``key``, but outside the storage path."""
+    outside = tmp_path / "outside" / key[:2]
+    outside.mkdir(parents=True)
+    target = outside / f"{key}.safetensors"
+    write_chunk_file(target, chunk(key), store.identity(key))
+    return target
+
+
+@pytest.mark.parametrize("key", ["../../../etc/passwd", "/etc/passwd", "ab" * 16 + "/../x",
+                                 "AB" * 32, "ab" * 32 + "\x00", ""])
+def test_a_key_that_is_not_strict_hex_never_reaches_the_filesystem(store, key, monkeypatch):
+    opened = []
+    monkeypatch.setattr(os, "open", lambda *a, **k: opened.append(a) or 1 / 0)
+    with pytest.raises(ChunkFileError, match="not a chunk key"):
+        store.load(key, torch.empty(SHAPE, dtype=torch.bfloat16))
+    assert opened == []
+
+
+def test_a_valid_chunk_behind_a_symlink_is_not_read(tmp_path, store):
+    key = prefix_keys("p", 1)[0]
+    path = store.layout.chunk_path(key)
+    path.parent.mkdir(parents=True)
+    os.symlink(_outside_copy(tmp_path, store, key), path)
+    with pytest.raises(ChunkFileError, match="cannot open"):
+        load_ok(store, key)
+
+
+@pytest.mark.parametrize("level", ["fan-out", "namespace"])
+def test_a_symlinked_directory_is_neither_read_nor_written_through(tmp_path, level):
+    root = tmp_path / "kv"
+    layout = ChunkLayout(root, Namespace({"model": "m"}))
+    key = prefix_keys("p", 1)[0]
+    outside_file = _outside_copy(tmp_path, ChunkStore(layout), key)
+    link = layout.chunk_path(key).parent if level == "fan-out" else layout.directory
+    target = outside_file.parent if level == "fan-out" else outside_file.parent.parent
+    link.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, link)
+    store = ChunkStore(layout)
+    with pytest.raises(ChunkFileError, match="symlink or not a directory"):
+        load_ok(store, key)
+    assert not os.path.lexists(link) and outside_file.exists()  # the link was quarantined, not its target
+    os.symlink(target, link)  # planted again
+    before = files_under(tmp_path / "outside")
+    with pytest.raises(OSError, match="symlink or not a directory"):
+        store.save(key[:2] + "0" * 62, chunk(key), {})  # a key whose path goes through the link
+    assert files_under(tmp_path / "outside") == before  # nothing written outside the storage path
+
+
+def test_published_files_are_not_world_writable_whatever_the_umask(store):
+    old = os.umask(0)
+    try:
+        save_prefix(store, prefix_keys("p", 1))
+        PinStore(store.layout.directory).pin(prefix_keys("p", 1))
+    finally:
+        os.umask(old)
+    for path in files_under(store.layout.root):
+        assert not stat.S_IMODE(path.stat().st_mode) & 0o002, path
+
+
+def test_the_file_mode_is_configurable(tmp_path):
+    store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})), file_mode=0o640)
+    key = prefix_keys("p", 1)[0]
+    store.save(key, chunk(key), {})
+    assert stat.S_IMODE(store.layout.chunk_path(key).stat().st_mode) == 0o640
+
+
+def test_a_pickle_at_a_chunk_path_is_a_miss_and_never_unpickled(store, monkeypatch):
+    key = prefix_keys("p", 1)[0]
+    path = store.layout.chunk_path(key)
+    path.parent.mkdir(parents=True)
+    torch.save({"kv": chunk(key)}, path)
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
+    with pytest.raises(ChunkFileError):
+        load_ok(store, key)
+
+
+def test_no_module_of_the_package_can_unpickle():
+    """Only safetensors is parsed: no pickle, torch.load or numpy allow_pickle anywhere."""
+    banned_imports = {"pickle", "cPickle", "dill", "shelve", "marshal"}
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = {a.name.split(".")[0] for a in node.names}
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names.add(node.module.split(".")[0])
+                assert not names & banned_imports, f"{path}: imports {names & banned_imports}"
+            if isinstance(node, ast.Attribute) and node.attr == "load":
+                owner = node.value
+                assert not (isinstance(owner, ast.Name) and owner.id == "torch"), f"{path}: torch.load"
+            if isinstance(node, ast.keyword) and node.arg == "allow_pickle":
+                pytest.fail(f"{path}: allow_pickle")
+
+
+def test_a_header_promising_another_shape_is_refused(tmp_path, store):
+    key = prefix_keys("p", 1)[0]
+    path = store.layout.chunk_path(key)
+    path.parent.mkdir(parents=True)
+    huge = torch.zeros(4, 1, 1, 16, 16, dtype=torch.bfloat16)  # twice the namespace's layers
+    write_chunk_file(path, huge, store.identity(key))
+    with pytest.raises(ChunkFileError, match="expected torch.bfloat16"):
+        store.load(key, torch.empty(SHAPE, dtype=torch.bfloat16))
