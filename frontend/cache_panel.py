@@ -1,8 +1,8 @@
 """What the shared cache directory holds: namespaces, chunk files and bytes.
 
-Reads the directory only through :mod:`lmcache_fs.layout`, the module that
-owns the on-disk layout, so the panel counts exactly what the engines would
-load (published chunk files; temporaries and stray files are not counted).
+Counts through :mod:`lmcache_fs.inventory`, the API the ``lmcache-fs`` CLI
+uses, so the panel shows exactly what ``lmcache-fs ls`` would (published chunk
+files; temporaries and stray files are not counted).
 
 Example:
     >>> summarize_cache("/nonexistent").visible
@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmcache_fs.layout import ChunkLayout, Namespace, is_namespace_name, read_manifest
+from lmcache_fs.inventory import namespace_dirs, summarize_namespace
+from lmcache_fs.layout import Namespace, read_manifest
 
 
 @dataclass(frozen=True)
@@ -46,33 +47,27 @@ class CacheSummary:
         return sum(ns.bytes for ns in self.namespaces)
 
 
-def _summarize_namespace(root: Path, name: str) -> NamespaceSummary:
-    fields = read_manifest(root / name)
+def _summarize_namespace(directory: Path) -> NamespaceSummary:
+    fields = read_manifest(directory)
     if fields is None:
-        return NamespaceSummary(name, "?", 0, 0, "no readable namespace.json")
-    namespace = Namespace(fields)
-    if namespace.name != name:
-        return NamespaceSummary(name, str(fields.get("model", "?")), 0, 0,
+        return NamespaceSummary(directory.name, "?", 0, 0, "no readable namespace.json")
+    if Namespace(fields).name != directory.name:
+        return NamespaceSummary(directory.name, str(fields.get("model", "?")), 0, 0,
                                 "namespace.json does not match the directory name")
-    chunks = size = 0
-    for _key, entry in ChunkLayout(root, namespace).iter_chunk_files():
-        try:
-            size += entry.stat(follow_symlinks=False).st_size
-        except FileNotFoundError:  # evicted while we counted
-            continue
-        chunks += 1
-    return NamespaceSummary(name, str(fields["model"]), chunks, size)
+    counted = summarize_namespace(directory)  # the same count as `lmcache-fs ls`
+    return NamespaceSummary(counted.name, counted.model, counted.chunks, counted.bytes)
 
 
 def summarize_cache(root: str | os.PathLike[str]) -> CacheSummary:
     """Count chunk files and bytes per namespace under ``root`` (never raises on a bad tree)."""
     path = Path(root)
     try:
-        names = sorted(e.name for e in os.scandir(path)
-                       if e.is_dir(follow_symlinks=False) and is_namespace_name(e.name))
+        if not path.is_dir():
+            return CacheSummary(str(path), False)
+        return CacheSummary(str(path), True,
+                            tuple(_summarize_namespace(d) for d in namespace_dirs(path)))
     except OSError:
         return CacheSummary(str(path), False)
-    return CacheSummary(str(path), True, tuple(_summarize_namespace(path, n) for n in names))
 
 
 def wait_for_new_chunks(root: str | os.PathLike[str], before: int, timeout_s: float = 30.0,
