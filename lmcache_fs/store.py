@@ -85,6 +85,24 @@ class ChunkStore:
             ChunkFileError: missing, truncated, corrupt, foreign, of another
                 shape, or reached through a symlinked directory.
         """
+        path = self.path_for_read(key)
+        try:
+            header = read_chunk_file(path, out, self.identity(key))
+        except ChunkFileError as exc:
+            self.load_failed(path, exc)
+            raise
+        self.loaded(key, path)
+        return header
+
+    # The three steps of :meth:`load`, for readers with their own I/O (kvikio/GDS).
+
+    def path_for_read(self, key: str) -> Path:
+        """The chunk file of ``key``, once no directory on the way to it is a symlink.
+
+        Raises:
+            ChunkFileError: ``key`` is not a key, or a directory on the way is a
+                symlink or a file (that entry is quarantined).
+        """
         try:
             path = self.layout.chunk_path(key)
         except BadKeyError as exc:
@@ -93,14 +111,16 @@ class ChunkStore:
         if bad is not None:
             quarantine(self.layout.root, bad, "not a real directory")
             raise ChunkFileError(f"{bad} is a symlink or not a directory: not read through")
-        try:
-            header = read_chunk_file(path, out, self.identity(key))
-        except ChunkFileError as exc:
-            if is_bad_entry(exc):
-                quarantine(self.layout.root, path, str(exc))
-            raise
+        return path
+
+    def loaded(self, key: str, path: Path) -> None:
+        """Mark chunk ``key`` (read from ``path``) as just used, for eviction on every node."""
         self._touch(key, path)
-        return header
+
+    def load_failed(self, path: Path, exc: ChunkFileError) -> None:
+        """Quarantine ``path`` if ``exc`` proves it bad (a missing file is left alone)."""
+        if is_bad_entry(exc):
+            quarantine(self.layout.root, path, str(exc))
 
     def _unsafe_directory(self, path: Path) -> Path | None:
         """The namespace or fan-out directory above ``path`` that is a symlink or a file, if any."""

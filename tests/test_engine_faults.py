@@ -105,10 +105,12 @@ def run(tmp_path_factory, synthetic_model, artifacts_dir):
     root = tmp_path_factory.mktemp("engine-faults")
     source = root / "kv"
     source.mkdir()
+    notes: dict = {}  # what each fault did, for tests/artifacts/faults-engine.json
     with ExitStack() as mounts:
         yield {"source": source, "a": mounts.enter_context(bindfs_view(source, root / "node-a")),
                "b": mounts.enter_context(bindfs_view(source, root / "node-b")), "root": root,
-               "model": synthetic_model, "logs": artifacts_dir, "tokens": {}, "notes": {}}
+               "model": synthetic_model, "logs": artifacts_dir, "tokens": {}, "notes": notes}
+    (artifacts_dir / "faults-engine.json").write_text(json.dumps(notes, indent=2) + "\n")
 
 
 @pytest.fixture(scope="class")
@@ -213,6 +215,7 @@ class TestTwoNodesWithoutSharedFileEvents:
         [pin] = json.loads(done.stdout)["pins"]
         assert pin["chunks"] == pin["present"] == len(stored) == 2
         assert pin["name"] in stored
+        run["notes"]["pin_by_prompt"] = f"CLI keys == engine keys for {len(stored)} chunks"
 
     @staticmethod
     def _evict_exactly(source, paths):
@@ -251,3 +254,6 @@ class TestRestart:
             assert out["token_ids"] == ref["token_ids"], f"prompt {i}"
             assert run["tokens"][("A cold", i)] == ref["token_ids"], f"prompt {i}"
         assert first["token_ids"] == reference[P_FIRST]["token_ids"]
+        run["notes"]["read_only_restart"] = (
+            f"first request hit {first['num_cached_tokens']}/{PROMPT_TOKENS} tokens; all {len(PROMPTS)} "
+            "prompts give the no-cache engine's tokens")

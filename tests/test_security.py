@@ -127,3 +127,21 @@ def test_a_header_promising_another_shape_is_refused(tmp_path, store):
     write_chunk_file(path, huge, store.identity(key))
     with pytest.raises(ChunkFileError, match="expected torch.bfloat16"):
         store.load(key, torch.empty(SHAPE, dtype=torch.bfloat16))
+
+
+def test_a_reader_with_its_own_io_gets_the_same_checks_quarantine_and_touch(tmp_path, store):
+    """The kvikio/GDS path reads files itself: the store still vets paths and records outcomes."""
+    key, other = prefix_keys("p", 2)
+    save_prefix(store, [key])
+    path = store.path_for_read(key)
+    os.utime(path, (0, 0))
+    store.loaded(key, path)
+    assert path.stat().st_mtime > 0  # used now, for eviction on every node
+    path.write_bytes(b"garbage")
+    store.load_failed(path, ChunkFileError("checksum mismatch: the data is corrupt"))
+    assert not path.exists()  # quarantined
+    fanout = store.layout.chunk_path(other).parent
+    fanout.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(tmp_path, fanout)
+    with pytest.raises(ChunkFileError, match="symlink or not a directory"):
+        store.path_for_read(other)
