@@ -23,6 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_fs.config import ConfigError, LMCacheFSConfig, load_config
+from lmcache_fs.eviction import BackgroundEvictor, start_background_evictor
 from lmcache_fs.index import ChunkIndex
 from lmcache_fs.layout import ChunkLayout
 from lmcache_fs.log import init_logging
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger("lmcache_fs.connector")
@@ -76,6 +78,7 @@ class LMCacheFSConnector(KVConnectorBase_V1):
 
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._evictor: BackgroundEvictor | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._adopt_recompute_policy()
             layouts = [ChunkLayout(root, rank_namespace(fields, tp, pp))
@@ -91,6 +94,8 @@ class LMCacheFSConnector(KVConnectorBase_V1):
             check_hash_seed(layouts[0].directory, str(fields["hash_algo"]))
             self._scheduler = SchedulerSide(indexes, self.config.chunk_size, block_size,
                                             hash_block_size, can_load, can_save)
+            if can_save:  # with a budget, one evictor per engine; the lease picks who works
+                self._evictor = start_background_evictor(self.config, self._scheduler.forget)
         else:
             from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 
@@ -154,6 +159,8 @@ class LMCacheFSConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()
+        if self._evictor is not None:
+            self._evictor.stop()
         if self._scheduler is not None:
             for index in self._scheduler.indexes:
                 index.stop_watching()
@@ -173,6 +180,10 @@ class LMCacheFSConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         assert self._scheduler is not None
         return self._scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        assert self._scheduler is not None
+        self._scheduler.loads_failed(connector_output.invalid_block_ids)
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

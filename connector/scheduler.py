@@ -9,6 +9,7 @@ same key in every process and on every node that shares the hash seed.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _SAVE_REQUESTED_MAX = 100_000  # keys remembered as "already asked to store"
+# A store asked for longer ago than this has landed or failed: check the disk again
+# (another node may have evicted it, or our write may have hit a full disk).
+SAVE_REQUESTED_TTL_S = 30.0
+_LOADING_MAX = 100_000  # blocks of recent loads, remembered to name the chunk of a failed one
 
 
 @dataclass
@@ -51,7 +56,11 @@ class SchedulerSide:
         self._tracked: dict[str, _Tracked] = {}
         self._pending_loads: list[LoadOp] = []
         self._pending_hits: dict[str, HitSummary] = {}
-        self._save_requested: set[str] = set()
+        self._save_requested: dict[str, float] = {}  # key -> when its store was planned
+        # block id -> (request, chunk key, chunk index) of planned loads, to name the chunk
+        # of a failed block. A block's entry is replaced when it is loaded into again, and
+        # failures only ever name blocks of loads, so finished requests need no clean-up.
+        self._loading: dict[int, tuple[str, str, int]] = {}
 
     # -- keys ---------------------------------------------------------------
 
@@ -62,7 +71,14 @@ class SchedulerSide:
         return [bytes(hashes[(c + 1) * self.hashes_per_chunk - 1]).hex() for c in range(n)]
 
     def _present(self, key: str) -> bool:
-        return all(index.contains(key) for index in self.indexes)
+        # A chunk this engine just asked to store is stat'ed afresh, not taken
+        # from the negative cache: an immediate repeat of a prompt must hit.
+        recheck = key in self._save_requested
+        return all(index.contains(key, recheck) for index in self.indexes)
+
+    def _save_pending(self, key: str) -> bool:
+        planned = self._save_requested.get(key)
+        return planned is not None and time.monotonic() - planned < SAVE_REQUESTED_TTL_S
 
     # -- vLLM hooks ---------------------------------------------------------
 
@@ -93,8 +109,11 @@ class SchedulerSide:
         if num_external_tokens <= 0:
             return
         keys = self.chunk_keys(request, hit + self.chunk_size - 1)
+        if len(self._loading) > _LOADING_MAX:
+            self._loading.clear()
         for block in range(local // self.block_size, hit // self.block_size):
             chunk, offset = divmod(block, self.blocks_per_chunk)
+            self._loading[block_ids[block]] = (req_id, keys[chunk], chunk)
             last = self._pending_loads[-1] if self._pending_loads else None
             if last and last.req_id == req_id and last.key == keys[chunk]:
                 self._pending_loads[-1] = LoadOp(req_id, last.key, last.first_block,
@@ -127,6 +146,32 @@ class SchedulerSide:
             self._plan_saves(tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
         return meta
 
+    def forget(self, namespace: str | None, key: str) -> None:
+        """Chunk ``key`` is gone (evicted, quarantined) from ``namespace`` (None: from all).
+
+        Stop offering it and allow storing it again.
+        """
+        for index in self.indexes:
+            if namespace is None or index.layout.namespace.name == namespace:
+                index.discard(key)
+        self._save_requested.pop(key, None)
+
+    def loads_failed(self, block_ids: set[int]) -> None:
+        """The chunks of these blocks were gone or bad: forget them, store them once recomputed.
+
+        On NFS no event reports another node's eviction, so without this the
+        index would offer such a chunk again and again, and the prefix that
+        vLLM recomputes would never be stored again.
+        """
+        for block in block_ids:
+            if block not in self._loading:
+                continue
+            req_id, key, chunk = self._loading.pop(block)
+            self.forget(None, key)
+            tracked = self._tracked.get(req_id)
+            if tracked is not None:  # vLLM recomputes from here: plan those chunks' saves again
+                tracked.next_chunk = min(tracked.next_chunk, chunk)
+
     def request_finished(self, request: "Request") -> None:
         """Forget the request (saves were issued in the step that computed them)."""
         self._tracked.pop(request.request_id, None)
@@ -137,6 +182,8 @@ class SchedulerSide:
     def _plan_saves(self, tracked: _Tracked, computed_after_step: int,
                     meta: LMCacheFSMetadata) -> None:
         request = tracked.request
+        if tracked.next_chunk >= request.num_prompt_tokens // self.chunk_size:
+            return  # every full prompt chunk is planned (decode steps end here)
         # Only prompt chunks are stored: they are what later requests share.
         upto = min(computed_after_step, request.num_prompt_tokens)
         keys = self.chunk_keys(request, upto)
@@ -146,13 +193,10 @@ class SchedulerSide:
             if len(blocks) < self.blocks_per_chunk:
                 break
             tracked.next_chunk = chunk + 1
-            if key in self._save_requested or self._present(key):
+            if self._save_pending(key) or self._present(key):
                 continue
             if len(self._save_requested) > _SAVE_REQUESTED_MAX:
                 self._save_requested.clear()
-            self._save_requested.add(key)
+            self._save_requested[key] = time.monotonic()
             parent = keys[chunk - 1] if chunk else ""
             meta.saves.append(SaveOp(key, parent, chunk, tuple(blocks)))
-        if tracked.next_chunk >= request.num_prompt_tokens // self.chunk_size:
-            # Every full prompt chunk has been considered: nothing more to store.
-            self._tracked.pop(request.request_id, None)

@@ -73,12 +73,15 @@ class ChunkIndex:
         with self._lock:
             self._keys.discard(key)
 
-    def contains(self, key: str) -> bool:
-        """True if the chunk is published, checking the disk when the set says no."""
+    def contains(self, key: str, recheck: bool = False) -> bool:
+        """True if the chunk is published, checking the disk when the set says no.
+
+        ``recheck`` skips the negative cache (a chunk known to be on its way).
+        """
         if key in self._keys:
             return True
         now = self._clock()
-        if self._absent_until.get(key, 0.0) > now:
+        if not recheck and self._absent_until.get(key, 0.0) > now:
             return False
         try:
             self._stat(str(self.layout.chunk_path(key)))

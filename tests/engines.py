@@ -13,6 +13,12 @@ from typing import Any
 from engine_worker import REPLY_MARKER
 
 START_TIMEOUT_S = 300
+# vLLM's CPU build reserves one more core for an engine with a KV connector, so
+# by default a connector engine and a plain one compute with different thread
+# counts: another summation order (a random model's near-tied logits then pick
+# other tokens) and unequal speed. One compute thread on the last core for every
+# engine makes "same tokens as plain vLLM" exact and timings comparable.
+SAME_THREADS_ENV = {"VLLM_CPU_OMP_THREADS_BIND": str((os.cpu_count() or 1) - 1)}
 
 
 class EngineProcess:
@@ -31,7 +37,7 @@ class EngineProcess:
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **SAME_THREADS_ENV, **(env or {})})
         self._read_reply(START_TIMEOUT_S)
 
     def _read_reply(self, timeout_s: float) -> dict[str, Any]:

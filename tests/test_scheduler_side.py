@@ -124,3 +124,39 @@ def test_different_prefixes_give_different_keys(tmp_path):
     side, _ = _side(tmp_path)
     a, b = _request("a", CHUNK), _request("b", CHUNK, salt=b"lora")
     assert side.chunk_keys(a, CHUNK) != side.chunk_keys(b, CHUNK)
+
+
+def test_failed_load_forgets_the_chunk_and_stores_the_recomputed_one_again(tmp_path):
+    side, index = _side(tmp_path)
+    req = _request("r", 3 * CHUNK + 5)
+    keys = side.chunk_keys(req, req.num_tokens)
+    for key in keys:
+        index.add(key)
+    ext = side.get_num_new_matched_tokens(req, 0)
+    ids = list(range(13))
+    side.update_state_after_alloc(req, _blocks(ids), ext)
+    new = SimpleNamespace(req_id="r", block_ids=(ids,), num_computed_tokens=0)
+    assert side.build_connector_meta(_step([new], scheduled={"r": 5})).saves == []  # all present
+    # Another node evicted chunk 1: its blocks 4..7 failed to load.
+    index.discard(keys[1])
+    side.loads_failed({4, 5, 6, 7})
+    assert keys[1] not in index._keys
+    cached = SimpleNamespace(req_ids=["r"], resumed_req_ids=set(), new_block_ids=[None],
+                             num_computed_tokens=[CHUNK])
+    saves = side.build_connector_meta(_step(cached=cached, scheduled={"r": 2 * CHUNK + 5})).saves
+    assert [s.key for s in saves] == [keys[1]]  # chunk 2 is still on disk
+
+
+def test_a_chunk_just_planned_for_storing_is_found_at_once_despite_the_negative_cache(tmp_path):
+    side, index = _side(tmp_path)
+    index.negative_ttl_s = 60.0
+    req = _request("r", CHUNK + 1)
+    side.get_num_new_matched_tokens(req, 0)  # miss: now in the negative cache
+    side.update_state_after_alloc(req, _blocks(range(5)), 0)
+    new = SimpleNamespace(req_id="r", block_ids=(list(range(5)),), num_computed_tokens=0)
+    (save,) = side.build_connector_meta(_step([new], scheduled={"r": CHUNK + 1})).saves
+    path = index.layout.chunk_path(save.key)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"published by the worker")
+    again = _request("again", CHUNK + 1)
+    assert side.get_num_new_matched_tokens(again, 0) == CHUNK
