@@ -43,6 +43,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -50,7 +51,6 @@ import torch
 
 from lmcache_fs.codec import (ALIGNMENT, ChunkFileError, ChunkHeader, check_header, checksum,
                               parse_header, read_chunk_header)
-from lmcache_fs.layout import BadKeyError
 from lmcache_fs.store import ChunkStore
 
 logger = logging.getLogger(__name__)
@@ -314,19 +314,28 @@ class GpuChunkReader:
             return self._pool.submit(self._read_posix, key, slot, in_use)
         if in_use is not None:
             in_use.synchronize()  # kvikio writes into the slot as soon as the read starts
+        path = None
         try:
-            try:
-                path = self.store.layout.chunk_path(key)
-            except BadKeyError as exc:
-                raise ChunkFileError(str(exc)) from exc
+            path = self.store.path_for_read(key)  # no symlinked directory on the way
             read = start_read_kvikio(self.backend.kvikio, path, self._device[slot],
                                      self.store.identity(key), self._targets[slot])
         except ChunkFileError as exc:
+            if path is not None:
+                self.store.load_failed(path, exc)
             failed: Future[Any] = Future()
             failed.set_exception(exc)
             return failed
-        return self._pool.submit(read.finish, self._host[slot] if self.verify else None,
-                                 self._streams[slot] if self._streams else None)
+        return self._pool.submit(self._finish_kvikio, read, key, path, slot)
+
+    def _finish_kvikio(self, read: KvikioRead, key: str, path: Path, slot: int) -> None:
+        """Wait for and verify a kvikio read; keep the store's books like a POSIX load does."""
+        try:
+            read.finish(self._host[slot] if self.verify else None,
+                        self._streams[slot] if self._streams else None)
+        except ChunkFileError as exc:
+            self.store.load_failed(path, exc)  # quarantine what is proven bad
+            raise
+        self.store.loaded(key, path)  # mtime: recently used, for eviction on every node
 
     def _to_device(self, slot: int) -> torch.Tensor:
         """The slot's chunk on the device (POSIX on CUDA: queue the H2D copy now)."""
