@@ -11,12 +11,14 @@ A 128k-token prompt in 256-token chunks is 512 keys. For each directory size
 
 each with all 512 keys present ("all hit") and with the first key absent
 ("first miss"). Beside it, LMCache 0.5.6's own lookups on 512 chunks it
-stored itself. Then ``ChunkIndex.scan`` time (dentries cached, and after
-dropping the dentry cache where permitted) and the index's memory.
+stored itself. Then ``ChunkIndex.scan`` time (directory cached, and after
+dropping every cache where permitted), the index's memory and watchdog's
+start-up on the same tree.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import time
@@ -32,7 +34,7 @@ from bench.lmcache_proxy import LMCacheError, LMCacheWorker
 from bench.plot import Panel, Series, grouped_bars
 from bench.tree import chunk_key, ensure_tree
 from lmcache_fs.index import ChunkIndex
-from lmcache_fs.layout import ChunkLayout
+from lmcache_fs.layout import CHUNK_SUFFIX, ChunkLayout
 
 PROMPT_KEYS = 512  # 131,072 tokens / 256 tokens per chunk
 FULL_SIZES = (10_000, 100_000, 1_000_000)
@@ -65,11 +67,26 @@ def _stat_only(layout: ChunkLayout) -> Callable[[Sequence[str]], int]:
     return ChunkIndex(layout, negative_ttl_s=0.0).longest_prefix
 
 
+def _bare_stats(layout: ChunkLayout) -> Callable[[Sequence[str]], int]:
+    """The floor for the stat fallback: one os.stat per key on a string path, nothing else."""
+    directory = str(layout.directory)
+
+    def lookup(keys: Sequence[str]) -> int:
+        for i, key in enumerate(keys):
+            try:
+                os.stat(f"{directory}/{key[:2]}/{key}{CHUNK_SUFFIX}")
+            except OSError:
+                return i
+        return len(keys)
+    return lookup
+
+
 METHODS = (
     Method("set (scanned index)", _scanned(negative_ttl_s=2.0)),
     Method("set, no negative cache (ttl 0)", _scanned(negative_ttl_s=0.0)),
     # A stat hit adds the key to the set, which would make the next call a set lookup.
     Method("stat fallback (empty set)", _stat_only, fresh_per_call=True),
+    Method("bare os.stat loop (reference)", _bare_stats),
 )
 CASES = ("all hit", "first miss")
 
@@ -123,9 +140,15 @@ def _index_bytes(layout: ChunkLayout) -> int:
 
 
 def _cold_scan(layout: ChunkLayout) -> float | None:
-    """Scan seconds after dropping dentries and inodes (``echo 2``), or None if not permitted."""
+    """Scan seconds with nothing cached, or None if dropping caches is not permitted.
+
+    Directory blocks live in the block device's page cache, which no per-file
+    hint reaches (and ``echo 2`` keeps), so this drops every clean cache of the
+    machine: once per directory size, never in --quick runs.
+    """
+    os.sync()
     try:
-        DROP_CACHES.write_text("2\n")
+        DROP_CACHES.write_text("3\n")
     except OSError:
         return None
     return timed(ChunkIndex(layout).scan)
@@ -154,7 +177,7 @@ def measure_size(files: int, opts: BenchOptions) -> SizeResult:
                 res.lookup_us.setdefault((method.name, case), []).extend(
                     _time_lookups(layout, method, prompt(case), reps, expect))
         res.scan_s.append(timed(ChunkIndex(layout).scan))
-    # Dropping the machine's dentry cache is for measurements, not for smoke tests.
+    # Dropping the machine's caches is for measurements, not for smoke tests.
     res.cold_scan_s = None if opts.quick else _cold_scan(layout)
     res.index_bytes = _index_bytes(layout)
     res.watch_start_s = _watch_start(layout)
@@ -193,7 +216,9 @@ def _fmt_us(values: list[float]) -> str:
     if not values:
         return "-"
     m = median(values)
-    return f"{m / 1000:.2f} ms" if m >= 1000 else f"{m:.0f} us"
+    if m >= 1000:
+        return f"{m / 1000:.2f} ms"
+    return f"{m:.1f} us" if m < 10 else f"{m:.0f} us"
 
 
 def _cold_cell(seconds: float | None, quick: bool) -> str:
@@ -228,7 +253,7 @@ def _report(results: list[SizeResult], peers: dict[tuple[str, str], list[float]]
                   "fs:// connector stats one key per await; the native client stats a batch on "
                   "its worker threads. None of these depends on the number of files.", ""]
     lines += ["## Start-up scan and index memory", "",
-              *md_table(["files", "ChunkIndex.scan (dentries cached)", "scan after `echo 2 > drop_caches`",
+              *md_table(["files", "ChunkIndex.scan (directory cached)", "scan after `sync; echo 3 > drop_caches`",
                          "index memory (tracemalloc)", "bytes per key", "watchdog start_watching"],
                         [[f"{r.files:,}", f"{median(r.scan_s):.3f} s",
                           _cold_cell(r.cold_scan_s, opts.quick),
@@ -243,17 +268,20 @@ def _goal_lines(results: list[SizeResult]) -> list[str]:
     lines = []
     biggest = max(results, key=lambda r: r.files)
     for case in CASES:
-        ms = median(biggest.lookup_us[(METHODS[0].name, case)]) / 1000
+        values = biggest.lookup_us[(METHODS[0].name, case)]
+        met = median(values) / 1000 < LOOKUP_GOAL_MS
         lines.append(f"- Lookup of {PROMPT_KEYS} keys at {biggest.files:,} files, set path, {case}: "
-                     f"{ms:.3f} ms ({'met' if ms < LOOKUP_GOAL_MS else 'MISSED'}, goal < {LOOKUP_GOAL_MS:g} ms)")
-    ms = median(biggest.lookup_us[(METHODS[2].name, "all hit")]) / 1000
-    lines.append(f"- The stat fallback (nothing in the set) takes {ms:.2f} ms for {PROMPT_KEYS} "
-                 "hits: it is the path for chunks that another NFS client wrote and no event "
+                     f"{_fmt_us(values)} ({'met' if met else 'MISSED'}, goal < {LOOKUP_GOAL_MS:g} ms)")
+    stat_path = _fmt_us(biggest.lookup_us[(METHODS[2].name, "all hit")])
+    floor = _fmt_us(biggest.lookup_us[(METHODS[3].name, "all hit")])
+    lines.append(f"- The stat fallback (nothing in the set) takes {stat_path} for {PROMPT_KEYS} "
+                 f"hits against {floor} for the bare stats: the rest is building a pathlib.Path "
+                 "per key. It is the path for chunks that another NFS client wrote and no event "
                  "reported, so it is not held to the 1 ms goal; on NFS each stat is a round trip.")
     at = [r for r in results if r.files == SCAN_GOAL_FILES]
     if at:
         s = median(at[0].scan_s)
-        cold = f", {at[0].cold_scan_s:.2f} s with the dentry cache dropped" if at[0].cold_scan_s else ""
+        cold = f", {at[0].cold_scan_s:.2f} s with all caches dropped" if at[0].cold_scan_s else ""
         lines.append(f"- Start-up scan of {SCAN_GOAL_FILES:,} files: {s:.2f} s{cold} "
                      f"({'met' if max(s, at[0].cold_scan_s or 0) < SCAN_GOAL_S else 'MISSED'}, "
                      f"goal < {SCAN_GOAL_S:g} s)")
@@ -265,8 +293,11 @@ def _plot(results: list[SizeResult], peers: dict[tuple[str, str], list[float]],
     sizes = [f"{r.files:,} files" for r in results]
 
     def series(name: str, values: list[list[float]]) -> Series:
-        ms = [[v / 1000 for v in vs] or [float("nan")] for vs in values]
-        return Series(name, [statistics.median(v) for v in ms], [min(v) for v in ms], [max(v) for v in ms])
+        # Error bars from the 10th to the 90th percentile: over hundreds of
+        # microsecond calls, min-max only shows the rare preemption.
+        ms = [sorted(v / 1000 for v in vs) or [float("nan")] for vs in values]
+        return Series(name, [statistics.median(v) for v in ms], [v[len(v) // 10] for v in ms],
+                      [v[(len(v) * 9) // 10] for v in ms])
 
     panels = []
     for case in CASES:
@@ -275,8 +306,8 @@ def _plot(results: list[SizeResult], peers: dict[tuple[str, str], list[float]],
                  for name in LMCACHE_PATHS.values() if (name, case) in peers]
         panels.append(Panel(f"512-key prefix lookup, {case}", sizes, rows))
     panels.append(Panel("ChunkIndex.scan at start-up", sizes,
-                        [series("scan (dentries cached)", [[s * 1e6 for s in r.scan_s] for r in results])]))
-    return grouped_bars(path, "Lookup and index (median, min-max; ms, log scale). "
+                        [series("scan (directory cached)", [[s * 1e6 for s in r.scan_s] for r in results])]))
+    return grouped_bars(path, "Lookup and index (median, 10th-90th percentile; ms, log scale). "
                         "LMCache's figures do not depend on the file count", panels, "ms", log_y=True)
 
 

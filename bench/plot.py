@@ -43,7 +43,7 @@ def grouped_bars(path: Path, title: str, panels: Sequence[Panel], ylabel: str,
     except ImportError:
         print(f"matplotlib is not installed: no plot {path.name}", file=sys.stderr)
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         width = 0.8 / max(1, len(panel.series))
         for i, s in enumerate(panel.series):
@@ -60,9 +60,11 @@ def grouped_bars(path: Path, title: str, panels: Sequence[Panel], ylabel: str,
         if log_y:
             ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="best")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    # Room below the panels for the shared legend, one row per four series.
+    fig.tight_layout(rect=(0, 0.06 * -(-len(labels) // 4), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

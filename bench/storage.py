@@ -4,8 +4,10 @@ Every competitor writes the same chunk bytes (:mod:`bench.chunkdata`) into a
 fresh directory on the same filesystem, then loads them back twice:
 
 - store: all chunks written to the page cache, as every path here does (none
-  of them fsyncs); the files are then written back, untimed, so that no
-  writeback runs during the loads;
+  of them fsyncs);
+- store + fsync: the same plus an fsync of every file (done the same way for
+  all paths), what a store costs where close() flushes, as on NFS; it also
+  keeps writeback out of the loads;
 - warm load: straight after the store, from the page cache;
 - cold load: after evicting every file (:mod:`bench.pagecache`).
 
@@ -41,7 +43,7 @@ from lmcache_fs.layout import ChunkLayout, Namespace
 from lmcache_fs.store import ChunkStore
 from lmcache_fs.writer import BackgroundWriter
 
-PHASES = ("store", "warm load", "cold load")
+PHASES = ("store", "store + fsync", "warm load", "cold load")
 BASELINE = "raw pwrite/preadv, 1 thread"
 CONNECTOR_PATH = "lmcache-fs ChunkStore, 1 thread (connector's path)"
 LMCACHE_PATHS = {"local_disk": "LMCache LocalDiskBackend (4 threads)",
@@ -275,23 +277,52 @@ def _fresh(directory: Path) -> Path:
     return directory
 
 
-def run_trial(make: Callable[[Path], Trial], directory: Path, nbytes: int,
-              result: CaseResult) -> dict[str, float]:
-    """Store, write back, warm load, evict, cold load; GB/s per phase. Removes the files."""
+STORE_ATTEMPTS = 2
+
+
+def _store_once(make: Callable[[Path], Trial], directory: Path,
+                nbytes: int) -> tuple[Trial, float, float]:
+    """A fresh trial in a fresh directory, timed store and then timed fsync of every file."""
     trial = make(_fresh(directory))
     try:
-        figures = {"store": nbytes / trial.store() / 1e9}
+        pagecache.back_free_memory(nbytes + nbytes // 4)
+        store_s = trial.store()
+        # On NFS close() flushes, so "stored" means on the server: time the write-back too.
         files = pagecache.files_under(directory)
-        pagecache.write_back(files)
+        return trial, store_s, timed(lambda: pagecache.write_back(files))
+    except BaseException:
+        trial.close()
+        raise
+
+
+def run_trial(make: Callable[[Path], Trial], directory: Path, nbytes: int,
+              result: CaseResult) -> dict[str, float]:
+    """Store (best of two), warm load, evict, cold load; GB/s per phase. Removes the files.
+
+    Each store goes to a fresh directory through a fresh trial, and the faster
+    one counts: identical store loops on this VM varied 0.4-4.7 GB/s with the
+    state of guest memory, and the first store after a change often pays it.
+    """
+    stores = []
+    for attempt in range(STORE_ATTEMPTS):
+        trial, store_s, flush_s = _store_once(make, directory, nbytes)
+        stores.append((store_s, flush_s))
+        if attempt < STORE_ATTEMPTS - 1:
+            trial.close()
+    figures = {"store": nbytes / min(s for s, _ in stores) / 1e9,
+               "store + fsync": nbytes / min(s + f for s, f in stores) / 1e9}
+    try:
         warm = trial.load()
         if warm is not None:
             trial.check()
             figures["warm load"] = nbytes / warm / 1e9
+            files = pagecache.files_under(directory)
             pagecache.evict(files)
             sample = max(files, key=lambda p: p.stat().st_size)
             resident = pagecache.resident_fraction(sample)
             if resident is not None:
                 result.resident_after_evict.append(resident)
+            pagecache.back_free_memory(nbytes + nbytes // 4)
             figures["cold load"] = nbytes / trial.load() / 1e9
             trial.check()
     finally:
@@ -377,6 +408,18 @@ def _case_table(res: CaseResult) -> list[str]:
     return md_table(["path", *(f"{p} GB/s" for p in PHASES), *(f"{p} / raw" for p in PHASES)], rows)
 
 
+def _checksum_lines(res: CaseResult) -> list[str]:
+    """What one xxh3 pass over the data costs, against the warm-load gap it explains."""
+    hash_gbps = median(res.checksum_gbps)
+    raw = median(res.gbps.get(BASELINE, {}).get("warm load", []))
+    ours = median(res.gbps.get(CONNECTOR_PATH, {}).get("warm load", []))
+    predicted = 1 / (1 / raw + 1 / hash_gbps)
+    return [f"xxh3-64 over the same bytes alone: {hash_gbps:.2f} GB/s on one core. Every lmcache-fs "
+            "load reads the chunk and then hashes it, one more pass over memory: raw warm read "
+            f"plus one hash pass predicts {predicted:.2f} GB/s; the connector's path measured "
+            f"{ours:.2f} GB/s (the rest is per-file work: header JSON, pathlib, lstat, utime)."]
+
+
 def _goal_lines(res: CaseResult) -> list[str]:
     """Goals: the connector's path >= 90% of raw, and >= LMCache's best path, per phase."""
     lines = []
@@ -397,28 +440,44 @@ def _goal_lines(res: CaseResult) -> list[str]:
 
 
 def _report(results: list[CaseResult], opts: BenchOptions, lmcache_note: str) -> list[str]:
+    order = pagecache.page_reporting_order()
     extra = [f"- LMCache: {lmcache_note}",
-             f"- Cold loads: page cache evicted with {pagecache.METHOD}"]
+             f"- Cold loads: page cache evicted with {pagecache.METHOD}",
+             "- Guest memory: " + ("this VM reports free pages of order "
+                                   f"{order} to its host, whose first touch is slow; "
+                                   if order is not None else "") +
+             "1.25x the pass size is touched and freed before each store and cold load, "
+             "so that page-cache allocation does not time the hypervisor"]
     lines = results_header("Storage throughput: lmcache-fs, raw I/O and LMCache 0.5.6", opts, extra)
     lines += [
         "Every path writes the same bytes (bf16 KV chunks of 256 tokens, 8 KV heads x 128) into a "
         "fresh directory on the filesystem above. GB/s are decimal (1e9 bytes) of chunk payload; "
         f"cells are the median over {opts.rounds} interleaved rounds with (min-max). Ratios are "
-        "medians of per-round ratios to raw single-threaded pwrite/preadv. Stores land in the page "
-        "cache (no path fsyncs); files are written back untimed before the loads. The connector "
+        "medians of per-round ratios to raw single-threaded pwrite/preadv. `store` lands in the "
+        "page cache (no path fsyncs); `store + fsync` adds one fsync per file, the same for every "
+        "path (on NFS close() flushes, so this is what a store costs there). Each trial stores "
+        f"{STORE_ATTEMPTS} times into a fresh directory and keeps the faster: on this VM identical "
+        "store loops varied 0.4-4.7 GB/s with the state of guest memory, so store columns are "
+        "the least conclusive here. The connector "
         "stores through the BackgroundWriter and loads with one ChunkStore.load per chunk into one "
         "staging buffer, which is the `1 thread` row; the `4 threads` rows show what parallel I/O "
         "would give. LMCache loads go in batches of at most 256 MiB (its CPU pool must hold about "
-        "three times the chunks in flight).", ""]
+        "three times the chunks in flight).", "",
+        "Reading the goals: only lmcache-fs verifies data. Its loads hash every byte (xxh3-64, "
+        "see each section), which raw I/O and all three LMCache paths skip, so warm loads, "
+        "which run at memory speed, pay one more pass over memory. LMCache's paths and the "
+        "`4 threads` rows keep several requests in flight, while the connector issues one at a "
+        "time; the disk here rewards queue depth (cold loads) and stores overlap hashing with "
+        "writing. The `lmcache-fs ChunkStore, 4 threads` row is the same code with parallel I/O.",
+        ""]
     for res in results:
         case = res.case
-        lines += [f"## {case.label} chunks x {case.count} ({case.total_bytes / 2**20:.0f} MiB per pass)", ""]
+        lines += [f"## {case.label} chunks x {case.count} ({case.total_bytes / 2**20:g} MiB per pass)", ""]
         lines += _case_table(res)
         resident = f"{max(res.resident_after_evict):.0%}" if res.resident_after_evict else "not checked"
-        lines += [f"Page cache after eviction (fincore, largest file): at most {resident} resident. "
-                  f"xxh3-64 checksum of the same bytes alone: {median(res.checksum_gbps):.2f} GB/s "
-                  "on one core (every lmcache-fs store and load hashes the chunk once).", "",
-                  "Goals for the connector's path:", *_goal_lines(res), ""]
+        lines += [f"Page cache after eviction (fincore, largest file): at most {resident} resident.",
+                  "", *_checksum_lines(res), "", "Goals for the connector's path:",
+                  *_goal_lines(res), ""]
         for phase, text in res.profiles.items():
             lines += [f"cProfile of one {phase} pass through ChunkStore (top functions by own time):",
                       "", "```", text, "```", ""]
@@ -433,7 +492,9 @@ def _plot(results: list[CaseResult], path: Path) -> Path | None:
                          [max(p.get(ph, [float("nan")])) for ph in PHASES])
                   for name, p in res.gbps.items()]
         panels.append(Panel(f"{res.case.label} chunks x {res.case.count}", PHASES, series))
-    return grouped_bars(path, "Storage throughput (median, min-max)", panels, "GB/s")
+    # Log scale: warm loads run at page-cache speed, 10-50x the store and cold figures.
+    return grouped_bars(path, "Storage throughput (median, min-max; log scale)", panels, "GB/s",
+                        log_y=True)
 
 
 def run(opts: BenchOptions) -> list[Path]:
