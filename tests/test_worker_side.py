@@ -1,0 +1,66 @@
+"""The worker's data path without an engine: blocks saved by one worker load bit-exactly into another."""
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from lmcache_fs.connector.metadata import HitSummary, LMCacheFSMetadata, LoadOp, SaveOp  # noqa: E402
+from lmcache_fs.connector.worker import WorkerSide  # noqa: E402
+from lmcache_fs.layout import ChunkLayout, Namespace  # noqa: E402
+from lmcache_fs.store import ChunkStore  # noqa: E402
+
+LAYERS, BLOCKS, HEADS, BLOCK, HEAD2, PER_CHUNK = 3, 40, 2, 16, 32, 4
+NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+KEYS = [f"{i:02x}" * 32 for i in range(3)]
+
+
+def _worker(tmp_path, layers):
+    store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
+    side = WorkerSide(store, NAMES, PER_CHUNK, BLOCK, save_queue_size=8, can_save=True)
+    side.register_kv_caches(dict(zip(NAMES, layers)))
+    return side
+
+
+def _caches(fill=None):
+    if fill is not None:
+        return [torch.full((BLOCKS, HEADS, BLOCK, HEAD2), fill, dtype=torch.bfloat16) for _ in NAMES]
+    return [torch.randn(BLOCKS, HEADS, BLOCK, HEAD2).to(torch.bfloat16) for _ in NAMES]
+
+
+def test_saved_blocks_load_bit_exactly_into_other_block_ids(tmp_path):
+    src = _caches()
+    saver = _worker(tmp_path, src)
+    chunks = [(3, 4, 5, 6), (10, 11, 12, 13), (20, 21, 22, 23)]
+    saver.save(LMCacheFSMetadata(saves=[SaveOp(k, "", i, ids) for i, (k, ids) in
+                                        enumerate(zip(KEYS, chunks))]))
+    saver.close()
+
+    dst = _caches(fill=0.0)
+    loader = _worker(tmp_path, dst)
+    # The first block of chunk 0 is already in the local prefix cache: load from block 1.
+    loads = [LoadOp("r", KEYS[0], 1, (31, 32, 33)), LoadOp("r", KEYS[1], 0, (0, 1, 2, 3)),
+             LoadOp("r", KEYS[2], 0, (36, 37, 38, 39))]
+    loader.load(LMCacheFSMetadata(loads=loads, hits={"r": HitSummary(11 * BLOCK, 200, BLOCK)}))
+    assert loader.take_failed_blocks() == set()
+    pairs = [(4, 31), (5, 32), (6, 33), (10, 0), (11, 1), (12, 2), (13, 3),
+             (20, 36), (21, 37), (22, 38), (23, 39)]
+    for layer in range(LAYERS):
+        for s, d in pairs:
+            assert torch.equal(dst[layer][d], src[layer][s]), (layer, s, d)
+    untouched = [b for b in range(BLOCKS) if b not in {d for _, d in pairs}]
+    assert all(torch.count_nonzero(kv[untouched]) == 0 for kv in dst)
+
+
+def test_a_missing_chunk_fails_its_blocks_and_every_later_one_of_the_request(tmp_path):
+    src = _caches()
+    saver = _worker(tmp_path, src)
+    saver.save(LMCacheFSMetadata(saves=[SaveOp(KEYS[0], "", 0, (0, 1, 2, 3)),
+                                        SaveOp(KEYS[2], "", 2, (8, 9, 10, 11))]))
+    saver.close()
+    loader = _worker(tmp_path, _caches(fill=0.0))
+    loads = [LoadOp("r", KEYS[0], 0, (0, 1, 2, 3)), LoadOp("r", KEYS[1], 0, (4, 5, 6, 7)),
+             LoadOp("r", KEYS[2], 0, (8, 9, 10, 11)), LoadOp("other", KEYS[2], 0, (20, 21, 22, 23))]
+    loader.load(LMCacheFSMetadata(loads=loads))
+    assert loader.take_failed_blocks() == {4, 5, 6, 7, 8, 9, 10, 11}
+    assert torch.equal(loader.layers[0][20], src[0][8])  # the other request still loads
