@@ -18,6 +18,9 @@ from bench.common import RESULTS_DIR, WORK_DIR, BenchOptions, progress
 SUITES = {
     "storage": "bench.storage",  # store/load GB/s against raw I/O and LMCache's paths
     "lookup": "bench.lookup",  # prefix lookup, start-up scan and index memory at 10k-1M files
+    "ttft": "bench.ttft",  # TTFT of a second instance vs context length, peers side by side
+    "decode": "bench.decode",  # inter-token latency while the connector stores
+    "multi": "bench.multi_instance",  # round-robin multi-round chat on two instances
 }
 
 
