@@ -29,6 +29,7 @@ from bench.common import BenchOptions, md_table, median, progress, results_heade
 from bench.engine_set import (CHUNK, EngineSet, chunk_files, example_connector,
                               lmcache_fs_connector, wait_for_chunks)
 from bench.pagecache import evict, files_under
+from bench.plot import Panel, Series, grouped_bars
 
 LENGTHS = (1024, 4096, 8192, 16384)
 QUICK_LENGTHS = (1024, 4096)
@@ -77,7 +78,18 @@ def run(opts: BenchOptions) -> list[Path]:
                     samples[length][case].append(seconds)
     finally:
         engines.close()
-    return [_write(opts, lengths, samples)]
+    return [_write(opts, lengths, samples), *_plot(opts, lengths, samples)]
+
+
+def _plot(opts: BenchOptions, lengths: tuple[int, ...],
+          samples: dict[int, dict[str, list[float]]]) -> list[Path]:
+    series = [Series(case, [median(samples[n][case]) * 1e3 for n in lengths],
+                     [min(samples[n][case]) * 1e3 for n in lengths],
+                     [max(samples[n][case]) * 1e3 for n in lengths]) for case in CASES]
+    path = grouped_bars(opts.results_dir / "ttft.png", "TTFT of a second instance (median, min-max)",
+                        [Panel("TTFT by prompt length", [f"{n} tokens" for n in lengths], series)],
+                        "ms", log_y=True)
+    return [path] if path else []
 
 
 def _write(opts: BenchOptions, lengths: tuple[int, ...],
