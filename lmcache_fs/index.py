@@ -84,7 +84,7 @@ class ChunkIndex:
         if not recheck and self._absent_until.get(key, 0.0) > now:
             return False
         try:
-            self._stat(str(self.layout.chunk_path(key)))
+            self._stat(self.layout.chunk_file(key))
         except OSError:  # absent, ESTALE, EACCES: all a miss, retried after the TTL
             self.stats["stat_misses"] += 1
             with self._lock:

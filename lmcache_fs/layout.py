@@ -87,10 +87,15 @@ class ChunkLayout:
         self.root = Path(root)
         self.namespace = namespace
         self.directory = self.root / namespace.name
+        self._directory_str = str(self.directory)
 
     def chunk_path(self, key: str) -> Path:
         """The file that holds chunk ``key`` (validated hex; never leaves the root)."""
-        return chunk_file_path(self.directory, key)
+        return Path(self.chunk_file(key))
+
+    def chunk_file(self, key: str) -> str:
+        """:meth:`chunk_path` as a string, for hot paths (a stat per lookup: no Path objects)."""
+        return chunk_file_name(self._directory_str, key)
 
     def write_manifest(self) -> None:
         """Create the namespace directory and its readable ``namespace.json`` once."""
@@ -109,8 +114,13 @@ class ChunkLayout:
 
 def chunk_file_path(directory: str | os.PathLike[str], key: str) -> Path:
     """The file that holds chunk ``key`` in namespace directory ``directory`` (key checked)."""
+    return Path(chunk_file_name(os.fspath(directory), key))
+
+
+def chunk_file_name(directory: str, key: str) -> str:
+    """The one place a key becomes a file name: ``<directory>/<key[:2]>/<key>.safetensors``."""
     check_key(key)
-    return Path(directory) / key[:2] / f"{key}{CHUNK_SUFFIX}"
+    return f"{directory}/{key[:2]}/{key}{CHUNK_SUFFIX}"
 
 
 def iter_chunk_files(directory: str | os.PathLike[str]) -> Iterator[tuple[str, os.DirEntry[str]]]:
