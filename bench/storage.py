@@ -22,6 +22,7 @@ from __future__ import annotations
 import cProfile
 import hashlib
 import io
+import math
 import os
 import pstats
 import shutil
@@ -68,8 +69,7 @@ class Case:
 
     @property
     def chunk_bytes(self) -> int:
-        return self.layers * 2 * self.tokens * chunkdata.KV_HEADS * chunkdata.HEAD_DIM * \
-            chunkdata.DTYPE.itemsize
+        return math.prod(self.shape) * chunkdata.DTYPE.itemsize
 
     @property
     def total_bytes(self) -> int:
@@ -428,7 +428,7 @@ def _goal_lines(res: CaseResult) -> list[str]:
     for phase in PHASES:
         ratio = median(ours_ratio.get(phase, []))
         verdict = "met" if ratio >= GOAL_OF_RAW else "MISSED"
-        text = f"- {phase}: {ratio:.0%} of raw single-threaded ({verdict}, goal {GOAL_OF_RAW:.0%})"
+        text = f"- {phase}: {ratio:.1%} of raw single-threaded ({verdict}, goal {GOAL_OF_RAW:.0%})"
         peers = {n: median(res.gbps[n].get(phase, [])) for n in LMCACHE_PATHS.values() if n in res.gbps}
         if peers:
             best = max(peers, key=peers.__getitem__)
