@@ -59,7 +59,8 @@ class EngineSet:
         logs.mkdir(parents=True)
         # ExampleConnector fails under chunked prefill: a batch budget that
         # holds the longest prompt keeps every engine from chunking.
-        sizes = {"max_model_len": max_len + 128, "max_num_batched_tokens": max_len + 128}
+        sizes = {"max_model_len": max_len + 128, "max_num_batched_tokens": max_len + 128,
+                 "dtype": "bfloat16"}  # what a real deployment serves
         self.engines: dict[str, EngineProcess] = {}
         try:
             for name, connector in connectors.items():

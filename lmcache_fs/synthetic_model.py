@@ -32,11 +32,6 @@ class SyntheticModelSpec:
     head_dim: int = 64
     max_position_embeddings: int = 32768
     seed: int = 0
-    dtype: str = "float32"
-    """float32 by default: a random model's logits are often nearly tied, and in
-    bf16 the rounding of another (equally correct) computation order, such as
-    chunked prefill or a prefix loaded from the cache, can flip the greedy pick.
-    In float32 "same tokens with and without the cache" is an exact check."""
 
 
 def build_synthetic_model(path: str | os.PathLike[str],
@@ -88,10 +83,10 @@ def build_synthetic_model(path: str | os.PathLike[str],
         bos_token_id=byte_vocab["<s>"],
         eos_token_id=byte_vocab["</s>"],
         tie_word_embeddings=False,
-        torch_dtype=spec.dtype,
+        torch_dtype="bfloat16",
     )
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, spec.dtype))
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
     marker.write_text(json.dumps(wanted))
     return folder

@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--connector-config", default="", help="JSON kv_transfer_config, or empty")
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--max-num-batched-tokens", type=int, default=0)
+    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -33,7 +34,7 @@ def main() -> None:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
         kwargs["enable_chunked_prefill"] = True
     llm = LLM(args.model, enforce_eager=True, kv_cache_memory_bytes=512 << 20,
-              max_model_len=args.max_model_len, seed=0, **kwargs)
+              max_model_len=args.max_model_len, seed=0, dtype=args.dtype, **kwargs)
 
     def reply(obj: dict) -> None:
         sys.stdout.write(REPLY_MARKER + json.dumps(obj) + "\n")

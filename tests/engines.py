@@ -26,9 +26,13 @@ class EngineProcess:
 
     def __init__(self, model: Path, log_path: Path, connector: dict[str, Any] | None = None,
                  max_num_batched_tokens: int = 0, env: dict[str, str] | None = None,
-                 max_model_len: int = 8192):
+                 max_model_len: int = 8192, dtype: str = "float32"):
+        # float32 by default: a random model's logits are often nearly tied, and in
+        # bf16 the rounding of another, equally correct computation order (chunked
+        # prefill, a prefix loaded from the cache) can flip a greedy pick. In float32
+        # "same tokens as plain vLLM" is an exact check. Benchmarks pass "bfloat16".
         cmd = [sys.executable, str(Path(__file__).with_name("engine_worker.py")),
-               "--model", str(model), "--max-model-len", str(max_model_len)]
+               "--model", str(model), "--max-model-len", str(max_model_len), "--dtype", dtype]
         if connector is not None:
             cmd += ["--connector-config", json.dumps(connector)]
         if max_num_batched_tokens:
