@@ -275,8 +275,8 @@ def _goal_lines(results: list[SizeResult]) -> list[str]:
     stat_path = _fmt_us(biggest.lookup_us[(METHODS[2].name, "all hit")])
     floor = _fmt_us(biggest.lookup_us[(METHODS[3].name, "all hit")])
     lines.append(f"- The stat fallback (nothing in the set) takes {stat_path} for {PROMPT_KEYS} "
-                 f"hits against {floor} for the bare stats: the rest is building a pathlib.Path "
-                 "per key. It is the path for chunks that another NFS client wrote and no event "
+                 f"hits against {floor} for the bare stats (the rest is ChunkIndex's own work "
+                 "per key). It is the path for chunks that another NFS client wrote and no event "
                  "reported, so it is not held to the 1 ms goal; on NFS each stat is a round trip.")
     at = [r for r in results if r.files == SCAN_GOAL_FILES]
     if at:
