@@ -42,6 +42,7 @@ demo: install
 	$(PY) frontend/launcher.py
 
 bench: install
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m bench.run
 
 clean:
