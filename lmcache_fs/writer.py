@@ -11,6 +11,7 @@ half-written stays behind.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -25,6 +26,7 @@ from lmcache_fs.store import ChunkStore
 logger = logging.getLogger(__name__)
 
 _ERROR_LOG_INTERVAL_S = 60.0
+WRITER_NICENESS = 10  # added to the writer thread's nice value (Linux: per thread)
 
 
 @dataclass
@@ -75,6 +77,12 @@ class BackgroundWriter:
         self._thread.join()
 
     def _run(self) -> None:
+        # Writing is never urgent and decoding is: where the writer shares cores with
+        # the engine's compute threads (CPU inference, busy hosts), let them win.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+        except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+            pass
         while True:
             item = self._queue.get()
             try:
