@@ -25,6 +25,12 @@ class ConfigError(ValueError):
     """A setting is missing or wrong; the message names the key and the fix."""
 
 
+# Numeric settings checked by sign alone (the others have checks of their own).
+_POSITIVE = ("chunk_size", "save_queue_size", "staging_buffer_mb", "eviction_interval_s")
+_NON_NEGATIVE = {"max_disk_size_gb": " (0 = no limit)", "lookup_negative_ttl_s": "",
+                 "temp_file_grace_s": "", "min_free_disk_gb": " (0 = no guard)"}
+
+
 @dataclass(frozen=True)
 class LMCacheFSConfig:
     """Validated lmcache-fs settings (see the README's configuration table)."""
@@ -84,30 +90,20 @@ class LMCacheFSConfig:
             raise ConfigError(
                 "storage_path is required: set it to the shared cache directory in "
                 f"the YAML file named by {CONFIG_FILE_ENV} or in kv_connector_extra_config")
-        if self.chunk_size <= 0:
-            raise ConfigError(f"chunk_size must be a positive number of tokens, got {self.chunk_size}")
-        if self.max_disk_size_gb < 0:
-            raise ConfigError(f"max_disk_size_gb must be >= 0 (0 = no limit), got {self.max_disk_size_gb}")
-        if self.save_queue_size <= 0:
-            raise ConfigError(f"save_queue_size must be positive, got {self.save_queue_size}")
-        if self.lookup_negative_ttl_s < 0:
-            raise ConfigError(f"lookup_negative_ttl_s must be >= 0, got {self.lookup_negative_ttl_s}")
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name, zero_means in _NON_NEGATIVE.items():
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0{zero_means}, got {getattr(self, name)}")
         if self.use_gds not in ("auto", "true", "false"):
             raise ConfigError(f"use_gds must be auto, true or false, got {self.use_gds!r}")
-        if self.staging_buffer_mb <= 0:
-            raise ConfigError(f"staging_buffer_mb must be positive, got {self.staging_buffer_mb}")
         if self.file_mode & 0o002:
             raise ConfigError(f"file_mode {oct(self.file_mode)} is world-writable; use e.g. 0o644 or 0o664")
         if not 0 < self.eviction_low_watermark < self.eviction_high_watermark <= 1:
             raise ConfigError(
                 "need 0 < eviction_low_watermark < eviction_high_watermark <= 1, got "
                 f"{self.eviction_low_watermark} and {self.eviction_high_watermark}: e.g. 0.85 and 0.95")
-        if self.eviction_interval_s <= 0:
-            raise ConfigError(f"eviction_interval_s must be positive, got {self.eviction_interval_s}")
-        if self.temp_file_grace_s < 0:
-            raise ConfigError(f"temp_file_grace_s must be >= 0, got {self.temp_file_grace_s}")
-        if self.min_free_disk_gb < 0:
-            raise ConfigError(f"min_free_disk_gb must be >= 0 (0 = no guard), got {self.min_free_disk_gb}")
 
     def check_block_size(self, block_size: int) -> None:
         """Raise unless whole chunks are whole engine blocks."""
