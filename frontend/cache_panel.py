@@ -16,18 +16,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmcache_fs.inventory import namespace_dirs, summarize_namespace
+from lmcache_fs.inventory import NamespaceSummary, namespace_dirs, summarize_namespace
 from lmcache_fs.layout import Namespace, read_manifest
 
 
 @dataclass(frozen=True)
-class NamespaceSummary:
-    """One namespace directory: the engines of one model and KV geometry."""
+class PanelRow:
+    """One namespace directory as the panel shows it: ``lmcache-fs ls``'s line plus a note."""
 
-    name: str
-    model: str
-    chunks: int
-    bytes: int
+    summary: NamespaceSummary
     note: str = ""
     """Why the chunks were not counted (unreadable or mismatched manifest), else empty."""
 
@@ -36,26 +33,26 @@ class NamespaceSummary:
 class CacheSummary:
     root: str
     visible: bool
-    namespaces: tuple[NamespaceSummary, ...] = ()
+    namespaces: tuple[PanelRow, ...] = ()
 
     @property
     def chunks(self) -> int:
-        return sum(ns.chunks for ns in self.namespaces)
+        return sum(row.summary.chunks for row in self.namespaces)
 
     @property
     def bytes(self) -> int:
-        return sum(ns.bytes for ns in self.namespaces)
+        return sum(row.summary.bytes for row in self.namespaces)
 
 
-def _summarize_namespace(directory: Path) -> NamespaceSummary:
+def _summarize_namespace(directory: Path) -> PanelRow:
     fields = read_manifest(directory)
     if fields is None:
-        return NamespaceSummary(directory.name, "?", 0, 0, "no readable namespace.json")
+        return PanelRow(NamespaceSummary(directory.name, "?", 0, 0, None, 0),
+                        "no readable namespace.json")
     if Namespace(fields).name != directory.name:
-        return NamespaceSummary(directory.name, str(fields.get("model", "?")), 0, 0,
-                                "namespace.json does not match the directory name")
-    counted = summarize_namespace(directory)  # the same count as `lmcache-fs ls`
-    return NamespaceSummary(counted.name, counted.model, counted.chunks, counted.bytes)
+        return PanelRow(NamespaceSummary(directory.name, str(fields.get("model", "?")), 0, 0, None, 0),
+                        "namespace.json does not match the directory name")
+    return PanelRow(summarize_namespace(directory))  # the same count as `lmcache-fs ls`
 
 
 def summarize_cache(root: str | os.PathLike[str]) -> CacheSummary:

@@ -174,9 +174,10 @@ def cache_panel(cache_dir: str) -> None:
     b.metric("Bytes", human_bytes(summary.bytes))
     c.metric("Namespaces", len(summary.namespaces))
     if summary.namespaces:
-        st.dataframe(pd.DataFrame([{"namespace": ns.name, "model": ns.model, "chunks": ns.chunks,
-                                    "size": human_bytes(ns.bytes), "note": ns.note}
-                                   for ns in summary.namespaces]),
+        st.dataframe(pd.DataFrame([{"namespace": row.summary.name, "model": row.summary.model,
+                                    "chunks": row.summary.chunks,
+                                    "size": human_bytes(row.summary.bytes), "note": row.note}
+                                   for row in summary.namespaces]),
                      hide_index=True)
     st.caption(f"{summary.root}")
 

@@ -202,8 +202,8 @@ def test_a_namespace_whose_manifest_does_not_match_its_name_is_not_counted(tmp_p
     layout = ChunkLayout(tmp_path, Namespace({"model": "org/Tiny"}))
     layout.write_manifest()
     (layout.directory / "namespace.json").write_text('{"model": "org/Other"}')
-    (summary,) = summarize_cache(tmp_path).namespaces
-    assert summary.chunks == 0 and "does not match" in summary.note
+    (row,) = summarize_cache(tmp_path).namespaces
+    assert row.summary.chunks == 0 and "does not match" in row.note
 
 
 def test_an_invisible_cache_dir_is_reported_not_raised(
