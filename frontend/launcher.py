@@ -116,15 +116,23 @@ def resolve_model(model: str) -> tuple[Path, bool]:
     return build_synthetic_model(SYNTHETIC_MODEL_DIR), True
 
 
-def engine_command(model: Path, spec: EngineSpec, kv_dir: Path) -> list[str]:
+def engine_command(model: Path, spec: EngineSpec, kv_dir: Path,
+                   synthetic: bool = False) -> list[str]:
     """The ``vllm serve`` command line of one engine (via the module: the ``vllm`` script
-    of the CPU wheel looks up package metadata named "vllm" and fails)."""
+    of the CPU wheel looks up package metadata named "vllm" and fails).
+
+    The synthetic model is served in float32: its logits are often nearly tied, and in
+    bf16 another, equally correct computation order (a prefix loaded from the cache)
+    can flip a greedy pick, which would make the page's "same answer" check flaky.
+    """
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            "--model", str(model), "--served-model-name", model.name,
            "--host", "127.0.0.1", "--port", str(spec.port),
            "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
            "--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES),
            "--disable-uvicorn-access-log"]
+    if synthetic:
+        cmd += ["--dtype", "float32"]
     if spec.uses_cache:
         cmd += ["--kv-transfer-config", json.dumps({
             "kv_connector": CONNECTOR_NAME, "kv_role": "kv_both",
@@ -370,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # plain one; the same single compute core for all four keeps TTFTs comparable.
         engine_env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str((os.cpu_count() or 1) - 1)}
         for engine in engines:
-            group.start(engine.name, engine_command(model_dir, engine, kv_dir),
+            group.start(engine.name, engine_command(model_dir, engine, kv_dir, synthetic),
                         log_dir / f"engine-{engine.name}.log", engine_env)
         wait_until_healthy(engines, group, args.start_timeout,
                            say=lambda line: print(line, flush=True))
