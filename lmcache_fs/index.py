@@ -4,7 +4,9 @@
    everything at once).
 2. watchdog (inotify) events for files that other instances on this machine
    publish, where the filesystem delivers them.
-3. This instance's own writes, added as they are queued.
+3. ``add`` and ``discard`` from the owner (e.g. a chunk evicted or found bad). The
+   connector's own writes happen in its worker process, which shares no memory with
+   the scheduler; for those it asks ``contains(key, recheck=True)``, a fresh stat.
 
 inotify never reports files that another NFS client created, so a key that
 misses the set is checked by a stat of its expected path; a miss there is
