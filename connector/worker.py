@@ -130,7 +130,7 @@ class WorkerSide:
             torch.cuda.current_stream(device).synchronize()  # the log's timing is honest
         seconds = time.perf_counter() - start
         total_bytes = sum(loaded_bytes.values())
-        self.stats.record_load(total_bytes, sum(1 for _ in meta.loads) - len(broken), seconds)
+        self.stats.record_load(total_bytes, total_bytes // self._chunk_bytes, seconds)
         for req_id, tokens in loaded_tokens.items():
             hit = meta.hits.get(req_id)
             local = hit.local_tokens if hit else 0

@@ -64,3 +64,15 @@ def test_a_missing_chunk_fails_its_blocks_and_every_later_one_of_the_request(tmp
     loader.load(LMCacheFSMetadata(loads=loads))
     assert loader.take_failed_blocks() == {4, 5, 6, 7, 8, 9, 10, 11}
     assert torch.equal(loader.layers[0][20], src[0][8])  # the other request still loads
+
+
+def test_stats_count_only_the_chunks_that_loaded(tmp_path):
+    saver = _worker(tmp_path, _caches())
+    saver.save(LMCacheFSMetadata(saves=[SaveOp(KEYS[0], "", 0, (0, 1, 2, 3))]))
+    saver.close()
+    loader = _worker(tmp_path, _caches(fill=0.0))
+    loader.load(LMCacheFSMetadata(loads=[LoadOp("r", KEYS[0], 0, (0, 1, 2, 3)),
+                                         LoadOp("r", KEYS[1], 0, (4, 5, 6, 7)),
+                                         LoadOp("r", KEYS[2], 0, (8, 9, 10, 11))]))
+    stats = loader.take_stats().data
+    assert stats["loaded_chunks"] == 1 and stats["load_errors"] == 1
