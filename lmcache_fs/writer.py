@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -38,22 +38,18 @@ class WriterStats:
     skipped_queue_full: int = 0
     skipped_low_space: int = 0
     failed: int = 0
-    bytes_written: int = 0
-    seconds_writing: float = 0.0
 
 
 class BackgroundWriter:
     """One thread that publishes queued chunks through a :class:`ChunkStore`."""
 
     def __init__(self, store: ChunkStore, max_queue: int,
-                 on_published: Callable[[str], None] | None = None,
                  space_guard: FreeSpaceGuard | None = None):
         self.store = store
         self.space_guard = space_guard
         self.stats = WriterStats()
         self._queue: queue.Queue[tuple[str, torch.Tensor, Mapping[str, str]] | None] = \
             queue.Queue(maxsize=max_queue)
-        self._on_published = on_published
         self._last_log: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="lmcache-fs-writer", daemon=True)
         self._thread.start()
@@ -101,7 +97,6 @@ class BackgroundWriter:
                 "(%d skipped so far)", self.space_guard.min_free_bytes / 1e9,
                 self.space_guard.path, self.stats.skipped_low_space)
             return
-        start = time.perf_counter()
         try:
             published = self.store.save(key, data, metadata)
         except OSError as exc:
@@ -112,12 +107,8 @@ class BackgroundWriter:
             return
         if published:
             self.stats.published += 1
-            self.stats.bytes_written += nbytes
-            self.stats.seconds_writing += time.perf_counter() - start
         else:
             self.stats.already_present += 1
-        if self._on_published is not None:
-            self._on_published(key)
 
     def _log_once_a_minute(self, kind: str, message: str, *args: object) -> None:
         now = time.monotonic()
