@@ -75,9 +75,22 @@ class ChunkHeader:
     metadata: dict[str, str]
 
 
+_CHECKSUM_PREFIX = "xxh3_64:"
+
+
 def checksum(data: torch.Tensor) -> str:
     """xxh3-64 of a contiguous CPU tensor's bytes, as ``"xxh3_64:<hex>"``."""
-    return "xxh3_64:" + xxhash.xxh3_64_hexdigest(_byte_view(data))
+    return _CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(_byte_view(data))
+
+
+def new_checksum() -> "xxhash.xxh3_64":
+    """A streaming xxh3-64: ``update()`` it with the data in file order, in any pieces."""
+    return xxhash.xxh3_64()
+
+
+def checksum_text(streamed: "xxhash.xxh3_64") -> str:
+    """What :func:`checksum` would say of the bytes fed to ``streamed``."""
+    return _CHECKSUM_PREFIX + streamed.hexdigest()
 
 
 def _byte_view(data: torch.Tensor) -> memoryview:
@@ -186,6 +199,28 @@ def read_chunk_header(path: str | os.PathLike[str]) -> ChunkHeader:
     return parse_header(head)
 
 
+def open_chunk_file(path: str | os.PathLike[str]) -> int:
+    """Open a chunk file for reading, never through a symlink; returns the descriptor.
+
+    Raises:
+        ChunkFileError: missing, a symlink, a directory, unreadable.
+    """
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError as exc:
+        raise ChunkFileError("missing") from exc
+    except OSError as exc:  # ELOOP (a symlink), ESTALE, EACCES, EISDIR, ...
+        raise ChunkFileError(f"cannot open: {exc.strerror}") from exc
+
+
+def read_header_fd(fd: int, path: str | os.PathLike[str]) -> ChunkHeader:
+    """The header through an open descriptor (one pread); longer than a page: through ``path``."""
+    try:
+        return parse_header(os.pread(fd, ALIGNMENT, 0))
+    except ChunkFileError:
+        return read_chunk_header(path)  # raises again if the header is bad, not just long
+
+
 def check_header(header: ChunkHeader, file_size: int, dtype: torch.dtype,
                  shape: Sequence[int], expect: Mapping[str, str]) -> None:
     """Raise :class:`ChunkFileError` unless a chunk's header fits what the caller expects.
@@ -221,12 +256,7 @@ def read_chunk_file(path: str | os.PathLike[str], out: torch.Tensor,
     _check_tensor(out)
     body = _byte_view(out)
     head = bytearray(ALIGNMENT)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError as exc:
-        raise ChunkFileError("missing") from exc
-    except OSError as exc:  # ELOOP (a symlink), ESTALE, EACCES, EISDIR, ...
-        raise ChunkFileError(f"cannot open: {exc.strerror}") from exc
+    fd = open_chunk_file(path)
     try:
         size = os.fstat(fd).st_size
         got = os.preadv(fd, [head, body], 0)

@@ -49,8 +49,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from lmcache_fs.codec import (ALIGNMENT, ChunkFileError, ChunkHeader, check_header, checksum,
-                              parse_header, read_chunk_header)
+from lmcache_fs.codec import (ChunkFileError, ChunkHeader, check_header, checksum,
+                              read_header_fd)
 from lmcache_fs.store import ChunkStore
 
 logger = logging.getLogger(__name__)
@@ -218,14 +218,6 @@ class DeviceBytes:
             "data": (tensor.data_ptr(), False), "strides": None, "version": 3}
 
 
-def _read_header(fd: int, path: str | os.PathLike[str]) -> ChunkHeader:
-    """The header through the open descriptor (one pread); longer than a page: the codec's way."""
-    try:
-        return parse_header(os.pread(fd, ALIGNMENT, 0))
-    except ChunkFileError:
-        return read_chunk_header(path)  # raises again if the header is bad, not just long
-
-
 def start_read_kvikio(kvikio: ModuleType, path: str | os.PathLike[str], out: torch.Tensor,
                       expect: Mapping[str, str], target: object | None = None) -> KvikioRead:
     """Check a chunk file's header on the host, then start reading its data into ``out``.
@@ -245,7 +237,7 @@ def start_read_kvikio(kvikio: ModuleType, path: str | os.PathLike[str], out: tor
         f = kvikio.CuFile(path, "r")
     try:
         with _as_chunk_errors():
-            header = _read_header(f.fileno(), path)
+            header = read_header_fd(f.fileno(), path)
             check_header(header, os.fstat(f.fileno()).st_size, out.dtype, out.shape, expect)
             io = f.pread(out.view(-1).view(torch.uint8) if target is None else target,
                          header.nbytes, header.data_offset)
