@@ -107,7 +107,8 @@ class LMCacheFSConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(
                 ChunkStore(layout, cfg.file_mode), groups[0].layer_names,
                 cfg.chunk_size // block_size, block_size, cfg.save_queue_size, can_save,
-                ReadOptions(cfg.use_gds, cfg.staging_buffer_mb << 20, cfg.verify_device_reads),
+                ReadOptions(cfg.use_gds, cfg.staging_buffer_mb << 20, cfg.verify_device_reads,
+                            cfg.layerwise_load),
                 FreeSpaceGuard(root, int(cfg.min_free_disk_gb * 1e9)))
 
     def _adopt_recompute_policy(self) -> None:
@@ -133,7 +134,8 @@ class LMCacheFSConnector(KVConnectorBase_V1):
         self._worker.load(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv
+        assert self._worker is not None
+        self._worker.wait_for_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
                       attn_metadata: "AttentionMetadata", **kwargs: Any) -> None:

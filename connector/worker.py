@@ -1,11 +1,14 @@
 """Worker side: moves bytes between chunk files and the paged KV cache.
 
-Loads run before the forward pass (``start_load_kv``): a :class:`GpuChunkReader`
-reads the step's chunks with several in flight (kvikio/GDS into GPU staging,
-or POSIX into host memory), each fully verified, and the blocks are scattered
-into the paged cache. A chunk that is missing, truncated, corrupt or foreign
-marks its blocks (and the rest of that prompt's prefix) as failed, and vLLM
-recomputes them. Saves run after the forward pass (``wait_for_save``): the
+Loads start with the step (``start_load_kv``). On CPU caches a
+:class:`LayerwiseReader` reads them layer by layer straight into the paged
+cache in the background, and each attention layer waits only for its own layer
+(``wait_for_layer_load``); elsewhere (CUDA) a :class:`GpuChunkReader` reads
+whole chunks with several in flight (kvikio/GDS into GPU staging, or POSIX
+into host memory), each verified, and the blocks are scattered into the cache
+before the forward pass. A chunk that is missing, truncated, corrupt or
+foreign marks its blocks (and the rest of that prompt's prefix) as failed at
+the end of the step, and vLLM recomputes them. Saves run after the forward pass (``wait_for_save``): the
 blocks are gathered into a fresh tensor at once (the engine may reuse its
 blocks next step); on CUDA a side stream copies it to pinned memory; the
 background writer publishes it, skipping rather than stalling when busy.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -25,6 +29,7 @@ from lmcache_fs.block_copy import gather_blocks, scatter_blocks
 from lmcache_fs.codec import ChunkFileError
 from lmcache_fs.gpu_io import GpuChunkReader, choose_read_backend
 from lmcache_fs.gpu_save import DeviceChunkSaver
+from lmcache_fs.layer_reader import LayerLoadJob, LayerwiseLoad, LayerwiseReader, reads_layerwise
 from lmcache_fs.log import human_bytes
 from lmcache_fs.space import FreeSpaceGuard
 from lmcache_fs.store import ChunkStore
@@ -43,6 +48,7 @@ class ReadOptions:
     use_gds: str = "auto"
     staging_bytes: int = 256 << 20
     verify_device_reads: bool = True
+    layerwise: bool = True
 
 
 class WorkerSide:
@@ -59,6 +65,9 @@ class WorkerSide:
         self.read_options = read_options
         self.layers: list[torch.Tensor] = []
         self.reader: GpuChunkReader | None = None
+        self.layer_reader: LayerwiseReader | None = None
+        self._layer_index: dict[str, int] = {}
+        self._layerwise: tuple[LMCacheFSMetadata, LayerwiseLoad] | None = None
         self.saver: DeviceChunkSaver | None = None
         self.writer = (BackgroundWriter(store, save_queue_size, space_guard=space_guard)
                        if can_save else None)
@@ -84,65 +93,108 @@ class WorkerSide:
         self._chunk_shape = (len(self.layers), self.blocks_per_chunk, *page_shape)
         self._chunk_bytes = first.element_size() * math.prod(self._chunk_shape)
         opts = self.read_options
-        self.reader = GpuChunkReader(self.store, self._chunk_shape, first.dtype, first.device,
-                                     choose_read_backend(opts.use_gds, first.device),
-                                     staging_bytes=opts.staging_bytes,
-                                     verify=opts.verify_device_reads)
+        if opts.layerwise and reads_layerwise(self.layers):
+            self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
+            self.layer_reader = LayerwiseReader(self.store, self.layers, self.blocks_per_chunk,
+                                                threads=min(8, len(os.sched_getaffinity(0))))
+            reads = f"layer by layer into the cache (read threads: {self.layer_reader.threads})"
+        else:
+            self.reader = GpuChunkReader(self.store, self._chunk_shape, first.dtype, first.device,
+                                         choose_read_backend(opts.use_gds, first.device),
+                                         staging_bytes=opts.staging_bytes,
+                                         verify=opts.verify_device_reads)
+            reads = f"whole chunks ({self.reader.slots} reads in flight)"
         if self.writer is not None and first.device.type == "cuda":
             self.saver = DeviceChunkSaver(self.writer, first.device, max_pending=8,
                                           chunk_bytes=self._chunk_bytes)
         logger.info("registered %d layers, chunk of %d blocks = %s per file, device %s, "
-                    "%d reads in flight", len(self.layers), self.blocks_per_chunk,
-                    human_bytes(self._chunk_bytes), first.device, self.reader.slots)
+                    "loads %s", len(self.layers), self.blocks_per_chunk,
+                    human_bytes(self._chunk_bytes), first.device, reads)
 
     # -- loads --------------------------------------------------------------
 
     def load(self, meta: LMCacheFSMetadata) -> None:
-        """Read this step's chunks into the paged cache; failed blocks are remembered."""
+        """Start (layer-wise) or do (whole chunks) this step's loads into the paged cache."""
         if not meta.loads:
             return
+        if self.layer_reader is not None:
+            jobs = [LayerLoadJob(op.key, op.first_block, op.block_ids) for op in meta.loads]
+            self._layerwise = (meta, self.layer_reader.start(jobs))
+            return
         assert self.reader is not None, "register_kv_caches was not called"
-        device = self.layers[0].device
         start = time.perf_counter()
-        loaded_tokens: dict[str, int] = {op.req_id: 0 for op in meta.loads}
-        loaded_bytes: dict[str, int] = dict.fromkeys(loaded_tokens, 0)
+        errors = self._read_whole_chunks(meta)
+        self._account(meta, errors, time.perf_counter() - start)
+
+    def wait_for_layer(self, layer_name: str) -> None:
+        """Block until the layer about to run has its loaded blocks (layer-wise loads only)."""
+        if self._layerwise is not None:
+            self._layerwise[1].wait_layer(self._layer_index[layer_name])
+
+    def finish_load(self) -> None:
+        """Wait for the step's layer-wise loads to end and account for them (idempotent)."""
+        if self._layerwise is None:
+            return
+        meta, running = self._layerwise
+        self._layerwise = None
+        errors = running.finish()
+        self._account(meta, errors, running.read_seconds,
+                      f", forward pass waited {running.waited_seconds * 1e3:.0f} ms")
+
+    def _read_whole_chunks(self, meta: LMCacheFSMetadata) -> list[ChunkFileError | None]:
+        """Read each chunk whole (several in flight) and scatter it; returns per-load errors."""
+        assert self.reader is not None
+        device = self.layers[0].device
+        errors: list[ChunkFileError | None] = [None] * len(meta.loads)
         broken: set[str] = set()
         for i, chunk in self.reader.read([op.key for op in meta.loads]):
             op = meta.loads[i]
-            if op.req_id in broken:
-                # vLLM recomputes everything after the first failed block:
-                # loading the rest of this prefix would be wasted work.
-                self._failed_blocks.update(op.block_ids)
-                continue
             if isinstance(chunk, ChunkFileError):
-                logger.warning("request %s: chunk %s unusable (%s): recomputing from there",
-                               op.req_id, op.key[:16], chunk)
-                self._failed_blocks.update(op.block_ids)
-                self.stats.record_load_error()
+                errors[i] = chunk
                 broken.add(op.req_id)
-                continue
-            ids = torch.tensor(op.block_ids, dtype=torch.int64, device=device)
-            scatter_blocks(chunk[:, op.first_block:op.first_block + len(op.block_ids)],
-                           self.layers, ids)
-            loaded_tokens[op.req_id] += len(op.block_ids) * self.block_size
-            loaded_bytes[op.req_id] += self._chunk_bytes
+            elif op.req_id not in broken:
+                # (vLLM recomputes everything after a failed block: a chunk after
+                # one is not worth scattering.)
+                ids = torch.tensor(op.block_ids, dtype=torch.int64, device=device)
+                scatter_blocks(chunk[:, op.first_block:op.first_block + len(op.block_ids)],
+                               self.layers, ids)
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # the log's timing is honest
-        seconds = time.perf_counter() - start
+        return errors
+
+    def _account(self, meta: LMCacheFSMetadata, errors: Sequence[ChunkFileError | None],
+                 seconds: float, note: str = "") -> None:
+        """Failed blocks (a failed chunk and the rest of its prompt), stats, one log line each."""
+        loaded_tokens: dict[str, int] = {op.req_id: 0 for op in meta.loads}
+        loaded_bytes: dict[str, int] = dict.fromkeys(loaded_tokens, 0)
+        broken: set[str] = set()
+        for op, error in zip(meta.loads, errors):
+            if error is not None and op.req_id not in broken:
+                logger.warning("request %s: chunk %s unusable (%s): recomputing from there",
+                               op.req_id, op.key[:16], error)
+                self.stats.record_load_error()
+                broken.add(op.req_id)
+            if op.req_id in broken:
+                # vLLM recomputes everything after the first failed block.
+                self._failed_blocks.update(op.block_ids)
+                continue
+            loaded_tokens[op.req_id] += len(op.block_ids) * self.block_size
+            loaded_bytes[op.req_id] += self._chunk_bytes
         total_bytes = sum(loaded_bytes.values())
         self.stats.record_load(total_bytes, total_bytes // self._chunk_bytes, seconds)
         for req_id, tokens in loaded_tokens.items():
             hit = meta.hits.get(req_id)
             local = hit.local_tokens if hit else 0
-            note = f" ({local} from local prefix cache)" if local else ""
+            from_local = f" ({local} from local prefix cache)" if local else ""
             share = seconds * loaded_bytes[req_id] / total_bytes if total_bytes else seconds
-            logger.info("request %s: hit %d/%d tokens%s, loaded %s in %.0f ms (%.1f GB/s)",
-                        req_id, tokens + local, hit.total_tokens if hit else 0, note,
+            logger.info("request %s: hit %d/%d tokens%s, loaded %s in %.0f ms (%.1f GB/s)%s",
+                        req_id, tokens + local, hit.total_tokens if hit else 0, from_local,
                         human_bytes(loaded_bytes[req_id]), share * 1e3,
-                        loaded_bytes[req_id] / max(share, 1e-9) / 1e9)
+                        loaded_bytes[req_id] / max(share, 1e-9) / 1e9, note)
 
     def take_failed_blocks(self) -> set[int]:
         """Block ids whose load failed since the last call."""
+        self.finish_load()
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 
@@ -150,6 +202,7 @@ class WorkerSide:
 
     def save(self, meta: LMCacheFSMetadata) -> None:
         """Copy each completed chunk out of the paged cache and queue it for writing."""
+        self.finish_load()  # the step is over: no read may still write into the cache
         if self.writer is None or not meta.saves:
             return
         for op in meta.saves:
@@ -172,6 +225,7 @@ class WorkerSide:
 
     def take_stats(self) -> LMCacheFSStats | None:
         """Counters since the last call, writer counters included; None if nothing happened."""
+        self.finish_load()
         if self.writer is not None:
             w = self.writer.stats
             skipped = w.skipped_queue_full + w.skipped_low_space + (self.saver.skipped if self.saver else 0)
@@ -185,6 +239,9 @@ class WorkerSide:
 
     def close(self) -> None:
         """Finish queued writes and stop the I/O threads."""
+        self.finish_load()
+        if self.layer_reader is not None:
+            self.layer_reader.close()
         if self.saver is not None:
             self.saver.close()
         if self.writer is not None:

@@ -85,6 +85,11 @@ class LMCacheFSConfig:
     xxh3). False trusts the filesystem for their data bytes (header, size and identity are
     still checked); POSIX reads are always verified."""
 
+    layerwise_load: bool = True
+    """Read chunk files layer by layer in the background while the forward pass runs,
+    each attention layer waiting only for its own layer (CPU engines; CUDA engines read
+    whole chunks before the forward pass for now). False: whole chunks, before it."""
+
     def __post_init__(self) -> None:
         if not self.storage_path:
             raise ConfigError(

@@ -1,7 +1,9 @@
 """End to end on real vLLM CPU engines in separate processes sharing one directory.
 
 Three engines for the whole module: ``plain`` (no connector: the reference
-tokens), ``a`` (connector) and ``b`` (connector, chunked prefill at 512 tokens).
+tokens), ``a`` (connector, loading whole chunks before the forward pass) and
+``b`` (connector, loading layer by layer during it, the default; chunked
+prefill at 512 tokens).
 Each prompt is fresh random tokens, so no test depends on another's files.
 """
 
@@ -28,9 +30,10 @@ PROMPT_LEN = 1200
 FULL_HIT = min(PROMPT_LEN // CHUNK * CHUNK, (PROMPT_LEN - 1) // BLOCK * BLOCK)  # 1024
 
 
-def _connector(storage: Path) -> dict:
+def _connector(storage: Path, **settings: object) -> dict:
     return {"kv_connector": "LMCacheFSConnector", "kv_role": "kv_both",
-            "kv_connector_extra_config": {"storage_path": str(storage), "chunk_size": CHUNK}}
+            "kv_connector_extra_config": {"storage_path": str(storage), "chunk_size": CHUNK,
+                                          **settings}}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,8 @@ def engines(synthetic_model, storage, tmp_path_factory):
     started: dict[str, EngineProcess] = {}
     try:
         started["plain"] = EngineProcess(synthetic_model, logs / "plain.log")
-        started["a"] = EngineProcess(synthetic_model, logs / "a.log", _connector(storage))
+        started["a"] = EngineProcess(synthetic_model, logs / "a.log",
+                                     _connector(storage, layerwise_load=False))
         started["b"] = EngineProcess(synthetic_model, logs / "b.log", _connector(storage),
                                      max_num_batched_tokens=512)
         yield started
@@ -89,7 +93,9 @@ def test_fresh_engine_loads_the_prefix_another_engine_stored(engines, storage):
     loaded = engines["b"].generate([prompt])[0]
     assert loaded["num_cached_tokens"] == FULL_HIT
     assert loaded["token_ids"] == reference["token_ids"] == stored["token_ids"]
-    assert f"hit {FULL_HIT}/{PROMPT_LEN} tokens" in engines["b"].log_text()
+    log = engines["b"].log_text()
+    assert f"hit {FULL_HIT}/{PROMPT_LEN} tokens" in log
+    assert "loads layer by layer into the cache" in log and "forward pass waited" in log
 
 
 def test_prompt_sharing_only_a_prefix_hits_its_whole_chunks(engines, storage):
@@ -114,6 +120,7 @@ def test_chunks_stored_under_chunked_prefill_load_correctly(engines, storage):
     got = engines["a"].generate([prompt])[0]
     assert got["num_cached_tokens"] == FULL_HIT
     assert got["token_ids"] == engines["plain"].generate([prompt])[0]["token_ids"]
+    assert "loads whole chunks" in engines["a"].log_text()
 
 
 def test_corrupted_and_truncated_chunks_are_recomputed_not_loaded(engines, storage):

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("vllm")
 
 from lmcache_fs.connector.metadata import HitSummary, LMCacheFSMetadata, LoadOp, SaveOp  # noqa: E402
-from lmcache_fs.connector.worker import WorkerSide  # noqa: E402
+from lmcache_fs.connector.worker import ReadOptions, WorkerSide  # noqa: E402
 from lmcache_fs.layout import ChunkLayout, Namespace  # noqa: E402
 from lmcache_fs.store import ChunkStore  # noqa: E402
 
@@ -15,10 +15,17 @@ NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
 KEYS = [f"{i:02x}" * 32 for i in range(3)]
 
 
-def _worker(tmp_path, layers):
+@pytest.fixture(params=[True, False], ids=["layerwise", "whole-chunks"])
+def layerwise(request):
+    return request.param
+
+
+def _worker(tmp_path, layers, layerwise=True):
     store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
-    side = WorkerSide(store, NAMES, PER_CHUNK, BLOCK, save_queue_size=8, can_save=True)
+    side = WorkerSide(store, NAMES, PER_CHUNK, BLOCK, save_queue_size=8, can_save=True,
+                      read_options=ReadOptions(layerwise=layerwise))
     side.register_kv_caches(dict(zip(NAMES, layers)))
+    assert (side.layer_reader is not None) == layerwise
     return side
 
 
@@ -28,7 +35,7 @@ def _caches(fill=None):
     return [torch.randn(BLOCKS, HEADS, BLOCK, HEAD2).to(torch.bfloat16) for _ in NAMES]
 
 
-def test_saved_blocks_load_bit_exactly_into_other_block_ids(tmp_path):
+def test_saved_blocks_load_bit_exactly_into_other_block_ids(tmp_path, layerwise):
     src = _caches()
     saver = _worker(tmp_path, src)
     chunks = [(3, 4, 5, 6), (10, 11, 12, 13), (20, 21, 22, 23)]
@@ -37,7 +44,7 @@ def test_saved_blocks_load_bit_exactly_into_other_block_ids(tmp_path):
     saver.close()
 
     dst = _caches(fill=0.0)
-    loader = _worker(tmp_path, dst)
+    loader = _worker(tmp_path, dst, layerwise)
     # The first block of chunk 0 is already in the local prefix cache: load from block 1.
     loads = [LoadOp("r", KEYS[0], 1, (31, 32, 33)), LoadOp("r", KEYS[1], 0, (0, 1, 2, 3)),
              LoadOp("r", KEYS[2], 0, (36, 37, 38, 39))]
@@ -52,13 +59,13 @@ def test_saved_blocks_load_bit_exactly_into_other_block_ids(tmp_path):
     assert all(torch.count_nonzero(kv[untouched]) == 0 for kv in dst)
 
 
-def test_a_missing_chunk_fails_its_blocks_and_every_later_one_of_the_request(tmp_path):
+def test_a_missing_chunk_fails_its_blocks_and_every_later_one_of_the_request(tmp_path, layerwise):
     src = _caches()
     saver = _worker(tmp_path, src)
     saver.save(LMCacheFSMetadata(saves=[SaveOp(KEYS[0], "", 0, (0, 1, 2, 3)),
                                         SaveOp(KEYS[2], "", 2, (8, 9, 10, 11))]))
     saver.close()
-    loader = _worker(tmp_path, _caches(fill=0.0))
+    loader = _worker(tmp_path, _caches(fill=0.0), layerwise)
     loads = [LoadOp("r", KEYS[0], 0, (0, 1, 2, 3)), LoadOp("r", KEYS[1], 0, (4, 5, 6, 7)),
              LoadOp("r", KEYS[2], 0, (8, 9, 10, 11)), LoadOp("other", KEYS[2], 0, (20, 21, 22, 23))]
     loader.load(LMCacheFSMetadata(loads=loads))
@@ -66,11 +73,11 @@ def test_a_missing_chunk_fails_its_blocks_and_every_later_one_of_the_request(tmp
     assert torch.equal(loader.layers[0][20], src[0][8])  # the other request still loads
 
 
-def test_stats_count_only_the_chunks_that_loaded(tmp_path):
+def test_stats_count_only_the_chunks_that_loaded(tmp_path, layerwise):
     saver = _worker(tmp_path, _caches())
     saver.save(LMCacheFSMetadata(saves=[SaveOp(KEYS[0], "", 0, (0, 1, 2, 3))]))
     saver.close()
-    loader = _worker(tmp_path, _caches(fill=0.0))
+    loader = _worker(tmp_path, _caches(fill=0.0), layerwise)
     loader.load(LMCacheFSMetadata(loads=[LoadOp("r", KEYS[0], 0, (0, 1, 2, 3)),
                                          LoadOp("r", KEYS[1], 0, (4, 5, 6, 7)),
                                          LoadOp("r", KEYS[2], 0, (8, 9, 10, 11))]))
