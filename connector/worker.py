@@ -1,12 +1,12 @@
 """Worker side: moves bytes between chunk files and the paged KV cache.
 
-Loads start with the step (``start_load_kv``). On CPU caches a
-:class:`LayerwiseReader` reads them layer by layer straight into the paged
-cache in the background, and each attention layer waits only for its own layer
-(``wait_for_layer_load``); elsewhere (CUDA) a :class:`GpuChunkReader` reads
-whole chunks with several in flight (kvikio/GDS into GPU staging, or POSIX
-into host memory), each verified, and the blocks are scattered into the cache
-before the forward pass. A chunk that is missing, truncated, corrupt or
+Loads start with the step (``start_load_kv``). With layer-wise loads (the
+default on CPU, ``layerwise_load: true`` on CUDA) a :class:`LayerwiseReader`
+reads them layer by layer in the background, and each attention layer waits
+only for its own layer (``wait_for_layer_load``). Otherwise a
+:class:`GpuChunkReader` reads whole chunks with several in flight (kvikio/GDS
+into GPU staging, or POSIX into host memory), each verified, and the blocks are
+scattered into the cache before the forward pass. A chunk that is missing, truncated, corrupt or
 foreign marks its blocks (and the rest of that prompt's prefix) as failed at
 the end of the step, and vLLM recomputes them. Saves run after the forward pass (``wait_for_save``): the
 blocks are gathered into a fresh tensor at once (the engine may reuse its
@@ -29,7 +29,7 @@ from lmcache_fs.block_copy import gather_blocks, scatter_blocks
 from lmcache_fs.codec import ChunkFileError
 from lmcache_fs.gpu_io import GpuChunkReader, choose_read_backend
 from lmcache_fs.gpu_save import DeviceChunkSaver
-from lmcache_fs.layer_reader import LayerLoadJob, LayerwiseLoad, LayerwiseReader, reads_layerwise
+from lmcache_fs.layer_reader import LayerLoadJob, LayerwiseLoad, LayerwiseReader
 from lmcache_fs.log import human_bytes
 from lmcache_fs.space import FreeSpaceGuard
 from lmcache_fs.store import ChunkStore
@@ -48,7 +48,7 @@ class ReadOptions:
     use_gds: str = "auto"
     staging_bytes: int = 256 << 20
     verify_device_reads: bool = True
-    layerwise: bool = True
+    layerwise: str = "auto"
 
 
 class WorkerSide:
@@ -93,11 +93,13 @@ class WorkerSide:
         self._chunk_shape = (len(self.layers), self.blocks_per_chunk, *page_shape)
         self._chunk_bytes = first.element_size() * math.prod(self._chunk_shape)
         opts = self.read_options
-        if opts.layerwise and reads_layerwise(self.layers):
+        if opts.layerwise == "true" or (opts.layerwise == "auto" and first.device.type == "cpu"):
             self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
             self.layer_reader = LayerwiseReader(self.store, self.layers, self.blocks_per_chunk,
-                                                threads=min(8, len(os.sched_getaffinity(0))))
-            reads = f"layer by layer into the cache (read threads: {self.layer_reader.threads})"
+                                                threads=min(8, len(os.sched_getaffinity(0))),
+                                                staging_bytes=opts.staging_bytes)
+            reads = (f"layer by layer {'into the cache' if self.layer_reader.into_pages else 'through staging'}"
+                     f" (read threads: {self.layer_reader.threads})")
         else:
             self.reader = GpuChunkReader(self.store, self._chunk_shape, first.dtype, first.device,
                                          choose_read_backend(opts.use_gds, first.device),

@@ -57,14 +57,21 @@ def scatter_blocks(src: torch.Tensor, layers: Sequence[torch.Tensor],
     """
     if src.is_cuda and copy_blocks_cuda(False, layers, block_ids, src):
         return
-    if not src.is_cuda:
-        for i, kv in enumerate(layers):
-            for pos, block in enumerate(block_ids.tolist()):
-                kv[block].copy_(src[i, pos])
-        return
-    src = _as_bytes(src)
     for i, kv in enumerate(layers):
-        _as_bytes(kv).index_copy_(0, block_ids, src[i])
+        scatter_layer(src[i], kv, block_ids)
+
+
+def scatter_layer(src: torch.Tensor, kv: torch.Tensor, block_ids: torch.Tensor) -> None:
+    """Copy ``src[i]`` into block ``block_ids[i]`` of one layer's cache ``kv``.
+
+    On CUDA one ``index_copy_`` launch (the kernel's plans are per set of
+    layers, built once for all of them, not per layer).
+    """
+    if not src.is_cuda:
+        for pos, block in enumerate(block_ids.tolist()):
+            kv[block].copy_(src[pos])
+        return
+    _as_bytes(kv).index_copy_(0, block_ids, _as_bytes(src))
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:

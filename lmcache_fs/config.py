@@ -85,10 +85,12 @@ class LMCacheFSConfig:
     xxh3). False trusts the filesystem for their data bytes (header, size and identity are
     still checked); POSIX reads are always verified."""
 
-    layerwise_load: bool = True
-    """Read chunk files layer by layer in the background while the forward pass runs,
-    each attention layer waiting only for its own layer (CPU engines; CUDA engines read
-    whole chunks before the forward pass for now). False: whole chunks, before it."""
+    layerwise_load: str = "auto"
+    """``true``: read chunk files layer by layer in the background while the forward pass
+    runs, each attention layer waiting only for its own layer (POSIX reads, hashed as they
+    land). ``false``: whole chunks, read and verified before the forward pass (on CUDA with
+    kvikio/GDS). ``auto``: layer by layer on CPU engines, whole chunks on CUDA (layer-wise
+    CUDA loads have not yet been measured on a GPU)."""
 
     def __post_init__(self) -> None:
         if not self.storage_path:
@@ -101,8 +103,9 @@ class LMCacheFSConfig:
         for name, zero_means in _NON_NEGATIVE.items():
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0{zero_means}, got {getattr(self, name)}")
-        if self.use_gds not in ("auto", "true", "false"):
-            raise ConfigError(f"use_gds must be auto, true or false, got {self.use_gds!r}")
+        for name in ("use_gds", "layerwise_load"):
+            if getattr(self, name) not in ("auto", "true", "false"):
+                raise ConfigError(f"{name} must be auto, true or false, got {getattr(self, name)!r}")
         if self.file_mode & 0o002:
             raise ConfigError(f"file_mode {oct(self.file_mode)} is world-writable; use e.g. 0o644 or 0o664")
         if not 0 < self.eviction_low_watermark < self.eviction_high_watermark <= 1:

@@ -54,3 +54,10 @@ def test_unreadable_config_file_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="nope.yaml cannot be read"):
         load_config({"storage_path": str(tmp_path)})
+
+
+def test_three_way_settings_take_yaml_booleans_and_refuse_anything_else(tmp_path):
+    config = load_config({"storage_path": str(tmp_path), "layerwise_load": True, "use_gds": False})
+    assert (config.layerwise_load, config.use_gds) == ("true", "false")
+    with pytest.raises(ConfigError, match="layerwise_load must be auto, true or false, got 'sometimes'"):
+        load_config({"storage_path": str(tmp_path), "layerwise_load": "sometimes"})

@@ -2,12 +2,13 @@
 
 import os
 import threading
+import time
 
 import pytest
 import torch
 
 from lmcache_fs import layer_reader
-from lmcache_fs.layer_reader import LayerLoadJob, LayerwiseReader, reads_layerwise
+from lmcache_fs.layer_reader import LayerLoadJob, LayerwiseReader
 from lmcache_fs.layout import ChunkLayout, Namespace
 from lmcache_fs.quarantine import quarantine_dir
 from lmcache_fs.store import ChunkStore
@@ -20,8 +21,13 @@ def _store(root, name="m"):
     return ChunkStore(ChunkLayout(root, Namespace({"model": name})))
 
 
-def _caches(fill=0.0):
-    return [torch.full((BLOCKS, *PAGE), fill, dtype=torch.bfloat16) for _ in range(LAYERS)]
+def _caches(fill=0.0, strided=False):
+    """Per-layer caches [blocks, *PAGE]; strided: a transposed view, as CUDA's NHD layout is."""
+    if not strided:
+        return [torch.full((BLOCKS, *PAGE), fill, dtype=torch.bfloat16) for _ in range(LAYERS)]
+    heads, block, width = PAGE
+    return [torch.full((BLOCKS, block, heads, width), fill, dtype=torch.bfloat16).transpose(1, 2)
+            for _ in range(LAYERS)]
 
 
 def _chunks(store, n):
@@ -37,17 +43,23 @@ def _data_offset(path):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_blocks_land_in_their_pages_bit_exactly(tmp_path, threads):
+@pytest.mark.parametrize("strided", [False, True], ids=["into-pages", "through-staging"])
+def test_blocks_land_in_their_pages_bit_exactly(tmp_path, threads, strided):
     store = _store(tmp_path)
     chunks = _chunks(store, 5)
-    caches = _caches()
-    reader = LayerwiseReader(store, caches, PER_CHUNK, threads)
+    caches = _caches(strided=strided)
+    # Through staging: room for 2 layers of the step only, so the ring is reused.
+    reader = LayerwiseReader(store, caches, PER_CHUNK, threads, staging_bytes=1)
+    assert reader.into_pages is not strided
     jobs = [LayerLoadJob(KEYS[0], 1, (40, 3, 17)),  # first block already cached locally
             LayerLoadJob(KEYS[1], 0, (60, 61, 62, 63)),
             LayerLoadJob(KEYS[2], 0, (0, 1, 2, 5)),
             LayerLoadJob(KEYS[3], 0, (8, 9)),  # the end of a chunk not wanted
             LayerLoadJob(KEYS[4], 0, (30, 31, 32, 33))]
-    assert reader.start(jobs).finish() == [None] * 5
+    load = reader.start(jobs)
+    for layer in range(LAYERS):  # as the forward pass does
+        load.wait_layer(layer)
+    assert load.finish() == [None] * 5
     for chunk, job in zip(chunks, jobs):
         for layer in range(LAYERS):
             for pos, block in enumerate(job.block_ids):
@@ -64,10 +76,10 @@ def test_a_layer_is_released_before_the_next_one_is_read(tmp_path, monkeypatch):
     gate = threading.Event()
     real = LayerwiseReader.read_layer
 
-    def read_layer(self, chunk, job, layer, scratch):
+    def read_layer(self, chunk, layer, buffers):
         if layer == 2:
             gate.wait(30)
-        real(self, chunk, job, layer, scratch)
+        real(self, chunk, layer, buffers)
 
     monkeypatch.setattr(LayerwiseReader, "read_layer", read_layer)
     reader = LayerwiseReader(store, _caches(), PER_CHUNK, threads=2)
@@ -85,8 +97,9 @@ def test_a_layer_is_released_before_the_next_one_is_read(tmp_path, monkeypatch):
     reader.close()
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["into-pages", "through-staging"])
 @pytest.mark.parametrize("damage", ["flip-last-layer", "truncate", "foreign", "missing"])
-def test_a_bad_file_is_a_miss_and_the_others_load(tmp_path, damage):
+def test_a_bad_file_is_a_miss_and_the_others_load(tmp_path, damage, strided):
     store = _store(tmp_path)
     chunks = _chunks(store, 2)
     path = store.layout.chunk_path(KEYS[0])
@@ -103,7 +116,7 @@ def test_a_bad_file_is_a_miss_and_the_others_load(tmp_path, damage):
         os.replace(_store(tmp_path / "other", name="other-model").layout.chunk_path(KEYS[0]), path)
     else:
         os.unlink(path)
-    caches = _caches()
+    caches = _caches(strided=strided)
     reader = LayerwiseReader(store, caches, PER_CHUNK, threads=1)
     errors = reader.start([LayerLoadJob(KEYS[0], 0, (0, 1, 2, 3)),
                            LayerLoadJob(KEYS[1], 0, (4, 5, 6, 7))]).finish()
@@ -115,12 +128,13 @@ def test_a_bad_file_is_a_miss_and_the_others_load(tmp_path, damage):
     reader.close()
 
 
-def test_more_chunks_than_open_files_are_read_in_waves(tmp_path, monkeypatch):
+@pytest.mark.parametrize("strided", [False, True], ids=["into-pages", "through-staging"])
+def test_chunks_beyond_the_open_files_limit_are_opened_per_layer(tmp_path, monkeypatch, strided):
     monkeypatch.setattr(layer_reader, "MAX_OPEN_PER_THREAD", 2)
     store = _store(tmp_path)
     chunks = _chunks(store, 5)
-    caches = _caches()
-    reader = LayerwiseReader(store, caches, PER_CHUNK, threads=1)
+    caches = _caches(strided=strided)
+    reader = LayerwiseReader(store, caches, PER_CHUNK, threads=1, staging_bytes=1)
     jobs = [LayerLoadJob(k, 0, tuple(range(4 * i, 4 * i + 4))) for i, k in enumerate(KEYS[:5])]
     load = reader.start(jobs)
     load.wait_layer(LAYERS - 1)
@@ -133,7 +147,7 @@ def test_an_unexpected_error_is_a_miss_and_never_a_hang(tmp_path, monkeypatch):
     store = _store(tmp_path)
     _chunks(store, 2)
 
-    def broken(self, chunk, job, layer, scratch):
+    def broken(self, chunk, layer, buffers):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(LayerwiseReader, "read_layer", broken)
@@ -145,8 +159,47 @@ def test_an_unexpected_error_is_a_miss_and_never_a_hang(tmp_path, monkeypatch):
     reader.close()
 
 
-def test_only_contiguous_cpu_caches_are_read_layerwise():
-    assert reads_layerwise(_caches())
-    strided = [torch.zeros(PAGE[1], BLOCKS, PAGE[0], PAGE[2]).transpose(0, 1) for _ in range(2)]
-    assert not reads_layerwise(strided)
-    assert not reads_layerwise([])
+def test_the_staging_ring_waits_for_the_forward_pass(tmp_path):
+    """With room for 2 layers, layer 2 is not read before layer 0 was handed to the cache."""
+    store = _store(tmp_path)
+    chunks = _chunks(store, 1)
+    caches = _caches(strided=True)
+    reader = LayerwiseReader(store, caches, PER_CHUNK, threads=1, staging_bytes=1)
+    load = reader.start([LayerLoadJob(KEYS[0], 0, (0, 1, 2, 3))])
+    deadline = time.monotonic() + 5
+    while min(load._layers_read) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert load._layers_read == [2], "the reader overran the staging ring"
+    load.wait_layer(0)
+    assert torch.equal(caches[0][3], chunks[0][0, 3])
+    assert load.finish() == [None]
+    assert torch.equal(caches[LAYERS - 1][3], chunks[0][LAYERS - 1, 3])
+    reader.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_layers_arrive_in_stream_order_through_a_reused_ring(tmp_path):
+    """NHD strided CUDA caches: what the 'forward pass' queues right after wait_layer(l)
+    on the current stream already sees layer l's loaded blocks, with the ring reused."""
+    store = _store(tmp_path)
+    chunks = _chunks(store, 5)
+    heads, block, width = PAGE
+    caches = [torch.zeros(BLOCKS, block, heads, width, dtype=torch.bfloat16, device="cuda")
+              .transpose(1, 2) for _ in range(LAYERS)]
+    reader = LayerwiseReader(store, caches, PER_CHUNK, threads=2, staging_bytes=1)
+    assert not reader.into_pages
+    jobs = [LayerLoadJob(k, 0, tuple(range(60 - 4 * i, 64 - 4 * i))) for i, k in enumerate(KEYS[:5])]
+    load = reader.start(jobs)
+    seen = []
+    for layer in range(LAYERS):
+        load.wait_layer(layer)
+        seen.append(caches[layer][list(jobs[4].block_ids)].clone())  # queued after the scatter
+    assert load.finish() == [None] * 5
+    torch.cuda.synchronize()
+    for layer in range(LAYERS):
+        assert torch.equal(seen[layer].cpu(), chunks[4][layer])
+        for chunk, job in zip(chunks, jobs):
+            assert torch.equal(caches[layer][list(job.block_ids)].cpu(), chunk[layer])
+    reader.close()

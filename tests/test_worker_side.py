@@ -15,17 +15,17 @@ NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
 KEYS = [f"{i:02x}" * 32 for i in range(3)]
 
 
-@pytest.fixture(params=[True, False], ids=["layerwise", "whole-chunks"])
+@pytest.fixture(params=["auto", "false"], ids=["layerwise", "whole-chunks"])
 def layerwise(request):
     return request.param
 
 
-def _worker(tmp_path, layers, layerwise=True):
+def _worker(tmp_path, layers, layerwise="auto"):
     store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
     side = WorkerSide(store, NAMES, PER_CHUNK, BLOCK, save_queue_size=8, can_save=True,
                       read_options=ReadOptions(layerwise=layerwise))
     side.register_kv_caches(dict(zip(NAMES, layers)))
-    assert (side.layer_reader is not None) == layerwise
+    assert (side.layer_reader is not None) == (layerwise == "auto")  # auto: layer-wise on CPU
     return side
 
 
