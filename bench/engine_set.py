@@ -23,10 +23,10 @@ from lmcache_fs.synthetic_model import build_synthetic_model  # noqa: E402
 CHUNK = 256  # lmcache-fs default chunk_size
 
 
-def lmcache_fs_connector(directory: Path) -> dict:
-    """kv_transfer_config of an lmcache-fs engine on ``directory``."""
+def lmcache_fs_connector(directory: Path, **settings: object) -> dict:
+    """kv_transfer_config of an lmcache-fs engine on ``directory`` (plus lmcache-fs ``settings``)."""
     return {"kv_connector": "LMCacheFSConnector", "kv_role": "kv_both",
-            "kv_connector_extra_config": {"storage_path": str(directory)}}
+            "kv_connector_extra_config": {"storage_path": str(directory), **settings}}
 
 
 def example_connector(directory: Path) -> dict:
