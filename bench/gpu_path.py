@@ -15,7 +15,9 @@ On a CUDA machine this
    evicted) and warm: the disk alone (pread into host memory), a plain read +
    H2D copy, kvikio alone, and lmcache-fs' reader on each path it can take
    (goal: at least the better of plain and kvikio, and >= 90 % of the disk);
-5. writes a markdown table with the machine, versions and command.
+5. times a step that loads chunks and runs 32 layers of (simulated) compute:
+   whole-chunk loads first against layer-wise loads during the compute;
+6. writes a markdown table with the machine, versions and command.
 
 Without CUDA it writes nothing and says so: there is nothing to measure.
 """
@@ -47,6 +49,7 @@ from lmcache_fs.block_copy import gather_blocks, scatter_blocks
 from lmcache_fs.codec import ALIGNMENT
 from lmcache_fs.gpu_io import GpuChunkReader, ReadBackend, ReadPath
 from lmcache_fs.gpu_save import DeviceChunkSaver
+from lmcache_fs.layer_reader import LayerLoadJob, LayerwiseReader
 from lmcache_fs.layout import ChunkLayout, Namespace
 from lmcache_fs.log import init_logging
 from lmcache_fs.store import ChunkStore
@@ -332,12 +335,119 @@ def _kvikio_backend() -> ReadBackend | None:
     return ReadBackend(ReadPath.GDS if gds else ReadPath.KVIKIO_POSIX, kvikio)
 
 
+# -- layer-wise loads against a forward pass -------------------------------------------
+
+LAYERWISE_MODEL = dict(layers=32, block=16, heads=8, width=256)  # Llama-3-8B bf16, vLLM CUDA blocks
+
+
+def _spin(device: torch.device) -> Callable[[float], None]:
+    """GPU work of a given length in microseconds on the current stream (a layer's compute)."""
+    if device.type != "cuda":
+        return lambda us: time.sleep(us / 1e6)  # CPU smoke test of the bench's code
+    torch.cuda._sleep(1000)  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 10_000_000
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    per_us = cycles / (start.elapsed_time(end) * 1e3)
+    return lambda us: torch.cuda._sleep(int(us * per_us))
+
+
+def bench_layerwise(work_dir: Path, chunks: int, compute_us: Sequence[int], rounds: int,
+                    device: torch.device | str = "cuda") -> list[list[object]]:
+    """Rows: a step that loads ``chunks`` warm chunks, then runs 32 layers of compute.
+
+    ``whole chunks``: the worker's default CUDA path (GpuChunkReader on its best
+    backend, verified, scattered, synchronized) before the first layer.
+    ``layer by layer``: LayerwiseReader through its pinned staging ring, each
+    layer waiting only for its own bytes. Time: from the start of the loads to
+    the last layer's compute done.
+    """
+    device = torch.device(device)
+    m = LAYERWISE_MODEL
+    per_chunk = 256 // m["block"]
+    directory = work_dir / "layerwise"
+    shutil.rmtree(directory, ignore_errors=True)
+    store = ChunkStore(ChunkLayout(directory, Namespace({"model": "bench-layerwise"})))
+    shape = (m["layers"], per_chunk, m["heads"], m["block"], m["width"])
+    keys = [f"{i:064x}" for i in range(chunks)]
+    progress(f"writing {chunks} chunk files of {torch.Size(shape).numel() * 2 // MIB} MiB")
+    for key in keys:
+        store.save(key, torch.randn(shape).to(torch.bfloat16), {})
+    order = torch.randperm(chunks * per_chunk).tolist()
+    block_ids = [order[i * per_chunk:(i + 1) * per_chunk] for i in range(chunks)]
+    caches = [torch.zeros(chunks * per_chunk, m["block"], m["heads"], m["width"],
+                          dtype=torch.bfloat16, device=device).transpose(1, 2)
+              for _ in range(m["layers"])]  # vLLM's NHD view
+    backend = (_kvikio_backend() if device.type == "cuda" else None) or ReadBackend(ReadPath.POSIX)
+    whole = GpuChunkReader(store, shape, torch.bfloat16, device, backend,
+                           staging_bytes=STAGING_BYTES)
+    layerwise = LayerwiseReader(store, caches, per_chunk, threads=gpu_io.kvikio_threads(),
+                                staging_bytes=STAGING_BYTES)
+    ids = [torch.tensor(b, dtype=torch.int64, device=device) for b in block_ids]
+    jobs = [LayerLoadJob(k, 0, b) for k, b in zip(keys, block_ids)]
+    spin = _spin(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def compute_alone(us: int) -> None:
+        for _ in caches:
+            spin(us)
+        sync()
+
+    def whole_then_compute(us: int) -> None:
+        for i, chunk in whole.read(keys):
+            if not isinstance(chunk, torch.Tensor):
+                raise RuntimeError(f"chunk {i} failed: {chunk}")
+            scatter_blocks(chunk, caches, ids[i])
+        sync()  # as WorkerSide.load does before the forward pass
+        compute_alone(us)
+
+    def layer_by_layer(us: int) -> None:
+        load = layerwise.start(jobs)
+        for layer in range(len(caches)):
+            load.wait_layer(layer)
+            spin(us)
+        if any(e is not None for e in load.finish()):
+            raise RuntimeError(f"layer-wise load failed: {load.errors}")
+        sync()
+
+    competitors = {"compute alone": compute_alone,
+                   f"whole chunks ({backend.path.value}, verified), then compute": whole_then_compute,
+                   "layer by layer (POSIX into pinned staging, verified)": layer_by_layer}
+    rows = []
+    try:
+        whole_then_compute(0)  # every page cached; buffers and kernels warm
+        layer_by_layer(0)
+        for us in compute_us:
+            seconds: dict[str, list[float]] = {}
+            for _ in range(rounds):
+                for name, run in competitors.items():
+                    start = time.perf_counter()
+                    run(us)
+                    seconds.setdefault(name, []).append(time.perf_counter() - start)
+            floor = median(seconds["compute alone"])
+            for name, values in seconds.items():
+                rows.append([f"{chunks} x {torch.Size(shape).numel() * 2 // MIB} MiB",
+                             f"{us} us x {len(caches)}", name, f"{median(values) * 1e3:.1f}",
+                             f"{(median(values) - floor) * 1e3:+.1f}"])
+    finally:
+        whole.close()
+        layerwise.close()
+        shutil.rmtree(directory, ignore_errors=True)
+    return rows
+
+
 # -- the report -----------------------------------------------------------------------
 
 def run_gpu_tests() -> str:
     """Run the GPU-marked tests in a subprocess; returns pytest's summary line."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-           "tests/test_block_copy_cuda.py", "tests/test_gpu_io.py"]
+           "tests/test_block_copy_cuda.py", "tests/test_gpu_io.py", "tests/test_layer_reader.py"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.strip()]
@@ -419,6 +529,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress("timing the saves")
     save_rows = guarded("save timing", lambda: bench_saves(args.work_dir, 8 if args.quick else 32),
                         [], problems)
+    progress("timing layer-wise loads against a forward pass")
+    layer_rows = guarded("layer-wise timing", lambda: bench_layerwise(
+        args.work_dir, 4 if args.quick else 32, (200,) if args.quick else (100, 500, 2000),
+        1 if args.quick else 5), [], problems)
     machine = guarded("machine description",
                       lambda: machine_lines(args.work_dir, software_lines(build_seconds)),
                       software_lines(build_seconds), problems)
@@ -431,7 +545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         *(f"- FAILED: {p}" for p in problems),
         "",
         "## Bit-exactness", "",
-        f"- GPU tests (`pytest -m gpu tests/test_block_copy_cuda.py tests/test_gpu_io.py`): {tests}",
+        f"- GPU tests (`pytest -m gpu tests/test_block_copy_cuda.py tests/test_gpu_io.py "
+        f"tests/test_layer_reader.py`): {tests}",
         f"- Timed configurations compared with the torch reference: "
         f"{'all identical' if not failures else '; '.join(failures)}", "",
         "## Kernels: one launch per chunk vs a device-to-device copy of the same bytes", "",
@@ -453,6 +568,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "passes.", "",
         *md_table(["chunks", "cache", "competitor", "in flight", "GB/s", "of disk alone",
                    "of best baseline"], read_rows),
+        "## Layer-wise loads against a forward pass", "",
+        "A step that loads warm chunks of a Llama-3-8B-like cache (32 layers, NHD blocks of 16) "
+        "and then computes 32 layers (simulated: a GPU spin of the given length per layer). "
+        "`whole chunks`: the default CUDA path, every chunk read, verified and scattered before "
+        "layer 0. `layer by layer` (`layerwise_load: true`): each layer waits only for its own "
+        "bytes. ms from the first read to the last layer done, median; `over compute`: what "
+        "loading added to `compute alone`.", "",
+        *md_table(["chunks", "compute per layer", "path", "ms", "over compute"], layer_rows),
         "Reading the numbers: `cold` measures the disk; `warm` measures the page cache and the "
         "CPU work per chunk. With verification on (the default) every chunk is hashed on the "
         "host (the format's xxh3-64, which cannot be computed in parallel on a GPU), kvikio "
