@@ -117,6 +117,7 @@ class WorkerSide:
 
     def load(self, meta: LMCacheFSMetadata) -> None:
         """Start (layer-wise) or do (whole chunks) this step's loads into the paged cache."""
+        self.finish_load()  # (vLLM ends every step first; never two steps' reads at once)
         if not meta.loads:
             return
         if self.layer_reader is not None:
@@ -130,8 +131,9 @@ class WorkerSide:
 
     def wait_for_layer(self, layer_name: str) -> None:
         """Block until the layer about to run has its loaded blocks (layer-wise loads only)."""
-        if self._layerwise is not None:
-            self._layerwise[1].wait_layer(self._layer_index[layer_name])
+        index = self._layer_index.get(layer_name)
+        if self._layerwise is not None and index is not None:  # (a layer without KV: nothing to wait for)
+            self._layerwise[1].wait_layer(index)
 
     def finish_load(self) -> None:
         """Wait for the step's layer-wise loads to end and account for them (idempotent)."""
@@ -141,7 +143,7 @@ class WorkerSide:
         self._layerwise = None
         errors = running.finish()
         self._account(meta, errors, running.read_seconds,
-                      f", forward pass waited {running.waited_seconds * 1e3:.0f} ms")
+                      f", engine waited {running.waited_seconds * 1e3:.0f} ms for it")
 
     def _read_whole_chunks(self, meta: LMCacheFSMetadata) -> list[ChunkFileError | None]:
         """Read each chunk whole (several in flight) and scatter it; returns per-load errors."""

@@ -95,7 +95,7 @@ def test_fresh_engine_loads_the_prefix_another_engine_stored(engines, storage):
     assert loaded["token_ids"] == reference["token_ids"] == stored["token_ids"]
     log = engines["b"].log_text()
     assert f"hit {FULL_HIT}/{PROMPT_LEN} tokens" in log
-    assert "loads layer by layer into the cache" in log and "forward pass waited" in log
+    assert "loads layer by layer into the cache" in log and "engine waited" in log
 
 
 def test_prompt_sharing_only_a_prefix_hits_its_whole_chunks(engines, storage):
