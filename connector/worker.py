@@ -6,12 +6,18 @@ reads them layer by layer in the background, and each attention layer waits
 only for its own layer (``wait_for_layer_load``). Otherwise a
 :class:`GpuChunkReader` reads whole chunks with several in flight (kvikio/GDS
 into GPU staging, or POSIX into host memory), each verified, and the blocks are
-scattered into the cache before the forward pass. A chunk that is missing, truncated, corrupt or
-foreign marks its blocks (and the rest of that prompt's prefix) as failed at
-the end of the step, and vLLM recomputes them. Saves run after the forward pass (``wait_for_save``): the
+scattered into the cache before the forward pass. A chunk that is missing,
+truncated, corrupt or foreign marks its blocks (and the rest of that prompt's
+prefix) as failed at the end of the step, and vLLM recomputes them.
+
+Saves run after the forward pass (``wait_for_save``), not layer by layer: the
 blocks are gathered into a fresh tensor at once (the engine may reuse its
 blocks next step); on CUDA a side stream copies it to pinned memory; the
-background writer publishes it, skipping rather than stalling when busy.
+background writer publishes it, skipping rather than stalling when busy. What
+that leaves on the engine's thread is small (measured: a gather kernel and
+about 120 us of host time per 32 MiB chunk on an H200; on CPU, page copies at
+about 17 GB/s, 2 ms for the 34 MB of KV of 8k tokens of the test model against
+its 2.2 s prefill), so splitting it per layer would only add calls.
 """
 
 from __future__ import annotations
@@ -98,8 +104,8 @@ class WorkerSide:
             self.layer_reader = LayerwiseReader(self.store, self.layers, self.blocks_per_chunk,
                                                 threads=min(8, len(os.sched_getaffinity(0))),
                                                 staging_bytes=opts.staging_bytes)
-            reads = (f"layer by layer {'into the cache' if self.layer_reader.into_pages else 'through staging'}"
-                     f" (read threads: {self.layer_reader.threads})")
+            into = "into the cache" if self.layer_reader.into_pages else "through staging"
+            reads = f"layer by layer {into} (read threads: {self.layer_reader.threads})"
         else:
             self.reader = GpuChunkReader(self.store, self._chunk_shape, first.dtype, first.device,
                                          choose_read_backend(opts.use_gds, first.device),
@@ -131,8 +137,8 @@ class WorkerSide:
 
     def wait_for_layer(self, layer_name: str) -> None:
         """Block until the layer about to run has its loaded blocks (layer-wise loads only)."""
-        index = self._layer_index.get(layer_name)
-        if self._layerwise is not None and index is not None:  # (a layer without KV: nothing to wait for)
+        index = self._layer_index.get(layer_name)  # None: a layer without KV, nothing to wait for
+        if self._layerwise is not None and index is not None:
             self._layerwise[1].wait_layer(index)
 
     def finish_load(self) -> None:

@@ -83,12 +83,12 @@ def checksum(data: torch.Tensor) -> str:
     return _CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(_byte_view(data))
 
 
-def new_checksum() -> "xxhash.xxh3_64":
+def new_checksum() -> xxhash.xxh3_64:
     """A streaming xxh3-64: ``update()`` it with the data in file order, in any pieces."""
     return xxhash.xxh3_64()
 
 
-def checksum_text(streamed: "xxhash.xxh3_64") -> str:
+def checksum_text(streamed: xxhash.xxh3_64) -> str:
     """What :func:`checksum` would say of the bytes fed to ``streamed``."""
     return _CHECKSUM_PREFIX + streamed.hexdigest()
 

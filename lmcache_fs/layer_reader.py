@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import xxhash
 
 from lmcache_fs.block_copy import scatter_layer
 from lmcache_fs.codec import (ChunkFileError, check_header, checksum_text, new_checksum,
@@ -74,7 +75,7 @@ class _OpenChunk:
     fd: int | None  # None: opened again for each layer
     data_offset: int
     expected: str
-    hasher: object = field(default_factory=new_checksum)
+    hasher: xxhash.xxh3_64 = field(default_factory=new_checksum)
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:
@@ -166,7 +167,8 @@ class _ThroughStaging:
             if src.is_cuda:
                 src.copy_(self._host[r], non_blocking=True)
             n = self._ids.numel()
-            src = src[:n * self.page_bytes].view(self.layers[layer].dtype).view(n, *self._page_shape)
+            src = src[:n * self.page_bytes].view(self.layers[layer].dtype)
+            src = src.view(n, *self._page_shape)
             scatter_layer(src, self.layers[layer], self._ids)
         event = None
         if self._device.is_cuda:
@@ -263,7 +265,7 @@ class LayerwiseReader:
         if got != expected:
             raise ChunkFileError(f"short read: {got} of {expected} bytes of layer {layer}")
         for buffer in buffers:
-            chunk.hasher.update(buffer)  # type: ignore[attr-defined]
+            chunk.hasher.update(buffer)
 
 
 class LayerwiseLoad:
@@ -363,7 +365,7 @@ class LayerwiseLoad:
             for chunk in chunks:
                 if self.errors[chunk.index] is not None:
                     continue
-                if checksum_text(chunk.hasher) != chunk.expected:  # type: ignore[arg-type]
+                if checksum_text(chunk.hasher) != chunk.expected:
                     self._failed(chunk.index, chunk.path,
                                  ChunkFileError("checksum mismatch: the data is corrupt"))
                 else:
