@@ -18,13 +18,14 @@ from bench.common import REPO, progress
 sys.path.insert(0, str(REPO / "tests"))  # the engine-process harness the e2e tests use
 from engines import EngineProcess  # noqa: E402
 
+from lmcache_fs.layout import TEMP_PREFIX  # noqa: E402
 from lmcache_fs.synthetic_model import build_synthetic_model  # noqa: E402
 
 CHUNK = 256  # lmcache-fs default chunk_size
 
 
 def lmcache_fs_connector(directory: Path, **settings: object) -> dict:
-    """kv_transfer_config of an lmcache-fs engine on ``directory`` (plus lmcache-fs ``settings``)."""
+    """kv_transfer_config of an lmcache-fs engine on ``directory``, plus lmcache-fs ``settings``."""
     return {"kv_connector": "LMCacheFSConnector", "kv_role": "kv_both",
             "kv_connector_extra_config": {"storage_path": str(directory), **settings}}
 
@@ -37,7 +38,8 @@ def example_connector(directory: Path) -> dict:
 
 def chunk_files(directory: Path) -> list[Path]:
     """The published lmcache-fs chunk files under a storage directory."""
-    return list(directory.glob("*/??/*.safetensors"))
+    # (pathlib's glob also matches dot files, so writers' temporaries are left out by name)
+    return [p for p in directory.glob("*/??/*.safetensors") if not p.name.startswith(TEMP_PREFIX)]
 
 
 def wait_for_chunks(directory: Path, count: int, timeout_s: float = 120) -> None:

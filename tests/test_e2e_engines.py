@@ -18,6 +18,7 @@ import torch
 
 from engines import EngineProcess
 from lmcache_fs.codec import read_chunk_file, read_chunk_header
+from lmcache_fs.layout import TEMP_PREFIX
 
 pytestmark = pytest.mark.engine
 
@@ -65,7 +66,9 @@ def _prompt(n: int = PROMPT_LEN) -> list[int]:
 
 
 def _chunk_files(storage: Path) -> list[Path]:
-    return sorted(storage.glob("*/??/*.safetensors"))
+    # (pathlib's glob also matches dot files: a writer's temporary would be listed, then vanish)
+    return sorted(p for p in storage.glob("*/??/*.safetensors")
+                  if not p.name.startswith(TEMP_PREFIX))
 
 
 def _wait_for_chunks(storage: Path, count: int, timeout_s: float = 60) -> list[Path]:
