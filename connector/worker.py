@@ -156,18 +156,14 @@ class WorkerSide:
         assert self.reader is not None
         device = self.layers[0].device
         errors: list[ChunkFileError | None] = [None] * len(meta.loads)
-        broken: set[str] = set()
         for i, chunk in self.reader.read([op.key for op in meta.loads]):
             op = meta.loads[i]
             if isinstance(chunk, ChunkFileError):
                 errors[i] = chunk
-                broken.add(op.req_id)
-            elif op.req_id not in broken:
-                # (vLLM recomputes everything after a failed block: a chunk after
-                # one is not worth scattering.)
-                ids = torch.tensor(op.block_ids, dtype=torch.int64, device=device)
-                scatter_blocks(chunk[:, op.first_block:op.first_block + len(op.block_ids)],
-                               self.layers, ids)
+                continue
+            ids = torch.tensor(op.block_ids, dtype=torch.int64, device=device)
+            scatter_blocks(chunk[:, op.first_block:op.first_block + len(op.block_ids)],
+                           self.layers, ids)
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # the log's timing is honest
         return errors
