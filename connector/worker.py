@@ -57,6 +57,13 @@ class ReadOptions:
     layerwise: str = "auto"
 
 
+def _usable_cores() -> int:
+    """Cores this thread may run on (vLLM's CPU build pins its threads), else all of them."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; not macOS
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class WorkerSide:
     """Chunk I/O for one worker (one TP rank)."""
 
@@ -102,7 +109,7 @@ class WorkerSide:
         if opts.layerwise == "true" or (opts.layerwise == "auto" and first.device.type == "cpu"):
             self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
             self.layer_reader = LayerwiseReader(self.store, self.layers, self.blocks_per_chunk,
-                                                threads=min(8, len(os.sched_getaffinity(0))),
+                                                threads=min(8, _usable_cores()),
                                                 staging_bytes=opts.staging_bytes)
             into = "into the cache" if self.layer_reader.into_pages else "through staging"
             reads = f"layer by layer {into} (read threads: {self.layer_reader.threads})"
