@@ -13,12 +13,18 @@ Where the bytes go:
 
 - contiguous CPU caches (vLLM's CPU layout): straight into the cache's own
   pages, no staging and no copy (:class:`_IntoPages`);
-- anything else (CUDA, strided views): a ring of per-layer staging slots in
-  host memory (pinned on CUDA); ``wait_layer`` queues the slot's
+- anything else (CUDA, strided views): a ring of staging slots in host
+  memory (pinned on CUDA), each holding one layer of the step's chunks, or of
+  a group of them where one layer of the whole step would take more than half
+  of ``staging_bytes`` (a long prompt); ``wait_layer`` queues each slot's
   host-to-device copy and a scatter into that layer's blocks on the current
   stream, so the engine's stream, not its thread, waits for the bytes
   (:class:`_ThroughStaging`). A slot is read into again only once the copy
   out of it has finished.
+
+Reads and hand-overs go in *units*: a unit is one layer of one group of
+chunks (one group, so one unit per layer, unless staging is split), layer by
+layer and group by group within a layer.
 
 So a layer may be computed on before its chunk's checksum is known. That is
 safe because of what vLLM does with a failed load (vLLM 0.32's scheduler,
@@ -86,35 +92,44 @@ def _byte_view(t: torch.Tensor) -> memoryview:
 class _IntoPages:
     """Destination of one step: the pages of contiguous CPU caches themselves."""
 
+    units_per_layer = 1  # every chunk's layer goes to its own pages: no need to split a layer
+
     def __init__(self, layers: Sequence[torch.Tensor], page_bytes: int):
         self.page_bytes = page_bytes
         # One flat byte view per layer: page b is [b * page_bytes, (b + 1) * page_bytes).
         self._layer_bytes = [_byte_view(kv) for kv in layers]
 
-    def buffers(self, layer: int, index: int, job: LayerLoadJob,
+    def group_of(self, index: int) -> int:
+        return 0
+
+    def buffers(self, unit: int, index: int, job: LayerLoadJob,
                 pages: list[memoryview]) -> list[memoryview]:
-        """Where the chunk's pages of ``layer`` go: ``pages`` (scratch) but for loaded blocks."""
+        """Where the chunk's pages of layer ``unit`` go: ``pages`` (scratch) but for loaded blocks."""
         page = self.page_bytes
-        cache = self._layer_bytes[layer]
+        cache = self._layer_bytes[unit]  # one unit per layer
         pages = list(pages)
         for pos, block in enumerate(job.block_ids):
             pages[job.first_block + pos] = cache[block * page:(block + 1) * page]
         return pages
 
-    def before_reading(self, layer: int) -> None:
+    def before_reading(self, unit: int) -> None:
         return  # nothing to wait for: each block's page is its own
 
-    def commit(self, layer: int) -> None:
+    def commit(self, unit: int) -> None:
         return  # the bytes are already where the forward pass reads them
 
 
 class _ThroughStaging:
-    """Destination of one step: a ring of per-layer host slots, copied and scattered on demand.
+    """Destination of one step: a ring of host slots, copied and scattered on demand.
 
-    A slot holds one layer of every loaded block of the step, in job order.
-    ``commit(l)`` (the engine's thread) queues slot ``l % ring``'s copy to the
-    device and the scatter into layer ``l``'s blocks, then records an event;
-    ``before_reading(l)`` (a read thread) waits until layer ``l - ring`` was
+    The step's jobs are split into groups of at most half of ``ring_bytes``
+    per layer (one group unless the step is that large; a group has at least
+    one job), so that the ring has room for two slots or more whatever the
+    prompt length. A slot holds one layer of every loaded block of one group,
+    in job order: unit ``u`` is layer ``u // groups``, group ``u % groups``.
+    ``commit(u)`` (the engine's thread) queues slot ``u % ring``'s copy to the
+    device and the scatter into the layer's blocks, then records an event;
+    ``before_reading(u)`` (a read thread) waits until unit ``u - ring`` was
     committed and that event has passed, so that the slot may be overwritten.
     """
 
@@ -124,26 +139,36 @@ class _ThroughStaging:
         self.page_bytes = page_bytes
         device = layers[0].device
         on_gpu = device.type == "cuda"
-        self._offsets = []  # per job: position of its first loaded block in a slot
-        ids: list[int] = []
+        group_blocks = max(1, ring_bytes // 2 // page_bytes)
+        self._group: list[int] = []  # per job: its group
+        self._offsets: list[int] = []  # per job: position of its first loaded block in a slot
+        group_ids: list[list[int]] = [[]]
         for job in jobs:
-            self._offsets.append(len(ids))
-            ids.extend(job.block_ids)
-        self._ids = torch.tensor(ids, dtype=torch.int64, device=device)
-        slot_bytes = max(1, len(ids)) * page_bytes
-        self.ring = max(2, min(len(layers), ring_bytes // slot_bytes))
+            if group_ids[-1] and len(group_ids[-1]) + len(job.block_ids) > group_blocks:
+                group_ids.append([])
+            self._group.append(len(group_ids) - 1)
+            self._offsets.append(len(group_ids[-1]))
+            group_ids[-1].extend(job.block_ids)
+        self.units_per_layer = len(group_ids)
+        self._ids = [torch.tensor(ids, dtype=torch.int64, device=device) for ids in group_ids]
+        slot_bytes = max(1, max(len(ids) for ids in group_ids)) * page_bytes
+        units = len(layers) * self.units_per_layer
+        self.ring = max(2, min(units, ring_bytes // slot_bytes))
         self._host = torch.empty((self.ring, slot_bytes), dtype=torch.uint8, pin_memory=on_gpu)
         self._host_bytes = [_byte_view(slot) for slot in self._host]
         self._device = (torch.empty_like(self._host, device=device) if on_gpu else self._host)
         self._page_shape = tuple(layers[0].shape[1:])
-        self._committed = 0  # layers 0 .. committed-1 are queued for the device
+        self._committed = 0  # units 0 .. committed-1 are queued for the device
         self._copied: list[torch.cuda.Event | None] = [None] * self.ring
         self._cond = threading.Condition()
 
-    def buffers(self, layer: int, index: int, job: LayerLoadJob,
+    def group_of(self, index: int) -> int:
+        return self._group[index]
+
+    def buffers(self, unit: int, index: int, job: LayerLoadJob,
                 pages: list[memoryview]) -> list[memoryview]:
         page = self.page_bytes
-        slot = self._host_bytes[layer % self.ring]
+        slot = self._host_bytes[unit % self.ring]
         start = self._offsets[index]
         pages = list(pages)
         for pos in range(len(job.block_ids)):
@@ -151,32 +176,33 @@ class _ThroughStaging:
             pages[job.first_block + pos] = slot[at:at + page]
         return pages
 
-    def before_reading(self, layer: int) -> None:
-        if layer < self.ring:
+    def before_reading(self, unit: int) -> None:
+        if unit < self.ring:
             return
         with self._cond:
-            self._cond.wait_for(lambda: self._committed > layer - self.ring)
-            copied = self._copied[layer % self.ring]
+            self._cond.wait_for(lambda: self._committed > unit - self.ring)
+            copied = self._copied[unit % self.ring]
         if copied is not None:
             copied.synchronize()  # the device copy out of this slot has finished
 
-    def commit(self, layer: int) -> None:
-        r = layer % self.ring
-        if self._ids.numel():
-            src = self._device[r]
+    def commit(self, unit: int) -> None:
+        r = unit % self.ring
+        layer, group = divmod(unit, self.units_per_layer)
+        ids = self._ids[group]
+        if ids.numel():
+            nbytes = ids.numel() * self.page_bytes
+            src = self._device[r, :nbytes]
             if src.is_cuda:
-                src.copy_(self._host[r], non_blocking=True)
-            n = self._ids.numel()
-            src = src[:n * self.page_bytes].view(self.layers[layer].dtype)
-            src = src.view(n, *self._page_shape)
-            scatter_layer(src, self.layers[layer], self._ids)
+                src.copy_(self._host[r, :nbytes], non_blocking=True)
+            src = src.view(self.layers[layer].dtype).view(ids.numel(), *self._page_shape)
+            scatter_layer(src, self.layers[layer], ids)
         event = None
         if self._device.is_cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self._device.device))
         with self._cond:
             self._copied[r] = event
-            self._committed = layer + 1
+            self._committed = unit + 1
             self._cond.notify_all()
 
 
@@ -284,10 +310,11 @@ class LayerwiseLoad:
         self.waited_seconds = 0.0
         """How long :meth:`wait_layer` and :meth:`finish` blocked their caller in all."""
         threads = min(reader.threads, len(self.jobs)) or 1
-        self._layers_read = [0] * threads  # per thread: layers read for all its chunks
+        self._units = reader.num_layers * destination.units_per_layer
+        self._units_read = [0] * threads  # per thread: units read for all its chunks
         self._ended = [0.0] * threads
         self._read = threading.Condition()
-        self._committed = 0  # layers handed to the destination (engine's thread only)
+        self._committed = 0  # units handed to the destination (engine's thread only)
         self._futures: list[Future[None]] = [
             reader.pool.submit(self._run, t, list(range(t, len(self.jobs), threads)))
             for t in range(threads)]
@@ -299,9 +326,10 @@ class LayerwiseLoad:
         anything the caller queues next.
         """
         start = time.perf_counter()
-        while self._committed <= layer:  # in order: the staging ring relies on it
+        last_unit = (layer + 1) * self.destination.units_per_layer - 1
+        while self._committed <= last_unit:  # in order: the staging ring relies on it
             with self._read:
-                self._read.wait_for(lambda: min(self._layers_read) > self._committed)
+                self._read.wait_for(lambda: min(self._units_read) > self._committed)
             self.destination.commit(self._committed)
             self._committed += 1
         self.waited_seconds += time.perf_counter() - start
@@ -326,7 +354,7 @@ class LayerwiseLoad:
                     self.errors[i] = ChunkFileError(f"internal error: {exc!r}")
         finally:
             self._ended[thread] = time.perf_counter()
-            self._layer_read(thread, self.reader.num_layers)
+            self._unit_read(thread, self._units)
 
     def _read_chunks(self, thread: int, indices: list[int]) -> None:
         reader = self.reader
@@ -350,18 +378,23 @@ class LayerwiseLoad:
             scratch = _byte_view(torch.empty(reader.blocks_per_chunk * page, dtype=torch.uint8))
             scratch_pages = [scratch[b * page:(b + 1) * page]
                              for b in range(reader.blocks_per_chunk)]
-            for layer in range(reader.num_layers):
-                self.destination.before_reading(layer)
-                for chunk in chunks:
+            destination = self.destination
+            groups: list[list[_OpenChunk]] = [[] for _ in range(destination.units_per_layer)]
+            for chunk in chunks:
+                groups[destination.group_of(chunk.index)].append(chunk)
+            for unit in range(self._units):
+                layer, group = divmod(unit, destination.units_per_layer)
+                destination.before_reading(unit)
+                for chunk in groups[group]:
                     if self.errors[chunk.index] is not None:
                         continue
                     job = self.jobs[chunk.index]
-                    buffers = self.destination.buffers(layer, chunk.index, job, scratch_pages)
+                    buffers = destination.buffers(unit, chunk.index, job, scratch_pages)
                     try:
                         reader.read_layer(chunk, layer, buffers)
                     except ChunkFileError as exc:
                         self._failed(chunk.index, chunk.path, exc)
-                self._layer_read(thread, layer + 1)
+                self._unit_read(thread, unit + 1)
             for chunk in chunks:
                 if self.errors[chunk.index] is not None:
                     continue
@@ -380,7 +413,7 @@ class LayerwiseLoad:
         if path is not None:
             self.reader.store.load_failed(path, exc)  # quarantine what is proven bad
 
-    def _layer_read(self, thread: int, layers: int) -> None:
+    def _unit_read(self, thread: int, units: int) -> None:
         with self._read:
-            self._layers_read[thread] = max(self._layers_read[thread], layers)
+            self._units_read[thread] = max(self._units_read[thread], units)
             self._read.notify_all()

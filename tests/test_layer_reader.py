@@ -42,14 +42,24 @@ def _data_offset(path):
     return read_chunk_header(path).data_offset
 
 
+PAGE_BYTES = 2 * PAGE[0] * PAGE[1] * PAGE[2]
+# Staging room, in pages, -> groups of chunks per layer (of the 17 blocks below) and slots.
+STAGING = {"a-group-per-chunk": (0, 5, 2),  # less than any chunk's layer: the minimum ring
+           "three-groups": (16, 3, 2),      # 8 blocks per group: 3+4 | 4+2 | 4
+           "whole-layers-2": (34, 1, 2),    # one group, room for two layers
+           "whole-layers-all": (1000, 1, LAYERS)}
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("strided", [False, True], ids=["into-pages", "through-staging"])
-def test_blocks_land_in_their_pages_bit_exactly(tmp_path, threads, strided):
+@pytest.mark.parametrize("staging", STAGING)
+def test_blocks_land_in_their_pages_bit_exactly(tmp_path, threads, strided, staging):
     store = _store(tmp_path)
     chunks = _chunks(store, 5)
     caches = _caches(strided=strided)
-    # Through staging: room for 2 layers of the step only, so the ring is reused.
-    reader = LayerwiseReader(store, caches, PER_CHUNK, threads, staging_bytes=1)
+    pages, groups, ring = STAGING[staging]
+    reader = LayerwiseReader(store, caches, PER_CHUNK, threads,
+                             staging_bytes=max(1, pages * PAGE_BYTES))
     assert reader.into_pages is not strided
     jobs = [LayerLoadJob(KEYS[0], 1, (40, 3, 17)),  # first block already cached locally
             LayerLoadJob(KEYS[1], 0, (60, 61, 62, 63)),
@@ -57,6 +67,8 @@ def test_blocks_land_in_their_pages_bit_exactly(tmp_path, threads, strided):
             LayerLoadJob(KEYS[3], 0, (8, 9)),  # the end of a chunk not wanted
             LayerLoadJob(KEYS[4], 0, (30, 31, 32, 33))]
     load = reader.start(jobs)
+    if strided:
+        assert (load.destination.units_per_layer, load.destination.ring) == (groups, ring)
     for layer in range(LAYERS):  # as the forward pass does
         load.wait_layer(layer)
     assert load.finish() == [None] * 5
@@ -167,14 +179,34 @@ def test_the_staging_ring_waits_for_the_forward_pass(tmp_path):
     reader = LayerwiseReader(store, caches, PER_CHUNK, threads=1, staging_bytes=1)
     load = reader.start([LayerLoadJob(KEYS[0], 0, (0, 1, 2, 3))])
     deadline = time.monotonic() + 5
-    while min(load._layers_read) < 2 and time.monotonic() < deadline:
+    while min(load._units_read) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.2)
-    assert load._layers_read == [2], "the reader overran the staging ring"
+    assert load._units_read == [2], "the reader overran the staging ring"
     load.wait_layer(0)
     assert torch.equal(caches[0][3], chunks[0][0, 3])
     assert load.finish() == [None]
     assert torch.equal(caches[LAYERS - 1][3], chunks[0][LAYERS - 1, 3])
+    reader.close()
+
+
+def test_staging_stays_within_its_budget_however_long_the_prompt(tmp_path):
+    """A step whose one layer is larger than the staging budget is staged in groups of chunks."""
+    store = _store(tmp_path)
+    chunks = _chunks(store, 6)
+    caches = _caches(strided=True)
+    budget = 10 * PAGE_BYTES  # one layer of the step is 24 pages
+    reader = LayerwiseReader(store, caches, PER_CHUNK, threads=2, staging_bytes=budget)
+    jobs = [LayerLoadJob(k, 0, tuple(range(4 * i, 4 * i + 4))) for i, k in enumerate(KEYS)]
+    load = reader.start(jobs)
+    staged = load.destination._host
+    assert staged.numel() <= budget and staged.is_contiguous()
+    assert load.destination.units_per_layer == 6  # 4 blocks per group: 5 pages is the limit
+    for layer in range(LAYERS):
+        load.wait_layer(layer)
+        assert all(torch.equal(caches[layer][4 * i + 3], chunk[layer, 3])
+                   for i, chunk in enumerate(chunks)), "a layer is whole once wait_layer returns"
+    assert load.finish() == [None] * 6
     reader.close()
 
 
