@@ -54,9 +54,15 @@ def publish(final: str | os.PathLike[str], write: Callable[[int], object],
         OSError: from writing (ENOSPC, EDQUOT, EIO...); the temporary is removed.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(tmp, flags, mode)
+    except FileNotFoundError:
+        # The directory's first file. Creating it only then spares every other
+        # store a mkdir that fails with EEXIST: one round trip each on NFS.
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, mode)
     try:
         try:
             os.fchmod(fd, mode)  # exact bits, whatever the process umask

@@ -21,6 +21,23 @@ def test_first_writer_wins_and_the_loser_leaves_nothing(tmp_path):
     assert _files(target.parent) == ["chunk"]
 
 
+def test_directories_are_created_when_missing_and_only_then(tmp_path, monkeypatch):
+    made = []
+    real_mkdir = os.mkdir
+    monkeypatch.setattr(os, "mkdir",
+                        lambda path, *a, **kw: made.append(path) or real_mkdir(path, *a, **kw))
+    assert publish(tmp_path / "a" / "b" / "one", lambda fd: os.write(fd, b"1"))
+    assert {p.name for p in made} == {"a", "b"}
+    first = len(made)
+    assert publish(tmp_path / "a" / "b" / "two", lambda fd: os.write(fd, b"2"))
+    assert len(made) == first, "a store into an existing directory must not mkdir (an NFS round trip)"
+    for name in ("one", "two"):  # eviction removed the emptied directory: made again
+        (tmp_path / "a" / "b" / name).unlink()
+    (tmp_path / "a" / "b").rmdir()
+    assert publish(tmp_path / "a" / "b" / "three", lambda fd: os.write(fd, b"3"))
+    assert (tmp_path / "a" / "b" / "three").read_bytes() == b"3" and len(made) > first
+
+
 def test_failed_write_removes_its_temporary(tmp_path):
     def fail(fd):
         os.write(fd, b"half")
