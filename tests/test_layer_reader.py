@@ -1,6 +1,7 @@
 """LayerwiseReader: chunk files read layer by layer straight into CPU paged caches."""
 
 import os
+import random
 import threading
 import time
 
@@ -187,6 +188,46 @@ def test_the_staging_ring_waits_for_the_forward_pass(tmp_path):
     assert torch.equal(caches[0][3], chunks[0][0, 3])
     assert load.finish() == [None]
     assert torch.equal(caches[LAYERS - 1][3], chunks[0][LAYERS - 1, 3])
+    reader.close()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_steps_through_staging_load_every_good_chunk_bit_exactly(tmp_path, seed):
+    """Random jobs, staging sizes, thread counts and one damaged chunk in some steps."""
+    rng = random.Random(seed)
+    store = _store(tmp_path)
+    chunks = _chunks(store, len(KEYS))
+    free = list(range(BLOCKS))
+    rng.shuffle(free)
+    jobs = []
+    for key in rng.sample(KEYS, rng.randint(1, len(KEYS))):
+        first = rng.randrange(PER_CHUNK)
+        count = rng.randint(1, PER_CHUNK - first)
+        jobs.append(LayerLoadJob(key, first, tuple(free.pop() for _ in range(count))))
+    damaged = rng.choice([None, *range(len(jobs))])
+    if damaged is not None:  # one flipped byte in a random layer of one chunk
+        path = store.layout.chunk_path(jobs[damaged].key)
+        at = _data_offset(path) + rng.randrange(os.path.getsize(path) - _data_offset(path))
+        with open(path, "r+b") as f:
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ 0x01]))
+    caches = _caches(strided=True)
+    reader = LayerwiseReader(store, caches, PER_CHUNK, threads=rng.randint(1, 3),
+                             staging_bytes=rng.randint(1, 40) * PAGE_BYTES)
+    load = reader.start(jobs)
+    for layer in range(LAYERS):
+        load.wait_layer(layer)
+    errors = load.finish()
+    for i, job in enumerate(jobs):
+        assert (errors[i] is not None) == (i == damaged), (i, errors[i])
+        if i == damaged:
+            continue
+        chunk = chunks[KEYS.index(job.key)]
+        for layer in range(LAYERS):
+            for pos, block in enumerate(job.block_ids):
+                assert torch.equal(caches[layer][block], chunk[layer, job.first_block + pos])
     reader.close()
 
 
