@@ -165,8 +165,8 @@ def parse_header(blob: bytes) -> ChunkHeader:
         raise ChunkFileError("truncated inside the header")
     try:
         header = json.loads(blob[8:8 + hlen])
-    except ValueError as exc:
-        raise ChunkFileError(f"header is not JSON: not an lmcache-fs chunk ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise ChunkFileError(f"header is not JSON: not an lmcache-fs chunk ({exc!r})") from exc
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ChunkFileError("foreign safetensors file (no lmcache-fs format tag)")
@@ -175,7 +175,7 @@ def parse_header(blob: bytes) -> ChunkHeader:
         dtype = _ST_TO_DTYPE[info["dtype"]]
         shape = tuple(int(d) for d in info["shape"])
         start, end = (int(x) for x in info["data_offsets"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # json reads 1e999 as inf
         raise ChunkFileError(f"header is not an lmcache-fs safetensors header ({exc!r})") from exc
     if meta.get("format_version") != FORMAT_VERSION:
         raise ChunkFileError(f"format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
@@ -260,10 +260,12 @@ def read_chunk_file(path: str | os.PathLike[str], out: torch.Tensor,
     try:
         size = os.fstat(fd).st_size
         got = os.preadv(fd, [head, body], 0)
-        (hlen,) = struct.unpack_from("<Q", head)
-        if 8 + hlen > ALIGNMENT and hlen <= _MAX_HEADER:
-            head = bytearray(os.pread(fd, 8 + hlen, 0))
-        header = parse_header(bytes(head[:got]) if got < len(head) else bytes(head))
+        head_bytes = bytes(head[:got])  # a file shorter than a page leaves the rest unread
+        if len(head_bytes) >= 8:
+            (hlen,) = struct.unpack_from("<Q", head_bytes)
+            if 8 + hlen > ALIGNMENT and hlen <= _MAX_HEADER:
+                head_bytes = os.pread(fd, 8 + hlen, 0)  # a header longer than one page
+        header = parse_header(head_bytes)
         if header.data_offset != ALIGNMENT:
             # A header longer than one page: read the data where it really starts.
             got = header.data_offset + os.preadv(fd, [body], header.data_offset)

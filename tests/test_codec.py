@@ -91,6 +91,32 @@ def test_foreign_safetensors_file_is_a_miss(tmp_path):
     _expect_miss(tmp_path / "foreign", data, "foreign")
 
 
+def _tagged_header(raw: bytes) -> bytes:
+    """A first page whose header length is right and whose JSON is ``raw``."""
+    return struct.pack("<Q", ALIGNMENT - 8) + raw.ljust(ALIGNMENT - 8) + bytes(64)
+
+
+@pytest.mark.parametrize("raw", [
+    # json reads both as float infinity: int() raises OverflowError, not ValueError
+    b'{"__metadata__": {"format": "lmcache-fs", "format_version": "1"},'
+    b' "kv": {"dtype": "F32", "shape": [Infinity], "data_offsets": [0, 64]}}',
+    b'{"__metadata__": {"format": "lmcache-fs", "format_version": "1"},'
+    b' "kv": {"dtype": "F32", "shape": [16], "data_offsets": [0, 1e999]}}',
+    b"[" * 2000 + b"]" * 2000,  # nested deeper than json's recursion limit
+], ids=["infinite shape", "infinite offset", "deep nesting"])
+def test_crafted_headers_are_misses_not_crashes(tmp_path, raw):
+    (tmp_path / "c").write_bytes(_tagged_header(raw))
+    _expect_miss(tmp_path / "c", torch.empty(16), "not an lmcache-fs|not JSON")
+
+
+def test_a_header_longer_than_a_page_before_little_data_reads(tmp_path):
+    data = torch.arange(16, dtype=torch.float32)  # 64 bytes: less than the header's second page
+    write_chunk_file(tmp_path / "c", data, {**META, "note": "x" * 6000})
+    out = torch.empty_like(data)
+    header = read_chunk_file(tmp_path / "c", out, META)
+    assert header.data_offset == 2 * ALIGNMENT and torch.equal(out, data)
+
+
 def test_chunk_of_another_key_is_a_miss(chunk_file):
     path, data = chunk_file
     _expect_miss(path, data, "metadata key", {**META, "key": "cd" * 32})
