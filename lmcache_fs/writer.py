@@ -81,10 +81,15 @@ class BackgroundWriter:
             pass
         while True:
             item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
             try:
-                if item is None:
-                    return
                 self._write(*item)
+            except Exception:  # noqa: BLE001 - a bug costs one store; a dead writer would hang flush()
+                self.stats.failed += 1
+                logger.exception("store of chunk %s failed unexpectedly; serving continues",
+                                 item[0][:16])
             finally:
                 self._queue.task_done()
 

@@ -261,6 +261,26 @@ def test_an_injected_enospc_mid_write_leaves_nothing_behind(tmp_path, monkeypatc
     assert files_under(store.layout.directory) == [store.layout.directory / "namespace.json"]
 
 
+def test_an_unexpected_error_costs_one_store_and_the_writer_goes_on(tmp_path, monkeypatch):
+    store = make_store(tmp_path)
+    keys = prefix_keys("p", 2)
+    real_save = store.save
+
+    def first_fails(key, data, metadata):
+        if key == keys[0]:
+            raise ValueError("a bug, not an I/O error")
+        return real_save(key, data, metadata)
+
+    monkeypatch.setattr(store, "save", first_fails)
+    writer = BackgroundWriter(store, max_queue=4)
+    for key in keys:
+        writer.submit(key, chunk(key), {})
+    writer.flush()  # returns: the thread survived the first store
+    writer.close()
+    assert (writer.stats.failed, writer.stats.published) == (1, 1)
+    assert load_ok(store, keys[1])
+
+
 # -- 4. a read-only directory -------------------------------------------------------------
 
 
