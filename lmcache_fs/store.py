@@ -129,6 +129,8 @@ class ChunkStore:
                 mode = os.lstat(directory).st_mode
             except FileNotFoundError:
                 return None  # nothing below it exists, so nothing can be read through it
+            except OSError as exc:  # EACCES, ESTALE on NFS: unreachable, not proven bad
+                raise ChunkFileError(f"cannot check {directory}: {exc.strerror}") from exc
             if not stat.S_ISDIR(mode):  # lstat: a symlink is S_ISLNK, never S_ISDIR
                 return directory
         return None

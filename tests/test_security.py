@@ -73,6 +73,24 @@ def test_a_symlinked_directory_is_neither_read_nor_written_through(tmp_path, lev
     assert files_under(tmp_path / "outside") == before  # nothing written outside the storage path
 
 
+def test_a_directory_that_cannot_be_checked_is_a_miss_and_nothing_is_quarantined(store, monkeypatch):
+    [key] = prefix_keys("p", 1)
+    save_prefix(store, [key])
+    path = store.layout.chunk_path(key)
+    real_lstat = os.lstat
+
+    def stale_fan_out(p, *args, **kwargs):
+        if Path(p) == path.parent:
+            raise OSError(116, "Stale file handle")  # ESTALE: what NFS says after a server restart
+        return real_lstat(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", stale_fan_out)
+    with pytest.raises(ChunkFileError, match="cannot check .*Stale file handle"):
+        load_ok(store, key)
+    monkeypatch.setattr(os, "lstat", real_lstat)
+    assert load_ok(store, key)  # still there, unharmed
+
+
 def test_published_files_are_not_world_writable_whatever_the_umask(store):
     old = os.umask(0)
     try:
