@@ -357,6 +357,9 @@ class GpuChunkReader:
                     pending.popleft().result()
                 except ChunkFileError as exc:
                     yield i, exc
+                except Exception as exc:  # noqa: BLE001 - a bug here must cost a miss, not the engine
+                    logger.exception("chunk read failed unexpectedly")
+                    yield i, ChunkFileError(f"internal error: {exc!r}")
                 else:
                     yield i, self._to_device(slot)
                 self._in_use[slot] = self._mark_in_use()
@@ -364,7 +367,9 @@ class GpuChunkReader:
                     pending.append(self._start(keys[i + self.slots], slot))
         finally:
             for future in pending:
-                if not future.cancel():
+                # A kvikio read is under way before its future runs (the future
+                # only finishes it: waits, closes, verifies), so it is never cancelled.
+                if self.backend.kvikio is not None or not future.cancel():
                     future.exception()  # wait: no read may outlive the call
             if keys:
                 # The caller may stop at any yield: whatever it queued so far must

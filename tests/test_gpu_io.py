@@ -225,15 +225,50 @@ def test_unverified_kvikio_reads_are_an_explicit_choice(store):
     assert posix.verify, "POSIX reads are verified on the host whatever the setting"
 
 
-def test_stopping_early_leaves_the_reader_usable(store):
+class CountingKvikio(FakeKvikio):
+    """The stand-in kvikio, counting files still open."""
+
+    open_files = 0
+
+    class CuFile(FakeKvikio.CuFile):
+        def __init__(self, path, flags="r"):
+            super().__init__(path, flags)
+            CountingKvikio.open_files += 1
+
+        def close(self):
+            super().close()
+            CountingKvikio.open_files -= 1
+
+
+@pytest.mark.parametrize("backend", [BACKENDS[0], ReadBackend(ReadPath.KVIKIO_POSIX, CountingKvikio)],
+                         ids=lambda b: b.path.value)
+def test_stopping_early_leaves_the_reader_usable_and_no_read_running(store, backend):
     chunks = _save(store, 6)
-    reader = _reader(store, BACKENDS[0], staging_bytes=3 * NBYTES)
-    for i, _ in reader.read([_key(i) for i in range(6)]):
-        if i == 1:
-            break
+    reader = _reader(store, backend, staging_bytes=3 * NBYTES)
+    for _ in range(20):  # the reads still pending at the break vary from run to run
+        for i, _ in reader.read([_key(i) for i in range(6)]):
+            if i == 1:
+                break
+        assert CountingKvikio.open_files == 0  # every read started was finished and closed
     again = [torch.equal(c, chunks[5 - i]) for i, c in reader.read([_key(5), _key(4)])]
     assert again == [True, True]
     reader.close()
+
+
+def test_an_unexpected_error_in_a_read_is_a_miss_for_that_chunk_only(store, monkeypatch):
+    chunks = _save(store, 3)
+    real_load = store.load
+
+    def buggy_for_key_1(key, out):
+        if key == _key(1):
+            raise ValueError("a bug, not a bad file")
+        return real_load(key, out)
+
+    monkeypatch.setattr(store, "load", buggy_for_key_1)
+    results = {i: c.clone() if isinstance(c, torch.Tensor) else c
+               for i, c in _reader(store, BACKENDS[0]).read([_key(i) for i in range(3)])}
+    assert torch.equal(results[0], chunks[0]) and torch.equal(results[2], chunks[2])
+    assert isinstance(results[1], ChunkFileError) and "internal error" in str(results[1])
 
 
 # -- on a GPU ------------------------------------------------------------------------
