@@ -237,8 +237,12 @@ def start_read_kvikio(kvikio: ModuleType, path: str | os.PathLike[str], out: tor
         f = kvikio.CuFile(path, "r")
     try:
         with _as_chunk_errors():
+            opened = os.fstat(f.fileno())
+            # kvikio opens through a symlink; the POSIX reader (O_NOFOLLOW) never does.
+            if not os.path.samestat(opened, os.lstat(path)):
+                raise ChunkFileError("cannot open: a symlink, not read through")
             header = read_header_fd(f.fileno(), path)
-            check_header(header, os.fstat(f.fileno()).st_size, out.dtype, out.shape, expect)
+            check_header(header, opened.st_size, out.dtype, out.shape, expect)
             io = f.pread(out.view(-1).view(torch.uint8) if target is None else target,
                          header.nbytes, header.data_offset)
     except BaseException:

@@ -206,6 +206,18 @@ def test_kvikio_reads_check_the_header_before_reading_data(store, tmp_path):
     assert isinstance(truncated, ChunkFileError) and "size" in str(truncated)
 
 
+def test_kvikio_reads_never_go_through_a_symlink(store, tmp_path):
+    # kvikio opens by path, following links: a valid chunk planted outside must not load.
+    _save(store, 1)
+    path = store.layout.chunk_path(_key(0))
+    outside = tmp_path / "outside.safetensors"
+    os.replace(path, outside)
+    os.symlink(outside, path)
+    [(_, got)] = _reader(store, BACKENDS[1]).read([_key(0)])
+    assert isinstance(got, ChunkFileError) and "symlink" in str(got)
+    assert not os.path.lexists(path) and outside.exists()  # the link was quarantined
+
+
 def test_kvikio_reads_find_data_behind_a_header_longer_than_a_page(store):
     # The header is read through the open file in one page; a longer one must still work.
     chunk = torch.randn(SHAPE).to(torch.bfloat16)
