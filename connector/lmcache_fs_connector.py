@@ -32,9 +32,10 @@ from lmcache_fs.store import ChunkStore
 
 from .metadata import LMCacheFSMetadata
 from .namespace import check_hash_seed, namespace_fields, rank_namespace
+from .ranks import any_rank_of
 from .scheduler import SchedulerSide
 from .stats import LMCacheFSStats
-from .worker import ReadOptions, WorkerSide
+from .worker import ReadOptions, WorkerSide, this_rank_only
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -93,13 +94,15 @@ class LMCacheFSConnector(KVConnectorBase_V1):
                             index.layout.namespace.name, found, root, transfer.kv_role)
             check_hash_seed(layouts[0].directory, str(fields["hash_algo"]))
             self._scheduler = SchedulerSide(indexes, self.config.chunk_size, block_size,
-                                            hash_block_size, can_load, can_save)
+                                            hash_block_size, can_load, can_save,
+                                            saves_wait_for_loads=parallel.pipeline_parallel_size > 1)
             if can_save:  # with a budget, one evictor per engine; the lease picks who works
                 self._evictor = start_background_evictor(self.config, self._scheduler.forget)
         else:
             from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 
-            layout = ChunkLayout(root, rank_namespace(fields, get_tp_group().rank_in_group,
+            tp_group = get_tp_group()
+            layout = ChunkLayout(root, rank_namespace(fields, tp_group.rank_in_group,
                                                       get_pp_group().rank_in_group))
             if can_save:
                 layout.write_manifest()
@@ -109,7 +112,8 @@ class LMCacheFSConnector(KVConnectorBase_V1):
                 cfg.chunk_size // block_size, block_size, cfg.save_queue_size, can_save,
                 ReadOptions(cfg.use_gds, cfg.staging_buffer_mb << 20, cfg.verify_device_reads,
                             cfg.layerwise_load),
-                FreeSpaceGuard(root, int(cfg.min_free_disk_gb * 1e9)))
+                FreeSpaceGuard(root, int(cfg.min_free_disk_gb * 1e9)),
+                any_rank_of(tp_group.cpu_group) if tp_group.world_size > 1 else this_rank_only)
 
     def _adopt_recompute_policy(self) -> None:
         # A bad chunk file must cost a recompute, never a failed request. vLLM's

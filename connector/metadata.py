@@ -19,8 +19,9 @@ class LoadOp:
 
 @dataclass(frozen=True)
 class SaveOp:
-    """Gather ``block_ids`` (one whole chunk) and publish them as chunk ``key``."""
+    """Gather ``block_ids`` (one whole chunk of request ``req_id``) and publish them as ``key``."""
 
+    req_id: str
     key: str
     parent_key: str
     chunk_index: int
@@ -43,3 +44,5 @@ class LMCacheFSMetadata(KVConnectorMetadata):
     loads: list[LoadOp] = field(default_factory=list)
     saves: list[SaveOp] = field(default_factory=list)
     hits: dict[str, HitSummary] = field(default_factory=dict)
+    failed_load_steps: int = 0
+    """Steps with failed loads that the scheduler had heard of when it built this one."""

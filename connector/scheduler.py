@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -44,7 +45,8 @@ class SchedulerSide:
     """Lookup and store planning for one engine (all TP ranks)."""
 
     def __init__(self, indexes: Sequence[ChunkIndex], chunk_size: int, block_size: int,
-                 hash_block_size: int, can_load: bool, can_save: bool):
+                 hash_block_size: int, can_load: bool, can_save: bool,
+                 saves_wait_for_loads: bool = False):
         self.indexes = list(indexes)
         self.chunk_size = chunk_size
         self.block_size = block_size
@@ -61,6 +63,14 @@ class SchedulerSide:
         # of a failed block. A block's entry is replaced when it is loaded into again, and
         # failures only ever name blocks of loads, so finished requests need no clean-up.
         self._loading: dict[int, tuple[str, str, int]] = {}
+        # A worker withholds the saves of every step it runs between a failed load and the
+        # step built after the failure was reported here (their KV may rest on the failed
+        # blocks): these counters tell it, and the saves of the last steps are planned again.
+        self._failed_load_steps = 0
+        self._recent_saves: deque[list[SaveOp]] = deque(maxlen=2)  # async scheduling: 2 steps
+        # Pipeline stages cannot tell each other of a failed load within the step, so
+        # with pipeline parallelism nothing is stored in a step that loads (see worker.py).
+        self.saves_wait_for_loads = saves_wait_for_loads
 
     # -- keys ---------------------------------------------------------------
 
@@ -123,16 +133,19 @@ class SchedulerSide:
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> LMCacheFSMetadata:
         """This step's loads (planned at allocation) and saves (chunks this step completes)."""
-        meta = LMCacheFSMetadata(loads=self._pending_loads, hits=self._pending_hits)
+        meta = LMCacheFSMetadata(loads=self._pending_loads, hits=self._pending_hits,
+                                 failed_load_steps=self._failed_load_steps)
         self._pending_loads, self._pending_hits = [], {}
         if not self.can_save:
             return meta
+        plan = not (self.saves_wait_for_loads and meta.loads)
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._tracked.get(new.req_id)
             if tracked is not None:
                 tracked.block_ids = list(new.block_ids[0])
-                self._plan_saves(tracked, new.num_computed_tokens + scheduled[new.req_id], meta)
+                if plan:
+                    self._plan_saves(tracked, new.num_computed_tokens + scheduled[new.req_id], meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             tracked = self._tracked.get(req_id)
@@ -143,7 +156,10 @@ class SchedulerSide:
                 tracked.block_ids = list(new_ids[0]) if new_ids else []
             elif new_ids:
                 tracked.block_ids.extend(new_ids[0])
-            self._plan_saves(tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
+            if plan:
+                self._plan_saves(tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0),
+                                 meta)
+        self._recent_saves.append(meta.saves)
         return meta
 
     def forget(self, namespace: str | None, key: str) -> None:
@@ -161,8 +177,20 @@ class SchedulerSide:
 
         On NFS no event reports another node's eviction, so without this the
         index would offer such a chunk again and again, and the prefix that
-        vLLM recomputes would never be stored again.
+        vLLM recomputes would never be stored again. The saves planned for the
+        last steps are planned again: the workers withheld them (see
+        :meth:`WorkerSide.save`); those already stored are found on disk.
         """
+        if not block_ids:
+            return
+        self._failed_load_steps += 1
+        for saves in self._recent_saves:
+            for op in saves:
+                self._save_requested.pop(op.key, None)
+                tracked = self._tracked.get(op.req_id)
+                if tracked is not None:
+                    tracked.next_chunk = min(tracked.next_chunk, op.chunk_index)
+        self._recent_saves.clear()
         for block in block_ids:
             if block not in self._loading:
                 continue
@@ -199,4 +227,4 @@ class SchedulerSide:
                 self._save_requested.clear()
             self._save_requested[key] = time.monotonic()
             parent = keys[chunk - 1] if chunk else ""
-            meta.saves.append(SaveOp(key, parent, chunk, tuple(blocks)))
+            meta.saves.append(SaveOp(request.request_id, key, parent, chunk, tuple(blocks)))

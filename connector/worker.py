@@ -27,7 +27,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -57,6 +57,11 @@ class ReadOptions:
     layerwise: str = "auto"
 
 
+def this_rank_only(failed: bool) -> bool:
+    """:attr:`WorkerSide.any_rank` of an engine with one worker."""
+    return failed
+
+
 def _usable_cores() -> int:
     """Cores this thread may run on (vLLM's CPU build pins its threads), else all of them."""
     if hasattr(os, "sched_getaffinity"):  # Linux; not macOS
@@ -70,8 +75,11 @@ class WorkerSide:
     def __init__(self, store: ChunkStore, layer_names: Sequence[str], blocks_per_chunk: int,
                  block_size: int, save_queue_size: int, can_save: bool,
                  read_options: ReadOptions = ReadOptions(),
-                 space_guard: FreeSpaceGuard | None = None):
+                 space_guard: FreeSpaceGuard | None = None,
+                 any_rank: Callable[[bool], bool] = this_rank_only):
         self.store = store
+        self.any_rank = any_rank
+        """True on every tensor-parallel rank if any of them passes True (a collective)."""
         self.layer_names = list(layer_names)
         self.blocks_per_chunk = blocks_per_chunk
         self.block_size = block_size
@@ -87,6 +95,9 @@ class WorkerSide:
         self._chunk_shape: tuple[int, ...] = ()
         self._chunk_bytes = 0
         self._failed_blocks: set[int] = set()
+        self._step_failed = False  # a load of this step failed on this rank
+        self._failed_load_steps = 0  # steps in which a load failed on some rank
+        self._withheld_saves = 0
         self.stats = LMCacheFSStats()
         self._writer_reported = (0, 0, 0)
 
@@ -131,6 +142,7 @@ class WorkerSide:
     def load(self, meta: LMCacheFSMetadata) -> None:
         """Start (layer-wise) or do (whole chunks) this step's loads into the paged cache."""
         self.finish_load()  # (vLLM ends every step first; never two steps' reads at once)
+        self._step_failed = False
         if not meta.loads:
             return
         if self.layer_reader is not None:
@@ -187,6 +199,7 @@ class WorkerSide:
                                op.req_id, op.key[:16], error)
                 self.stats.record_load_error()
                 broken.add(op.req_id)
+                self._step_failed = True
             if op.req_id in broken:
                 # vLLM recomputes everything after the first failed block.
                 self._failed_blocks.update(op.block_ids)
@@ -214,9 +227,27 @@ class WorkerSide:
     # -- saves --------------------------------------------------------------
 
     def save(self, meta: LMCacheFSMetadata) -> None:
-        """Copy each completed chunk out of the paged cache and queue it for writing."""
+        """Copy each completed chunk out of the paged cache and queue it for writing.
+
+        Not after a failed load: KV computed in that step (and, with async
+        scheduling, in the next one, planned before the failure was known) may
+        rest on blocks that hold no valid KV, on any request that uses them
+        (prefix-cache sharing included), on any rank (layers past the first
+        mix all heads). vLLM recomputes those requests once the scheduler hears
+        of the failure; until a step built after that, every save is withheld,
+        and the scheduler plans them again.
+        """
         self.finish_load()  # the step is over: no read may still write into the cache
-        if self.writer is None or not meta.saves:
+        if self.writer is None:
+            return
+        if meta.loads and self.any_rank(self._step_failed):  # every rank calls it, or none
+            self._failed_load_steps += 1
+        if not meta.saves:
+            return
+        if meta.failed_load_steps < self._failed_load_steps:
+            self._withheld_saves += len(meta.saves)
+            logger.info("withholding %d stores: a load failed and vLLM has not yet recomputed "
+                        "what rests on it", len(meta.saves))
             return
         for op in meta.saves:
             self._save_one(op)
@@ -241,7 +272,8 @@ class WorkerSide:
         self.finish_load()
         if self.writer is not None:
             w = self.writer.stats
-            skipped = w.skipped_queue_full + w.skipped_low_space + (self.saver.skipped if self.saver else 0)
+            skipped = (w.skipped_queue_full + w.skipped_low_space + self._withheld_saves
+                       + (self.saver.skipped if self.saver else 0))
             now = (w.published, skipped, w.failed)
             self.stats.record_saves(*(a - b for a, b in zip(now, self._writer_reported)))
             self._writer_reported = now

@@ -160,3 +160,43 @@ def test_a_chunk_just_planned_for_storing_is_found_at_once_despite_the_negative_
     path.write_bytes(b"published by the worker")
     again = _request("again", CHUNK + 1)
     assert side.get_num_new_matched_tokens(again, 0) == CHUNK
+
+
+def _hit_then_compute(side, index, req_id="r", salt=b""):
+    """Request with chunk 0 on disk: a step that loads it and computes chunks 1 and 2."""
+    req = _request(req_id, 3 * CHUNK + 5, salt)
+    keys = side.chunk_keys(req, req.num_tokens)
+    index.add(keys[0])
+    ext = side.get_num_new_matched_tokens(req, 0)
+    assert ext == CHUNK
+    ids = list(range(13))
+    side.update_state_after_alloc(req, _blocks(ids), ext)
+    new = SimpleNamespace(req_id=req_id, block_ids=(ids,), num_computed_tokens=CHUNK)
+    return keys, side.build_connector_meta(_step([new], scheduled={req_id: 2 * CHUNK + 5}))
+
+
+def _decode_step(side, req_id, computed):
+    cached = SimpleNamespace(req_ids=[req_id], resumed_req_ids=set(), new_block_ids=[None],
+                             num_computed_tokens=[computed])
+    return side.build_connector_meta(_step(cached=cached, scheduled={req_id: 1}))
+
+
+def test_a_reported_failed_load_plans_the_withheld_saves_of_the_last_steps_again(tmp_path):
+    side, index = _side(tmp_path)
+    keys, meta = _hit_then_compute(side, index)
+    assert [s.key for s in meta.saves] == keys[1:3] and meta.failed_load_steps == 0
+    assert _decode_step(side, "r", 3 * CHUNK + 5).saves == []  # async: built before the report
+    # The report: the load of chunk 0 failed on some rank. The workers withheld chunks 1
+    # and 2; vLLM recomputes from block 0, and the scheduler asks for them again.
+    side.loads_failed({0, 1, 2, 3})
+    meta = _decode_step(side, "r", 3 * CHUNK + 5)  # (tokens as vLLM counts once recomputed)
+    assert meta.failed_load_steps == 1
+    assert [s.key for s in meta.saves] == keys[:3]  # chunk 0 too: it is gone or bad
+
+
+def test_with_pipeline_stages_a_step_that_loads_stores_nothing_and_the_next_one_does(tmp_path):
+    index = ChunkIndex(ChunkLayout(tmp_path, Namespace({"model": "m"})), negative_ttl_s=0)
+    side = SchedulerSide([index], CHUNK, BLOCK, BLOCK, True, True, saves_wait_for_loads=True)
+    keys, meta = _hit_then_compute(side, index)
+    assert meta.loads and meta.saves == []
+    assert [s.key for s in _decode_step(side, "r", 3 * CHUNK + 5).saves] == keys[1:3]

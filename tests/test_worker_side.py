@@ -39,7 +39,7 @@ def test_saved_blocks_load_bit_exactly_into_other_block_ids(tmp_path, layerwise)
     src = _caches()
     saver = _worker(tmp_path, src)
     chunks = [(3, 4, 5, 6), (10, 11, 12, 13), (20, 21, 22, 23)]
-    saver.save(LMCacheFSMetadata(saves=[SaveOp(k, "", i, ids) for i, (k, ids) in
+    saver.save(LMCacheFSMetadata(saves=[SaveOp("w", k, "", i, ids) for i, (k, ids) in
                                         enumerate(zip(KEYS, chunks))]))
     saver.close()
 
@@ -62,8 +62,8 @@ def test_saved_blocks_load_bit_exactly_into_other_block_ids(tmp_path, layerwise)
 def test_a_missing_chunk_fails_its_blocks_and_every_later_one_of_the_request(tmp_path, layerwise):
     src = _caches()
     saver = _worker(tmp_path, src)
-    saver.save(LMCacheFSMetadata(saves=[SaveOp(KEYS[0], "", 0, (0, 1, 2, 3)),
-                                        SaveOp(KEYS[2], "", 2, (8, 9, 10, 11))]))
+    saver.save(LMCacheFSMetadata(saves=[SaveOp("w", KEYS[0], "", 0, (0, 1, 2, 3)),
+                                        SaveOp("w", KEYS[2], "", 2, (8, 9, 10, 11))]))
     saver.close()
     loader = _worker(tmp_path, _caches(fill=0.0), layerwise)
     loads = [LoadOp("r", KEYS[0], 0, (0, 1, 2, 3)), LoadOp("r", KEYS[1], 0, (4, 5, 6, 7)),
@@ -75,7 +75,7 @@ def test_a_missing_chunk_fails_its_blocks_and_every_later_one_of_the_request(tmp
 
 def test_stats_count_only_the_chunks_that_loaded(tmp_path, layerwise):
     saver = _worker(tmp_path, _caches())
-    saver.save(LMCacheFSMetadata(saves=[SaveOp(KEYS[0], "", 0, (0, 1, 2, 3))]))
+    saver.save(LMCacheFSMetadata(saves=[SaveOp("w", KEYS[0], "", 0, (0, 1, 2, 3))]))
     saver.close()
     loader = _worker(tmp_path, _caches(fill=0.0), layerwise)
     loader.load(LMCacheFSMetadata(loads=[LoadOp("r", KEYS[0], 0, (0, 1, 2, 3)),
@@ -83,3 +83,64 @@ def test_stats_count_only_the_chunks_that_loaded(tmp_path, layerwise):
                                          LoadOp("r", KEYS[2], 0, (8, 9, 10, 11))]))
     stats = loader.take_stats().data
     assert stats["loaded_chunks"] == 1 and stats["load_errors"] == 1
+
+
+# -- no store may rest on a failed load --------------------------------------------------
+
+def _step_with_a_failed_load(side, failed_load_steps=0):
+    """Loads KEYS[1] (never stored: missing) for request "r"; another request saves a chunk."""
+    meta = LMCacheFSMetadata(loads=[LoadOp("r", KEYS[1], 0, (0, 1, 2, 3))],
+                             saves=[SaveOp("r", KEYS[2], KEYS[1], 1, (4, 5, 6, 7)),
+                                    SaveOp("other", KEYS[0], "", 0, (8, 9, 10, 11))],
+                             failed_load_steps=failed_load_steps)
+    side.load(meta)
+    side.save(meta)
+    return side.take_failed_blocks()
+
+
+def _stored(side):
+    side.writer.flush()
+    return [k for k in KEYS if side.store.layout.chunk_path(k).exists()]
+
+
+def test_after_a_failed_load_no_chunk_is_stored_until_the_scheduler_has_heard(tmp_path, layerwise):
+    # The forward pass ran over blocks that never got their KV: chunk 1 of "r" rests on them,
+    # and so may "other" (vLLM lets requests share blocks loaded in the same step).
+    side = _worker(tmp_path, _caches(), layerwise)
+    assert _step_with_a_failed_load(side) == {0, 1, 2, 3}
+    assert _stored(side) == []
+    # With async scheduling the next step was built before the failure was reported.
+    late = LMCacheFSMetadata(saves=[SaveOp("other", KEYS[0], "", 0, (8, 9, 10, 11))])
+    side.load(late)
+    side.save(late)
+    assert _stored(side) == []
+    assert side.take_stats().data["skipped_stores"] == 3
+    # A step built after the report: vLLM has reset the requests, saves are sound again.
+    after = LMCacheFSMetadata(saves=[SaveOp("other", KEYS[0], "", 0, (8, 9, 10, 11))],
+                              failed_load_steps=1)
+    side.load(after)
+    side.save(after)
+    assert _stored(side) == [KEYS[0]]
+    side.close()
+
+
+def test_a_failed_load_on_another_rank_withholds_this_ranks_stores_too(tmp_path):
+    asked = []
+
+    def another_rank_failed(failed: bool) -> bool:
+        asked.append(failed)
+        return True
+
+    store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
+    side = WorkerSide(store, NAMES, PER_CHUNK, BLOCK, save_queue_size=8, can_save=True,
+                      any_rank=another_rank_failed)
+    side.register_kv_caches(dict(zip(NAMES, _caches())))
+    side.save(LMCacheFSMetadata(saves=[SaveOp("w", KEYS[1], "", 0, (0, 1, 2, 3))]))
+    assert _stored(side) == [KEYS[1]] and asked == []  # no loads in the step: no collective
+    meta = LMCacheFSMetadata(loads=[LoadOp("r", KEYS[1], 0, (0, 1, 2, 3))],  # loads fine here
+                             saves=[SaveOp("other", KEYS[0], "", 0, (8, 9, 10, 11))])
+    side.load(meta)
+    side.save(meta)
+    assert side.take_failed_blocks() == set()
+    assert asked == [False] and _stored(side) == [KEYS[1]]  # withheld: another rank failed
+    side.close()

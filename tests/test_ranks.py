@@ -1,0 +1,37 @@
+"""Tensor-parallel ranks agree on a failed load within the step (a real gloo all-reduce)."""
+
+import multiprocessing
+
+import pytest
+
+pytest.importorskip("vllm")
+
+
+def _rank(rank: int, init_file: str, flags: list[bool], results) -> None:
+    import torch.distributed as dist
+
+    from lmcache_fs.connector.ranks import any_rank_of
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        any_rank = any_rank_of(dist.group.WORLD)
+        results.put((rank, [any_rank(flag) for flag in flags]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_learns_that_one_rank_failed(tmp_path):
+    # Per step: (rank 0 failed, rank 1 failed).
+    steps = [(False, False), (True, False), (False, True), (True, True)]
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, str(tmp_path / "init"), [s[r] for s in steps],
+                                             results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    expected = [any(s) for s in steps]
+    assert got == {0: expected, 1: expected}
