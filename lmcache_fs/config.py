@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,10 +26,20 @@ class ConfigError(ValueError):
     """A setting is missing or wrong; the message names the key and the fix."""
 
 
+_STORAGE_PATH_REQUIRED = (
+    "storage_path is required: set it to the shared cache directory in the YAML file "
+    f"named by {CONFIG_FILE_ENV} or in kv_connector_extra_config")
+
 # Numeric settings checked by sign alone (the others have checks of their own).
 _POSITIVE = ("chunk_size", "save_queue_size", "staging_buffer_mb", "eviction_interval_s")
 _NON_NEGATIVE = {"max_disk_size_gb": " (0 = no limit)", "lookup_negative_ttl_s": "",
-                 "temp_file_grace_s": "", "min_free_disk_gb": " (0 = no guard)"}
+                 "min_free_disk_gb": " (0 = no guard)"}
+
+# A writer's temporary lives from its open to its link: seconds, even for a large
+# chunk on a slow mount. Its mtime comes from the file server's clock, which may be
+# tens of seconds off this node's; below a minute, eviction could delete temporaries
+# that writers on other nodes are still filling, failing their stores.
+_MIN_TEMP_FILE_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -94,18 +105,36 @@ class LMCacheFSConfig:
 
     def __post_init__(self) -> None:
         if not self.storage_path:
-            raise ConfigError(
-                "storage_path is required: set it to the shared cache directory in "
-                f"the YAML file named by {CONFIG_FILE_ENV} or in kv_connector_extra_config")
+            raise ConfigError(_STORAGE_PATH_REQUIRED)
+        for f in fields(self):
+            # YAML's .inf and .nan pass every sign check below (NaN fails no comparison),
+            # then crash int() or disable eviction later.
+            if f.type in ("int", "float") and not math.isfinite(getattr(self, f.name)):
+                raise ConfigError(f"{f.name} must be a finite number, got {getattr(self, f.name)}"
+                                  + _NON_NEGATIVE.get(f.name, ""))
         for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name, zero_means in _NON_NEGATIVE.items():
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0{zero_means}, got {getattr(self, name)}")
+        if self.temp_file_grace_s < _MIN_TEMP_FILE_GRACE_S:
+            raise ConfigError(
+                f"temp_file_grace_s must be at least {_MIN_TEMP_FILE_GRACE_S:.0f}, got "
+                f"{self.temp_file_grace_s}: a shorter grace lets eviction delete temporaries "
+                "that writers are still filling (the default is 600)")
         for name in ("use_gds", "layerwise_load"):
             if getattr(self, name) not in ("auto", "true", "false"):
                 raise ConfigError(f"{name} must be auto, true or false, got {getattr(self, name)!r}")
+        if not 0 <= self.file_mode <= 0o777:
+            # A YAML or JSON number is decimal: `file_mode: 644` is 0o1204.
+            raise ConfigError(
+                f"file_mode {self.file_mode} ({oct(self.file_mode)}) is not a permission mode "
+                "(at most 0o777): write it as a quoted octal string, e.g. \"0644\"")
+        if self.file_mode & 0o600 != 0o600:
+            raise ConfigError(
+                f"file_mode {oct(self.file_mode)} does not let the owner read and write the "
+                "chunk files: use e.g. \"0644\" or \"0664\" (a quoted octal string)")
         if self.file_mode & 0o002:
             raise ConfigError(f"file_mode {oct(self.file_mode)} is world-writable; use e.g. 0o644 or 0o664")
         if not 0 < self.eviction_low_watermark < self.eviction_high_watermark <= 1:
@@ -139,6 +168,9 @@ class LMCacheFSConfig:
 def _coerce(name: str, kind: Any, value: Any) -> Any:
     """Convert YAML/JSON/env values to the field's type, naming the key on failure."""
     try:
+        if name == "file_mode" and isinstance(value, str):
+            # Permission bits are written in octal: "644", "0644" and "0o644" alike.
+            return int(value.lower().removeprefix("0o"), 8)
         if kind in ("bool", bool):
             if isinstance(value, str):
                 if value.lower() in ("1", "true", "yes", "on"):
@@ -158,7 +190,7 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
         if isinstance(value, bool):  # YAML's `use_gds: true` is a bool
             return "true" if value else "false"
         return str(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(.inf)
         raise ConfigError(f"{name}: cannot read {value!r} as {kind}") from exc
 
 
@@ -182,6 +214,11 @@ def load_config(overrides: Mapping[str, Any] | None = None,
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as exc:
             raise ConfigError(f"{CONFIG_FILE_ENV}={path} cannot be read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path} is not valid YAML{where}: "
+                              f"{getattr(exc, 'problem', None) or exc}: fix the file") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a YAML mapping of lmcache-fs settings")
         values.update(loaded)
@@ -191,8 +228,6 @@ def load_config(overrides: Mapping[str, Any] | None = None,
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"unknown lmcache-fs setting(s) {unknown}; known: {sorted(known)}")
-    if "storage_path" not in values:
-        raise ConfigError(
-            "storage_path is required: set it to the shared cache directory in the YAML "
-            f"file named by {CONFIG_FILE_ENV} or in kv_connector_extra_config")
+    if values.get("storage_path") in (None, ""):  # YAML's `storage_path:` is None, not "None"
+        raise ConfigError(_STORAGE_PATH_REQUIRED)
     return LMCacheFSConfig(**{k: _coerce(k, known[k], v) for k, v in values.items()})
