@@ -45,7 +45,7 @@ watermarks are read from it too).
 exit codes:
   0  success
   1  problems found (bad files, no matching chunk or namespace) or confirmation declined
-  2  bad arguments or configuration
+  2  bad arguments or configuration, or a file this user cannot read or write
   3  another process holds the eviction lease (gc)
 
 examples:
@@ -135,8 +135,8 @@ def cmd_inspect(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
             ns_dir = namespace_of(path)
             key = header.metadata.get("key", "")
             info["pinned_by"] = [p.name for p in PinStore(ns_dir).pins_holding(key)] if key else []
-            if args.verify and (problem := check_chunk(path, ns_dir.name, key)) is not None:
-                info["problem"] = problem
+            if args.verify and (finding := check_chunk(path, ns_dir.name, key)) is not None:
+                info["problem"] = finding.problem
             elif args.verify:
                 info["verified"] = "data and checksum ok"
         except (OSError, ChunkFileError) as exc:
@@ -150,26 +150,38 @@ def cmd_inspect(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
 
 
 def cmd_verify(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
-    """Read every chunk file as the loader would; report, quarantine or delete bad ones."""
+    """Read every chunk file as the loader would; report, quarantine or delete bad ones.
+
+    Only files proven damaged are moved or deleted. One that could not be read
+    (EIO, ESTALE, EACCES) may be a good chunk behind a flaky mount or the wrong
+    user: it is reported as unreadable and left in place.
+    """
     from lmcache_fs.eviction import remove_entry
     from lmcache_fs.verify import count_entries, verify_namespace
 
     root = Path(cfg.storage_path)
     action = "quarantined" if args.quarantine else "deleted" if args.delete else ""
-    findings, checked = [], 0
+    bad, unreadable, checked = [], [], 0
     for ns in _namespaces(root, args.namespace):
         with Progress(f"verify {ns.name}", count_entries(ns)) as progress:
             for finding in verify_namespace(ns, progress.advance):
+                entry = {"path": finding.path, "problem": finding.problem}
+                if not finding.damaged:
+                    unreadable.append(entry)
+                    continue
                 done = (quarantine(root, finding.path, finding.problem) is not None
                         if args.quarantine else remove_entry(finding.path) if args.delete else False)
-                findings.append({**asdict(finding), "action": action if done else ""})
+                bad.append({**entry, "action": action if done else ""})
             checked += progress.done
     text = [f"{f['path']}: {f['problem']}" + (f" ({f['action']})" if f["action"] else "")
-            for f in findings]
-    text.append(f"checked {checked} chunk files: {len(findings)} bad"
-                + (f", {action}" if action and findings else ""))
-    return Result(EXIT_PROBLEMS if findings else EXIT_OK,
-                  {"checked": checked, "bad": findings}, text)
+            for f in bad]
+    text += [f"{f['path']}: {f['problem']} (unreadable, left in place)" for f in unreadable]
+    text.append(f"checked {checked} chunk files: {len(bad)} bad"
+                + (f", {action}" if action and bad else "")
+                + (f"; {len(unreadable)} unreadable, left in place (fix the mount or run as the "
+                   "engines' user, then verify again)" if unreadable else ""))
+    return Result(EXIT_PROBLEMS if bad or unreadable else EXIT_OK,
+                  {"checked": checked, "bad": bad, "unreadable": unreadable}, text)
 
 
 def _report_text(report: EvictionReport) -> str:
@@ -226,8 +238,17 @@ def _prompt_keys(args: argparse.Namespace, ns: Path) -> list[str]:
         text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
     except OSError as exc:
         raise ConfigError(f"--prompt-file {args.prompt_file}: {exc.strerror}") from exc
-    tokens = tokenize(args.model, text, not args.no_special_tokens)
-    return chunk_keys(tokens, chunk_size, block_size, str(manifest.get("hash_algo", "sha256")))
+    try:
+        tokens = tokenize(args.model, text, not args.no_special_tokens)
+    except (OSError, ValueError) as exc:  # transformers: no such hub id, no tokenizer files
+        raise ConfigError(f"--model {args.model}: cannot load its tokenizer "
+                          f"({str(exc).splitlines()[0]}): pass the model folder or hub id the "
+                          "engines serve (a hub id must be in the local Hugging Face cache "
+                          "without network access)") from exc
+    try:
+        return chunk_keys(tokens, chunk_size, block_size, str(manifest.get("hash_algo", "sha256")))
+    except ValueError as exc:  # its message names the fix (e.g. set PYTHONHASHSEED)
+        raise ConfigError(f"namespace {ns.name}: {exc}") from exc
 
 
 def _targets(args: argparse.Namespace, root: Path) -> list[tuple[Path, list[str], bool]]:
@@ -239,6 +260,11 @@ def _targets(args: argparse.Namespace, root: Path) -> list[tuple[Path, list[str]
         if not args.model:
             raise ConfigError("--model is required with --prompt/--prompt-file (the model folder "
                               "or hub id the engines serve)")
+        # A mistyped folder would otherwise match no namespace ("nothing pinned"), or
+        # reach transformers, which takes it for a hub id and tries the network.
+        if args.model.startswith(("/", ".")) and not Path(args.model).is_dir():
+            raise ConfigError(f"--model {args.model} is not a folder: pass the model folder "
+                              "or hub id the engines serve")
         return [(ns, keys, True) for ns in _prompt_namespaces(args, root)
                 if (keys := _prompt_keys(args, ns))]
     targets = []
@@ -452,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--max-disk-size-gb", type=float, help="budget for the whole directory")
     gc.add_argument("--eviction-interval-s", type=float, help="seconds between passes (daemon)")
     gc.add_argument("--temp-file-grace-s", type=float,
-                    help="remove writers' temporary files older than this")
+                    help="remove writers' temporary files older than this (at least 60)")
 
     _pin_arguments(parsers["pin"])
     parsers["pin"].add_argument("--note", default="", help="why it is pinned (shown by --list)")
@@ -482,6 +508,15 @@ def _config(args: argparse.Namespace) -> LMCacheFSConfig:
     return cfg
 
 
+def _os_error_message(exc: OSError) -> str:
+    """One line for an OS error no command handles itself (e.g. a cache directory of mode
+    0700 owned by the engines' user), naming the path and, for permissions, the fix."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    fix = (": run as the engines' user or fix the permissions"
+           if isinstance(exc, PermissionError) else "")
+    return f"error: {exc.strerror or exc}{where}{fix}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (see ``lmcache-fs --help``)."""
     args = build_parser().parse_args(argv)
@@ -489,8 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = _config(args)
         result = _COMMANDS[args.command][0](args, cfg)
-    except (ConfigError, NamespaceNotFoundError, BadKeyError) as exc:
-        message = str(exc).strip("'\"")
+    except (ConfigError, NamespaceNotFoundError, BadKeyError, OSError) as exc:
+        message = _os_error_message(exc) if isinstance(exc, OSError) else str(exc)
         print(json.dumps({"error": message}) if args.json else f"lmcache-fs: {message}",
               file=sys.stdout if args.json else sys.stderr)
         return EXIT_USAGE

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lmcache_fs.codec import ALIGNMENT, ChunkFileError, ChunkHeader, parse_header
 from lmcache_fs.layout import BadKeyError, chunk_file_path
+from lmcache_fs.quarantine import QUARANTINE_DIR
 
 _MAX_CHAIN = 100_000  # chunks in one prefix; a cycle in planted files must not loop forever
 
@@ -68,5 +69,13 @@ def prefix_keys(namespace_dir: str | os.PathLike[str], key: str) -> tuple[list[s
 
 
 def namespace_of(path: str | os.PathLike[str]) -> Path:
-    """The namespace directory of a chunk file path (``<namespace>/<fan-out>/<key>.safetensors``)."""
-    return Path(path).absolute().parent.parent
+    """The namespace directory of a chunk file path (``<namespace>/<fan-out>/<key>.safetensors``).
+
+    A quarantined chunk (``quarantine/<namespace>__<fan-out>__<key>.safetensors.<time>.<random>``,
+    named by :func:`lmcache_fs.quarantine.quarantine`) belongs to the namespace its name
+    starts with; split from the right, as a namespace name may itself hold ``__``.
+    """
+    path = Path(path).absolute()
+    if path.parent.name == QUARANTINE_DIR:
+        return path.parent.parent / path.name.rsplit("__", 2)[0]
+    return path.parent.parent

@@ -40,15 +40,16 @@ def chunk_keys(token_ids: Sequence[int], chunk_size: int, block_size: int,
             unknown ``hash_algo``, or a randomly seeded one (xxhash without
             PYTHONHASHSEED), whose keys no other process can reproduce.
     """
-    from vllm.utils.hashing import get_hash_fn_by_name
-    from vllm.v1.core import kv_cache_utils
-
     if chunk_size % block_size:
         raise ValueError(f"chunk_size {chunk_size} is not a multiple of block_size {block_size}")
-    hash_fn = get_hash_fn_by_name(hash_algo)
     if hash_algo.startswith("xxhash") and os.environ.get("PYTHONHASHSEED") is None:
         raise ValueError(f"hash algorithm {hash_algo} is seeded at random unless PYTHONHASHSEED "
                          "is set: set it to the engines' value")
+    # vLLM only after the checks above: importing it takes seconds.
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core import kv_cache_utils
+
+    hash_fn = get_hash_fn_by_name(hash_algo)
     kv_cache_utils.init_none_hash(hash_fn)
     blocks_per_chunk = chunk_size // block_size
     keys: list[str] = []

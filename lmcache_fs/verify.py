@@ -4,7 +4,9 @@ Each file is read in full with the loader's own checks (size, header,
 namespace and key, checksum) plus the shape and dtype that the namespace's
 manifest implies. Symlinks, directories and files where a chunk or fan-out
 directory should be are findings too. Temporaries are not: eviction cleans
-them up after their grace period.
+them up after their grace period. A file that could not be read (EIO,
+ESTALE, EACCES) is a finding that is not proven damaged: it may be a good
+chunk behind a flaky mount or the wrong user, so nothing may remove it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lmcache_fs.codec import ChunkFileError, read_chunk_file
 from lmcache_fs.inspection import read_header
 from lmcache_fs.inventory import expected_chunk_geometry, scan_chunks, scan_irregular
 from lmcache_fs.layout import read_manifest
+from lmcache_fs.quarantine import is_bad_entry
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,9 @@ class Finding:
 
     path: str
     problem: str
+    damaged: bool = True
+    """True if the entry is proven bad (safe to quarantine or delete); False if it
+    merely could not be read (see :func:`lmcache_fs.quarantine.is_bad_entry`)."""
 
 
 class ReadBuffers:
@@ -45,8 +51,8 @@ class ReadBuffers:
 
 def check_chunk(path: str | os.PathLike[str], namespace: str, key: str,
                 geometry: tuple[tuple[int, ...], str] | None = None,
-                buffers: ReadBuffers | None = None) -> str | None:
-    """The problem with one chunk file, or None if the loader would accept it.
+                buffers: ReadBuffers | None = None) -> Finding | None:
+    """What is wrong with one chunk file, or None if the loader would accept it.
 
     Args:
         path: the chunk file.
@@ -60,12 +66,12 @@ def check_chunk(path: str | os.PathLike[str], namespace: str, key: str,
         if geometry is not None:
             shape, dtype_name = geometry
             if header.shape != shape or str(header.dtype).removeprefix("torch.") != dtype_name:
-                return (f"holds {header.dtype} {list(header.shape)}, the namespace expects "
-                        f"{dtype_name} {list(shape)}")
+                return Finding(str(path), f"holds {header.dtype} {list(header.shape)}, the "
+                                          f"namespace expects {dtype_name} {list(shape)}")
         read_chunk_file(path, buffers.get(header.shape, header.dtype),
                         {"namespace": namespace, "key": key})
     except ChunkFileError as exc:
-        return str(exc)
+        return Finding(str(path), str(exc), is_bad_entry(exc))
     return None
 
 
@@ -89,7 +95,7 @@ def verify_namespace(namespace_dir: str | os.PathLike[str],
                                   "something else: never read through")
     buffers = ReadBuffers()
     for chunk in scan_chunks(directory):
-        problem = check_chunk(chunk.path, directory.name, chunk.key, geometry, buffers)
+        finding = check_chunk(chunk.path, directory.name, chunk.key, geometry, buffers)
         on_checked()
-        if problem is not None and problem != "missing":  # "missing": evicted mid-verify
-            yield Finding(chunk.path, problem)
+        if finding is not None and finding.problem != "missing":  # "missing": evicted mid-verify
+            yield finding

@@ -1,5 +1,6 @@
 """The `lmcache-fs` command: every subcommand, --json, exit codes, and help for a new user."""
 
+import errno
 import io
 import json
 import os
@@ -17,6 +18,8 @@ from lmcache_fs.eviction import lease_path
 from lmcache_fs.lease import Lease
 from lmcache_fs.pins import PinStore
 from lmcache_fs.progress import Progress
+from lmcache_fs.prompt_keys import model_identity
+from lmcache_fs.quarantine import quarantine
 
 SCRIPT = Path(sys.executable).with_name("lmcache-fs")
 
@@ -70,6 +73,16 @@ def test_inspect_flags_a_corrupt_file(capsys, cache, tmp_path):
     assert code == EXIT_PROBLEMS and "checksum" in data["files"][0]["problem"]
 
 
+def test_inspect_verifies_a_quarantined_file_against_its_own_namespace(capsys, cache, tmp_path):
+    keys = prefix_keys("a", 2)
+    PinStore(cache.layout.directory).pin(keys)
+    moved = quarantine(tmp_path, cache.layout.chunk_path(keys[1]), "test")
+    code, data = run(capsys, "inspect", str(moved), "--verify", "--storage-path", str(tmp_path))
+    [info] = data["files"]
+    assert code == EXIT_OK and info["verified"] == "data and checksum ok"
+    assert info["pinned_by"] == [keys[1]]
+
+
 def test_inspect_of_an_unknown_key_is_exit_1(capsys, cache, tmp_path):
     assert run(capsys, "inspect", "ef" * 32, "--storage-path", str(tmp_path))[0] == EXIT_PROBLEMS
 
@@ -84,7 +97,8 @@ def test_verify_reports_bad_files_and_quarantine_leaves_a_clean_cache(capsys, ca
     assert sorted(Path(f["path"]).name[:2] for f in data["bad"]) == sorted([bad.name[:2], "ab"])
     code, data = run(capsys, "verify", "--quarantine", "--storage-path", str(tmp_path))
     assert {f["action"] for f in data["bad"]} == {"quarantined"}
-    assert run(capsys, "verify", "--storage-path", str(tmp_path)) == (EXIT_OK, {"checked": 5, "bad": []})
+    assert run(capsys, "verify", "--storage-path", str(tmp_path)) == (
+        EXIT_OK, {"checked": 5, "bad": [], "unreadable": []})
     assert len(os.listdir(tmp_path / "quarantine")) == 2
 
 
@@ -104,6 +118,34 @@ def test_verify_delete_removes_bad_files(capsys, cache, tmp_path):
     assert code == EXIT_PROBLEMS and data["bad"][0]["action"] == "deleted" and not bad.exists()
 
 
+@pytest.mark.parametrize("error,action", [(errno.EIO, "--delete"), (errno.ESTALE, "--quarantine"),
+                                          (errno.EACCES, "--quarantine")])
+def test_verify_leaves_a_file_it_cannot_read_in_place(capsys, cache, tmp_path, monkeypatch,
+                                                      error, action):
+    # A soft NFS mount timing out, a stale handle, or an operator who is not the
+    # engines' user: the chunk may be good, so only a damaged one is acted on.
+    unreadable = cache.layout.chunk_path(prefix_keys("a", 3)[1])
+    damaged = cache.layout.chunk_path(prefix_keys("b", 1)[0])
+    damaged.write_bytes(b"")
+    real_open = os.open
+
+    def failing_open(path, *args, **kwargs):
+        if os.fspath(path) == str(unreadable):
+            raise OSError(error, os.strerror(error), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    code = main(["verify", action, "--storage-path", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == EXIT_PROBLEMS and unreadable.exists() and not damaged.exists()
+    assert f"{unreadable}: cannot open: {os.strerror(error)} (unreadable, left in place)" in out
+    assert "1 bad" in out and "1 unreadable, left in place" in out
+    code, data = run(capsys, "verify", "--storage-path", str(tmp_path))
+    assert code == EXIT_PROBLEMS and data["bad"] == []
+    assert data["unreadable"] == [{"path": str(unreadable),
+                                   "problem": f"cannot open: {os.strerror(error)}"}]
+
+
 def test_gc_evicts_the_least_recently_used_down_to_the_budget(capsys, cache, tmp_path):
     for i, key in enumerate(prefix_keys("a", 3) + prefix_keys("b", 3)):
         set_mtime(cache.layout.chunk_path(key), time.time() - 1000 + i)
@@ -116,7 +158,7 @@ def test_gc_evicts_the_least_recently_used_down_to_the_budget(capsys, cache, tmp
 
 def test_gc_exits_3_while_another_process_holds_the_eviction_lease(capsys, cache, tmp_path):
     Lease(lease_path(tmp_path), 60).acquire()
-    code, report = run(capsys, "gc", "--storage-path", str(tmp_path))
+    code, report = run(capsys, "gc", "--max-disk-size-gb", "1", "--storage-path", str(tmp_path))
     assert code == EXIT_BUSY and not report["ran"] and f"pid {os.getpid()}" in report["lease_holder"]
 
 
@@ -152,6 +194,33 @@ def test_unpinning_a_chunk_inside_a_pin_names_the_pin_to_remove(capsys, cache, t
     assert f"part of pin(s) {keys[2][:16]}" in capsys.readouterr().out
 
 
+def test_pin_prompt_with_a_mistyped_model_folder_names_the_fix(capsys, cache, tmp_path):
+    code, data = run(capsys, "pin", "--prompt", "hello", "--model", str(tmp_path / "tiny-lama"),
+                     "--storage-path", str(tmp_path))
+    assert code == EXIT_USAGE and data["error"] == (
+        f"--model {tmp_path / 'tiny-lama'} is not a folder: pass the model folder or hub id "
+        "the engines serve")
+
+
+def test_pin_prompt_with_a_folder_without_a_tokenizer_names_the_fix(capsys, cache, tmp_path):
+    code, data = run(capsys, "pin", "--prompt", "hello", "--model", str(tmp_path),
+                     "--namespace", cache.layout.namespace.name, "--storage-path", str(tmp_path))
+    assert code == EXIT_USAGE and data["error"].startswith(f"--model {tmp_path}: cannot load its tokenizer")
+    assert "pass the model folder or hub id the engines serve" in data["error"]
+
+
+def test_pin_prompt_in_a_randomly_seeded_namespace_asks_for_pythonhashseed(
+        capsys, tmp_path, monkeypatch, synthetic_model):
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    store = make_store(tmp_path, model=model_identity(str(synthetic_model)), hash_algo="xxhash")
+    code, data = run(capsys, "pin", "--prompt", "hello " * 40, "--model", str(synthetic_model),
+                     "--storage-path", str(tmp_path))
+    assert code == EXIT_USAGE and data["error"] == (
+        f"namespace {store.layout.namespace.name}: hash algorithm xxhash is seeded at random "
+        "unless PYTHONHASHSEED is set: set it to the engines' value")
+    assert PinStore(store.layout.directory).pins() == []
+
+
 def test_pin_of_a_key_no_namespace_holds_is_exit_1(capsys, cache, tmp_path):
     assert run(capsys, "pin", "ef" * 32, "--storage-path", str(tmp_path))[0] == EXIT_PROBLEMS
 
@@ -178,6 +247,47 @@ def test_clear_one_namespace_deletes_its_chunks_and_pins_and_keeps_the_other(cap
 def test_an_unknown_namespace_is_exit_2_and_lists_the_known_ones(capsys, cache, tmp_path):
     code, data = run(capsys, "verify", "--namespace", "nope", "--storage-path", str(tmp_path))
     assert code == EXIT_USAGE and cache.layout.namespace.name in data["error"]
+
+
+@pytest.mark.parametrize("command", ["ls", "verify", "gc"])
+def test_a_directory_it_may_not_read_is_named_with_the_fix_not_a_traceback(
+        capsys, cache, tmp_path, monkeypatch, command):
+    # The tests run as root, who reads a 0700 directory anyway: refuse the namespace
+    # directory (and what is below it) as the kernel does for another user.
+    refused = str(cache.layout.directory)
+    for name in ("scandir", "open"):
+        real = getattr(os, name)
+
+        def refusing(path, *args, real=real, **kwargs):
+            if os.fspath(path).startswith(refused):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, refusing)
+    assert main([*command.split(), "--storage-path", str(tmp_path)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"lmcache-fs: error: Permission denied ({refused}")
+    assert err.rstrip().endswith("): run as the engines' user or fix the permissions")
+
+
+@pytest.mark.parametrize("content,message", [
+    ("max_disk_size_gb: [1\n", "is not valid YAML at line 3, column 1"),
+    ("max_disk_size_gb: .inf\n", "max_disk_size_gb must be a finite number"),
+    ("file_mode: 644\n", 'write it as a quoted octal string, e.g. "0644"'),
+])
+def test_a_bad_config_file_is_exit_2_with_the_fix(capsys, tmp_path, content, message):
+    config = tmp_path / "lmcache.yaml"
+    config.write_text(f"storage_path: {tmp_path}\n{content}")
+    code, data = run(capsys, "stats", "--config", str(config))
+    assert code == EXIT_USAGE and message in data["error"]
+
+
+def test_an_empty_storage_path_in_the_config_file_asks_for_one(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lmcache.yaml").write_text("storage_path:\n")
+    code, data = run(capsys, "gc", "--config", "lmcache.yaml")
+    assert code == EXIT_USAGE and data["error"].startswith("storage_path is required")
+    assert not (tmp_path / "None").exists()
 
 
 def test_stats_reads_the_budget_from_the_engines_config_file(capsys, cache, tmp_path):
