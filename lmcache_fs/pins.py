@@ -35,13 +35,18 @@ from pathlib import Path
 from typing import Sequence
 
 from lmcache_fs.layout import check_key
+from lmcache_fs.log import human_bytes
 from lmcache_fs.publish import publish
 
 logger = logging.getLogger(__name__)
 
 PINS_DIR = "pins"
 PIN_SUFFIX = ".json"
-_MAX_PIN_FILE = 1 << 20  # 1 MiB: about 15k keys, far beyond any real prompt
+# A key takes 69 bytes of a pin file, so 16 MiB is about 240k keys: a prompt of
+# 3.9M tokens at chunk_size 16. pin() refuses more, so no pin is written that
+# eviction would not read.
+_MAX_PIN_FILE = 16 << 20
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,8 @@ class PinStore:
 
         Raises:
             BadKeyError: a key is not a chunk key.
-            ValueError: ``keys`` is empty.
+            ValueError: ``keys`` is empty, or so long that its pin file would
+                exceed the size pins are read up to.
         """
         if not keys:
             raise ValueError("a pin needs at least one chunk key")
@@ -86,6 +92,10 @@ class PinStore:
         record = {"keys": list(keys), "note": note, "pinned_at": time.time(),
                   "host": socket.gethostname()}
         text = json.dumps(record, indent=1).encode()
+        if len(text) > _MAX_PIN_FILE:
+            raise ValueError(f"a pin of {len(keys)} chunk keys takes {human_bytes(len(text))}, "
+                             f"over the {human_bytes(_MAX_PIN_FILE)} a pin file may hold: pin a "
+                             "shorter prefix of it")
         return publish(self._path(keys[-1]), lambda fd: os.write(fd, text), self.mode)
 
     def unpin(self, name: str) -> bool:
@@ -127,11 +137,13 @@ class PinStore:
 
 def _read_pin(path: Path) -> Pin | None:
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
-    try:
-        data = json.loads(os.read(fd, _MAX_PIN_FILE))
+        # No symlinks: a pin file is always a real file. read(n) loops until n
+        # bytes or EOF, so a large pin is read whole.
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | _NO_FOLLOW)) as file:
+            text = file.read(_MAX_PIN_FILE + 1)
+        if len(text) > _MAX_PIN_FILE:
+            return None  # pin() writes none this big: planted or damaged
+        data = json.loads(text)
         keys = tuple(check_key(k) for k in data["keys"])
         if not keys or path.name != keys[-1] + PIN_SUFFIX:
             return None
@@ -139,5 +151,3 @@ def _read_pin(path: Path) -> Pin | None:
                    str(data.get("host", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    finally:
-        os.close(fd)

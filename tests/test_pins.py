@@ -6,6 +6,7 @@ import os
 import pytest
 
 from cachedir import make_store, prefix_keys, save_prefix
+from lmcache_fs import pins as pins_module
 from lmcache_fs.inspection import prefix_keys as stored_prefix
 from lmcache_fs.layout import BadKeyError
 from lmcache_fs.pins import PINS_DIR, PinStore
@@ -66,6 +67,20 @@ def test_a_symlinked_pins_directory_is_ignored(tmp_path):
     PinStore(elsewhere).pin(prefix_keys("p", 1))  # real pins, outside the namespace
     os.symlink(elsewhere / PINS_DIR, store.layout.directory / PINS_DIR)
     assert PinStore(store.layout.directory).pins() == []
+
+
+def test_a_pin_of_a_very_long_prompt_protects_every_chunk(pins):
+    keys = prefix_keys("long", 15_000)  # a 1 MB pin file: 240k tokens at chunk_size 16
+    assert pins.pin(keys)
+    assert pins.pinned_keys() == set(keys)
+
+
+def test_a_pin_too_large_to_be_read_back_is_refused(pins, monkeypatch):
+    monkeypatch.setattr(pins_module, "_MAX_PIN_FILE", 1000)
+    with pytest.raises(ValueError, match="pin a shorter prefix"):
+        pins.pin(prefix_keys("long", 20))
+    assert pins.pins() == []
+    assert pins.pin(prefix_keys("short", 2))
 
 
 def _pin_many(directory, i):
