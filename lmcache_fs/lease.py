@@ -5,6 +5,18 @@ seconds) published atomically (temp + link: of two racing processes exactly
 one creates it). The holder renews it before it expires; a holder whose lease
 has expired (crashed, hung, its node gone) is taken over.
 
+Renewing rewrites the record in place, at the same length (every record is
+padded to ``_RECORD_BYTES``): no new file and no new block, so the holder keeps
+its lease on a full filesystem, which is exactly when eviction must run. Other
+nodes see the new record on their next open, as before (close-to-open: the
+file's mtime changed). The holder checks its token in the file it opened
+before writing, so it only ever rewrites its own record. A reader racing the
+rewrite may see a mix of the old and new record: they differ only in the
+expiry digits, so it reads an expiry near one of the two, or an unparsable
+file, which callers treat as a lease being replaced. Taking a free lease does
+need a new file; on a full filesystem that fails with ENOSPC (see
+:meth:`Lease.acquire`).
+
 Taking over renames the stale file to a private name first. ``rename`` of one
 name succeeds for exactly one process, and the taker then checks that what it
 moved is still expired, not a lease renewed or published meanwhile (if it is
@@ -28,7 +40,9 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import secrets
 import socket
@@ -38,7 +52,14 @@ from pathlib import Path
 from typing import Callable
 
 from lmcache_fs.layout import TEMP_PREFIX
-from lmcache_fs.publish import publish, temp_name
+from lmcache_fs.publish import publish
+
+logger = logging.getLogger(__name__)
+
+# A Linux host name is at most 64 bytes, so every record fits: renewals then
+# rewrite exactly the bytes the file already has.
+_RECORD_BYTES = 256
+_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
 @dataclass(frozen=True)
@@ -60,10 +81,17 @@ class LeaseRecord:
 def read_lease(path: str | os.PathLike[str]) -> LeaseRecord | None:
     """The record in a lease file, or None if there is none or it is unreadable."""
     try:
-        data = json.loads(Path(path).read_text())
+        return _parse(Path(path).read_bytes())
+    except OSError:
+        return None
+
+
+def _parse(text: bytes) -> LeaseRecord | None:
+    try:
+        data = json.loads(text)
         return LeaseRecord(str(data["host"]), int(data["pid"]), str(data["token"]),
                            float(data["expires_at"]))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
 
 
@@ -79,22 +107,33 @@ class Lease:
         self.mode = mode
         self._clock = clock
         self._token = secrets.token_hex(8)
-        self._renewed_at: float | None = None
+        self._expires_at: float | None = None  # of the record we last wrote; None: not held
+        self._next_renewal = 0.0
 
     @property
     def held(self) -> bool:
         """True if this handle acquired the lease and has not seen it lost or released."""
-        return self._renewed_at is not None
+        return self._expires_at is not None
 
     def holder(self) -> LeaseRecord | None:
         """The current lease record (any process's), or None."""
         return read_lease(self.path)
 
     def acquire(self) -> bool:
-        """Take the lease if it is free or expired; True if this handle now holds it."""
-        if self._publish_new():
-            return True
+        """Take the lease if it is free or expired; True if this handle now holds it.
+
+        Raises:
+            OSError: ENOSPC or EDQUOT if the lease is free but the filesystem
+                has no block left for a new lease file (a live lease held by
+                another process is reported as False, without writing).
+        """
+        # Look before writing: a lease held elsewhere, every node's usual case,
+        # then costs one read and no file that a full filesystem would refuse.
         current = read_lease(self.path)
+        if current is None:
+            if self._publish_new():
+                return True
+            current = read_lease(self.path)
         if current is not None and current.token == self._token:
             return self.renew()
         if current is not None and current.expires_at > self._clock():
@@ -104,38 +143,45 @@ class Lease:
         return self._take_over() and self._publish_new()
 
     def renew(self) -> bool:
-        """Push the expiry one TTL ahead; False (and no longer held) if another process holds it."""
-        current = read_lease(self.path)
-        if current is None or current.token != self._token:
-            self._renewed_at = None
-            return False
-        tmp = temp_name(self.path)
+        """Push the expiry one TTL ahead; False (and no longer held) if another process holds it.
+
+        On a full filesystem (ENOSPC, EDQUOT: possible where even an overwrite
+        needs new blocks, as on copy-on-write servers) the lease stays held
+        until the expiry last written, with a retry every third of a TTL and
+        one at that expiry; past it the error is raised.
+        """
+        now = self._clock()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.mode)
-            try:
-                os.write(fd, self._encoded())
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-        finally:
-            if tmp.exists():
-                os.unlink(tmp)
-        self._renewed_at = self._clock()
+            ours = self._rewrite_own_record(now + self.ttl_s)
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE_ERRNOS:
+                raise
+            if self._expires_at is None or now >= self._expires_at:
+                self._expires_at = None  # expired unrenewed: anyone may take it now
+                raise
+            logger.warning("cannot renew the lease %s (%s); still held for %.0f s, retrying",
+                           self.path, exc.strerror, self._expires_at - now)
+            self._next_renewal = min(now + self.ttl_s / 3, self._expires_at)
+            return True
+        if not ours:
+            self._expires_at = None
+            return False
+        self._written(now)
         return True
 
     def renew_if_due(self) -> bool:
         """Renew when a third of the TTL has passed since the last renewal; True while held."""
-        if self._renewed_at is None:
+        if self._expires_at is None:
             return False
-        if self._clock() - self._renewed_at < self.ttl_s / 3:
+        if self._clock() < self._next_renewal:
             return True
         return self.renew()
 
     def release(self) -> None:
         """Give the lease up (if this handle still holds it)."""
-        if self._renewed_at is None:
+        if self._expires_at is None:
             return
-        self._renewed_at = None
+        self._expires_at = None
         current = read_lease(self.path)
         if current is not None and current.token == self._token:
             try:
@@ -145,21 +191,44 @@ class Lease:
 
     # -- internals ------------------------------------------------------------
 
-    def _encoded(self) -> bytes:
-        record = LeaseRecord(socket.gethostname(), os.getpid(), self._token,
-                             self._clock() + self.ttl_s)
-        return json.dumps(asdict(record)).encode()
+    def _encoded(self, expires_at: float) -> bytes:
+        record = LeaseRecord(socket.gethostname(), os.getpid(), self._token, expires_at)
+        return json.dumps(asdict(record)).encode().ljust(_RECORD_BYTES)
+
+    def _rewrite_own_record(self, expires_at: float) -> bool:
+        """Write a new expiry over our record in place; False if the lease file is not ours."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            # The token is checked in the file we opened: if a taker moves it
+            # aside meanwhile, our write lands in the moved file, where the
+            # taker's expiry check sees it and puts it back.
+            current = _parse(os.pread(fd, 4096, 0))  # a page: more than any record
+            if current is None or current.token != self._token:
+                return False
+            os.pwrite(fd, self._encoded(expires_at), 0)
+            return True
+        finally:
+            os.close(fd)  # on NFS a write error (ENOSPC) may only show here
 
     def _publish_new(self) -> bool:
-        text = self._encoded()
+        now = self._clock()
+        text = self._encoded(now + self.ttl_s)
         if not publish(self.path, lambda fd: os.write(fd, text), self.mode):
             return False
-        self._renewed_at = self._clock()
+        self._written(now)
         return True
 
+    def _written(self, now: float) -> None:
+        """Note a record written at ``now``: held one TTL, renewed after a third of it."""
+        self._expires_at, self._next_renewal = now + self.ttl_s, now + self.ttl_s / 3
+
     def _unreadable_and_old(self) -> bool:
-        # A lease file is published whole, so an unreadable one was planted or
-        # damaged: treat it as stale once it is a TTL old.
+        # A lease file is written whole (a reader racing a renewal may see an
+        # unparsable mix for an instant, but then its mtime is fresh), so one
+        # that stays unreadable was planted or damaged: stale once a TTL old.
         try:
             return self._clock() - os.stat(self.path).st_mtime > self.ttl_s
         except FileNotFoundError:

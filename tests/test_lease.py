@@ -1,8 +1,11 @@
 """The cross-node lease: one holder at a time, an expired holder is taken over."""
 
+import errno
 import json
 import multiprocessing
 import os
+
+import pytest
 
 from lmcache_fs.lease import Lease, read_lease
 
@@ -13,6 +16,18 @@ class FakeClock:
 
     def __call__(self):
         return self.now
+
+
+def fill_filesystem(monkeypatch):
+    """Make the filesystem full: creating a file fails with ENOSPC, rewriting one in place works."""
+    real_open = os.open
+
+    def full_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", full_open)
 
 
 def test_first_acquirer_holds_and_the_others_are_refused(tmp_path):
@@ -83,3 +98,34 @@ def test_of_many_processes_racing_for_a_free_or_expired_lease_exactly_one_wins(t
         wins = [results.get(timeout=5) for _ in procs]
         assert wins.count(True) == 1, f"round {round_}: {wins}"
         assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp.")]
+
+
+def test_a_holder_renews_on_a_full_filesystem(tmp_path, monkeypatch):
+    clock = FakeClock()
+    holder, other = Lease(tmp_path / "l", 30, clock=clock), Lease(tmp_path / "l", 30, clock=clock)
+    assert holder.acquire()
+    fill_filesystem(monkeypatch)
+    for _ in range(3):  # 60 s: twice the TTL
+        clock.now += 20
+        assert holder.renew_if_due()
+        assert not other.acquire()  # refused without trying to write
+    assert read_lease(tmp_path / "l").expires_at == clock.now + 30
+
+
+def test_a_holder_that_cannot_write_keeps_its_lease_until_it_expires(tmp_path, monkeypatch):
+    clock = FakeClock()
+    holder, other = Lease(tmp_path / "l", 30, clock=clock), Lease(tmp_path / "l", 30, clock=clock)
+    assert holder.acquire()
+
+    def no_space(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", no_space)  # e.g. a copy-on-write server, full
+    clock.now += 20
+    assert holder.renew_if_due() and holder.held
+    assert not other.acquire()
+    clock.now += 11
+    with pytest.raises(OSError):
+        holder.renew_if_due()
+    assert not holder.held
+    assert other.acquire()
