@@ -6,14 +6,19 @@ Above the high watermark it removes, until the directory is below the low
 watermark, first quarantined files and then chunk files least recently used
 first. "Used" is the file's mtime, which every instance sets when it loads
 or stores a chunk (atime is unreliable on NFS). Pinned chunks are never
-removed. Temporaries older than ``temp_file_grace_s`` (left by writers that
-crashed) are removed on every pass, whatever the budget.
+removed, including those of a prefix pinned while the pass runs. Temporaries
+older than ``temp_file_grace_s`` (left by writers that crashed) are removed on
+every pass, whatever the budget.
 
-At most one process evicts at a time across all nodes: a pass runs only under
-the lease ``<storage_path>/eviction.lease`` (see :mod:`lmcache_fs.lease`).
-A background evictor keeps the lease between passes, so one node does the
-scanning while the others only read the lease file; if it dies, another takes
-over after ``LEASE_TTL_INTERVALS`` intervals.
+At most one process evicts at a time across all nodes: a pass with a budget
+runs only under the lease ``<storage_path>/eviction.lease`` (see
+:mod:`lmcache_fs.lease`), renewed as the pass goes (a scan of a large
+directory on NFS can outlast the lease). A background evictor keeps the lease
+between passes, so one node does the scanning while the others only read the
+lease file; if it dies, another takes over after ``LEASE_TTL_INTERVALS``
+intervals. A pass without a budget never takes the lease: it only cleans
+temporaries (harmless to do twice), and holding the lease would keep every
+budgeted evictor from running.
 
 Removing a chunk while another instance loads it is safe: the loader gets a
 missing file (a miss) and recomputes. Just before removing a chunk the pass
@@ -29,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -125,25 +131,33 @@ class Evictor:
     def run_pass(self) -> EvictionReport:
         """Clean temporaries and, above the high watermark, evict down to the low one.
 
-        Keeps the lease after the pass (call :meth:`close` to give it up).
-        Returns a report with ``ran=False`` and the holder if another process
-        holds the lease.
+        With a budget, the pass runs under the lease and keeps it afterwards
+        (call :meth:`close` to give it up). It returns ``ran=False`` and the
+        holder if another process holds the lease, or takes it while this pass
+        still scans. Without a budget, the pass never takes the lease.
+
+        Raises:
+            OSError: e.g. ENOSPC when the lease is free but the filesystem has
+                no room for a new lease file (logged with what to do).
         """
-        if not (self.lease.renew() if self.lease.held else self.lease.acquire()):
-            holder = self.lease.holder()
-            return EvictionReport(ran=False, lease_holder=holder.describe(self._clock())
-                                  if holder else "unknown (being replaced)")
         report = EvictionReport(ran=True, budget_bytes=self.max_bytes)
+        budgeted = self.max_bytes > 0
+        if budgeted and not self._take_lease():
+            report.ran, report.lease_holder = False, self._holder_text()
+            return report
         temporaries = self._remove_old_temporaries(report)
         chunks: list[ChunkEntry] = []
         for ns in namespace_dirs(self.root):
-            chunks += scan_chunks(ns)
-            if not self.lease.renew_if_due():
-                return report
+            for chunk in scan_chunks(ns):
+                # Renewed entry by entry: on NFS one namespace's scan can outlast the lease.
+                if budgeted and not self.lease.renew_if_due():
+                    report.ran = False  # nothing evicted: the new holder enforces the budget
+                    return self._lost_lease(report)
+                chunks.append(chunk)
         quarantined = list(scan_quarantine(self.root))
         report.bytes_before = report.bytes_after = (
             total_size(chunks) + total_size(quarantined) + total_size(temporaries))
-        if self.max_bytes > 0 and report.bytes_before > self.high_watermark * self.max_bytes:
+        if budgeted and report.bytes_before > self.high_watermark * self.max_bytes:
             self._evict(report, quarantined, chunks)
         self._log(report)
         return report
@@ -153,6 +167,32 @@ class Evictor:
         self.lease.release()
 
     # -- one pass ----------------------------------------------------------------
+
+    def _take_lease(self) -> bool:
+        try:
+            return self.lease.renew() if self.lease.held else self.lease.acquire()
+        except OSError as exc:
+            # A held lease is renewed in place, so only a free one needs a new
+            # block; there is no way around that without giving up the
+            # one-evictor guarantee, so say what frees the first block.
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                logger.error("cannot take the eviction lease %s: the filesystem is full (%s), "
+                             "so nothing is evicted until some space is freed by hand, e.g. "
+                             "`lmcache-fs clear --namespace NAME` for a namespace no longer "
+                             "needed; then the next pass evicts down to the budget",
+                             self.lease.path, exc.strerror)
+            raise
+
+    def _holder_text(self) -> str:
+        holder = self.lease.holder()
+        return holder.describe(self._clock()) if holder else "unknown (being replaced)"
+
+    def _lost_lease(self, report: EvictionReport) -> EvictionReport:
+        """Note that another process took the lease mid-pass: this pass stops, it evicts."""
+        report.lease_holder = self._holder_text()
+        logger.warning("lost the eviction lease of %s mid-pass (now %s): stopping this pass",
+                       self.root, report.lease_holder)
+        return report
 
     def _remove_old_temporaries(self, report: EvictionReport) -> list[FileEntry]:
         """Remove temporaries older than the grace period; returns those that stay."""
@@ -168,8 +208,7 @@ class Evictor:
     def _evict(self, report: EvictionReport, quarantined: list[FileEntry],
                chunks: list[ChunkEntry]) -> None:
         target = self.low_watermark * self.max_bytes
-        # Pins are read after the scan, so a pin made during a long scan still counts.
-        pinned = {ns.name: PinStore(ns).pinned_keys() for ns in namespace_dirs(self.root)}
+        pins = _PinnedKeys(self.root)
         for entry in sorted(quarantined, key=lambda e: e.mtime):
             if report.bytes_after <= target:
                 return
@@ -177,9 +216,12 @@ class Evictor:
                 report.removed_quarantined += 1
             report.bytes_after -= entry.size
         for chunk in sorted(chunks, key=lambda c: c.mtime):
-            if report.bytes_after <= target or not self.lease.renew_if_due():
+            if report.bytes_after <= target:
                 return
-            if chunk.key in pinned.get(chunk.namespace, ()):
+            if not self.lease.renew_if_due():
+                self._lost_lease(report)
+                return
+            if pins.hold(chunk):
                 report.skipped_pinned += 1
                 continue
             try:
@@ -211,6 +253,31 @@ class Evictor:
                            "(%d seen) or other instances' new files keep it full", self.root,
                            human_bytes(report.bytes_after), 100 * self.high_watermark,
                            human_bytes(self.max_bytes), report.skipped_pinned)
+
+
+class _PinnedKeys:
+    """Each namespace's pinned keys, read again whenever its pins directory changes.
+
+    Asked before each removal, so a prefix pinned (on any node) while a pass
+    runs is kept: one ``lstat`` per removal, and the pin files are read again
+    only after a pin was made or removed (either changes the directory's mtime).
+    """
+
+    def __init__(self, root: Path):
+        self._root = root
+        self._seen: dict[str, tuple[int | None, set[str]]] = {}
+
+    def hold(self, chunk: ChunkEntry) -> bool:
+        """True if a pin holds ``chunk``."""
+        store = PinStore(self._root / chunk.namespace)
+        try:
+            version: int | None = os.lstat(store.directory).st_mtime_ns
+        except FileNotFoundError:
+            version = None
+        seen = self._seen.get(chunk.namespace)
+        if seen is None or seen[0] != version:
+            seen = self._seen[chunk.namespace] = (version, store.pinned_keys())
+        return chunk.key in seen[1]
 
 
 def remove_entry(path: str | os.PathLike[str]) -> bool:

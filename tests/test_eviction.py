@@ -1,5 +1,7 @@
 """Eviction: one budget for the whole directory, LRU by mtime, pins kept, temporaries cleaned."""
 
+import errno
+import logging
 import os
 import threading
 import time
@@ -14,6 +16,7 @@ from lmcache_fs.inventory import scan_chunks, total_size
 from lmcache_fs.lease import Lease
 from lmcache_fs.pins import PinStore
 from lmcache_fs.quarantine import quarantine
+from test_lease import fill_filesystem
 
 CHUNK_BYTES = 4096 + 1024  # header page + 1 KiB of data (cachedir.SHAPE)
 
@@ -121,6 +124,21 @@ def test_a_chunk_used_while_the_pass_runs_is_kept(tmp_path, store, monkeypatch):
     assert _present(store, keys) == [keys[0]]
 
 
+def test_a_prefix_pinned_while_the_pass_runs_is_kept(tmp_path, store):
+    old, new = prefix_keys("old", 3), prefix_keys("new", 3)
+    save_prefix(store, old)
+    save_prefix(store, new)
+    _aged(store, old + new, time.time() - 1000)
+    pins = PinStore(store.layout.directory)
+
+    def pin_the_rest(ns, key):  # an operator pins on another node while the pass runs
+        if key == old[0]:
+            pins.pin(old[1:])
+
+    Evictor(tmp_path, max_bytes=CHUNK_BYTES, low_watermark=0.5, on_evicted=pin_the_rest).run_pass()
+    assert _present(store, old + new) == old[1:]
+
+
 def test_crashed_writers_temporaries_are_removed_after_the_grace_period(tmp_path, store):
     fanout = store.layout.chunk_path(prefix_keys("p", 1)[0]).parent
     fanout.mkdir(parents=True)
@@ -155,7 +173,7 @@ def test_only_one_process_evicts_at_a_time(tmp_path, store):
 def test_an_evictor_that_stopped_renewing_is_taken_over(tmp_path, store):
     clock = [time.time()]
     save_prefix(store, prefix_keys("p", 4))
-    hung = Evictor(tmp_path, max_bytes=0, lease_ttl=30, clock=lambda: clock[0])
+    hung = Evictor(tmp_path, max_bytes=10**9, lease_ttl=30, clock=lambda: clock[0])
     assert hung.run_pass().ran
     successor = Evictor(tmp_path, max_bytes=CHUNK_BYTES, lease_ttl=30, clock=lambda: clock[0])
     assert not successor.run_pass().ran
@@ -246,3 +264,82 @@ def test_eviction_racing_with_loads_costs_misses_never_errors(tmp_path, store):
     assert loads[0] > 0 and loads[1] > 0  # both outcomes happened: it really raced
     assert not (tmp_path / "quarantine").exists()  # a vanished file is a miss, not damage
     assert [p.name for p in files_under(tmp_path) if p.name.startswith(".tmp.")] == []
+
+
+def _clocked(root, max_bytes, clock):
+    return Evictor(root, max_bytes=max_bytes, lease_ttl=30, clock=lambda: clock[0])
+
+
+def test_a_scan_that_outlasts_the_lease_renews_it_and_finishes(tmp_path, store, monkeypatch):
+    keys = prefix_keys("p", 6)
+    save_prefix(store, keys)
+    _aged(store, keys, time.time() - 1000)
+    clock = [time.time()]
+    rival = Lease(lease_path(tmp_path), 30, clock=lambda: clock[0])
+    rival_won = []
+    real_scan = eviction.scan_chunks
+
+    def slow_scan(ns):  # each entry takes 20 s (NFS): the scan lasts four lease TTLs
+        for entry in real_scan(ns):
+            clock[0] += 20
+            rival_won.append(rival.acquire())
+            yield entry
+
+    monkeypatch.setattr(eviction, "scan_chunks", slow_scan)
+    report = _clocked(tmp_path, 2 * CHUNK_BYTES, clock).run_pass()
+    assert rival_won == [False] * 6
+    assert report.ran and report.evicted_chunks == 5
+    assert total_size(scan_chunks(store.layout.directory)) <= 2 * CHUNK_BYTES
+
+
+def test_a_pass_that_loses_the_lease_mid_scan_stops_and_says_it_did_not_run(tmp_path, store,
+                                                                            monkeypatch):
+    keys = prefix_keys("p", 4)
+    save_prefix(store, keys)
+    clock = [time.time()]
+    rival = Lease(lease_path(tmp_path), 30, clock=lambda: clock[0])
+    real_scan = eviction.scan_chunks
+
+    def stalled_scan(ns):
+        clock[0] += 31  # stalled for longer than the lease: the rival takes it over
+        assert rival.acquire()
+        yield from real_scan(ns)
+
+    monkeypatch.setattr(eviction, "scan_chunks", stalled_scan)
+    report = _clocked(tmp_path, CHUNK_BYTES, clock).run_pass()
+    assert not report.ran and f"pid {os.getpid()}" in report.lease_holder
+    assert _present(store, keys) == keys
+
+
+def test_a_pass_without_a_budget_leaves_the_lease_to_a_budgeted_evictor(tmp_path, store):
+    keys = prefix_keys("p", 6)
+    save_prefix(store, keys)
+    sidecar = Evictor(tmp_path, max_bytes=0, lease_ttl=180)  # `gc --daemon` without a budget
+    engine = Evictor(tmp_path, max_bytes=2 * CHUNK_BYTES, lease_ttl=180)
+    assert sidecar.run_pass().ran and not sidecar.lease.held
+    assert engine.run_pass().ran
+    assert sidecar.run_pass().ran  # still cleans temporaries while the engine holds the lease
+    assert total_size(scan_chunks(store.layout.directory)) <= 2 * CHUNK_BYTES
+
+
+def test_the_lease_holder_keeps_evicting_on_a_full_filesystem(tmp_path, store, monkeypatch):
+    keys = prefix_keys("p", 6)
+    save_prefix(store, keys)
+    clock = [time.time()]
+    evictor = _clocked(tmp_path, 10**9, clock)
+    assert evictor.run_pass().ran  # under budget: holds the lease
+    fill_filesystem(monkeypatch)
+    evictor.max_bytes = 2 * CHUNK_BYTES
+    clock[0] += 20
+    assert evictor.run_pass().ran
+    assert total_size(scan_chunks(store.layout.directory)) <= 2 * CHUNK_BYTES
+
+
+def test_a_full_filesystem_that_keeps_the_lease_from_being_taken_says_how_to_free_it(
+        tmp_path, store, monkeypatch, caplog):
+    monkeypatch.setattr(logging.getLogger("lmcache_fs"), "propagate", True)  # init_logging's
+    fill_filesystem(monkeypatch)
+    with pytest.raises(OSError) as raised:
+        Evictor(tmp_path, max_bytes=CHUNK_BYTES).run_pass()
+    assert raised.value.errno == errno.ENOSPC
+    assert "lmcache-fs clear --namespace" in caplog.text
