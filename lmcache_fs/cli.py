@@ -209,6 +209,9 @@ def cmd_gc(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
         line = json.dumps(asdict(report)) if args.json else _report_text(report)
         print(line, flush=True)
 
+    if cfg.max_disk_size_gb == 0:  # stderr: --json output stays one report per line
+        print("lmcache-fs gc: no max_disk_size_gb, so this daemon only removes old temporaries; "
+              "pass --max-disk-size-gb (or set it in the config file) to evict", file=sys.stderr)
     daemon = BackgroundEvictor(evictor, cfg.eviction_interval_s, on_report=print_report)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop())
@@ -299,7 +302,10 @@ def cmd_pin(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
                           "(with --model), or --list")
     done = []
     for ns, keys, complete in _targets(args, root):
-        new = PinStore(ns, cfg.file_mode).pin(keys, args.note)
+        try:
+            new = PinStore(ns, cfg.file_mode).pin(keys, args.note)
+        except ValueError as exc:  # a pin too large to be read back: the message names the fix
+            raise ConfigError(str(exc)) from exc
         present = sum(os.path.exists(chunk_file_path(ns, k)) for k in keys)
         done.append({"namespace": ns.name, "name": keys[-1], "chunks": len(keys),
                      "present": present, "new": new, "complete_prefix": complete})

@@ -16,6 +16,7 @@ from cachedir import make_store, prefix_keys, save_prefix, set_mtime
 from lmcache_fs.cli import EXIT_BUSY, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, main
 from lmcache_fs.eviction import lease_path
 from lmcache_fs.lease import Lease
+from lmcache_fs import pins
 from lmcache_fs.pins import PinStore
 from lmcache_fs.progress import Progress
 from lmcache_fs.prompt_keys import model_identity
@@ -162,6 +163,17 @@ def test_gc_exits_3_while_another_process_holds_the_eviction_lease(capsys, cache
     assert code == EXIT_BUSY and not report["ran"] and f"pid {os.getpid()}" in report["lease_holder"]
 
 
+def test_gc_daemon_without_a_budget_says_it_only_removes_temporaries(cache, tmp_path):
+    daemon = subprocess.Popen([str(SCRIPT), "gc", "--daemon", "--json", "--eviction-interval-s",
+                               "0.2", "--storage-path", str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    report = json.loads(daemon.stdout.readline())
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == EXIT_OK
+    assert "only removes old temporaries" in daemon.stderr.read()
+    assert report["evicted_chunks"] == 0 and not lease_path(tmp_path).exists()  # never took it
+
+
 def test_gc_daemon_keeps_passing_until_sigterm(cache, tmp_path):
     daemon = subprocess.Popen([str(SCRIPT), "gc", "--daemon", "--json", "--eviction-interval-s",
                                "0.2", "--max-disk-size-gb", "0.000001", "--storage-path",
@@ -219,6 +231,13 @@ def test_pin_prompt_in_a_randomly_seeded_namespace_asks_for_pythonhashseed(
         f"namespace {store.layout.namespace.name}: hash algorithm xxhash is seeded at random "
         "unless PYTHONHASHSEED is set: set it to the engines' value")
     assert PinStore(store.layout.directory).pins() == []
+
+
+def test_a_pin_too_large_to_read_back_is_exit_2_with_the_fix(capsys, cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(pins, "_MAX_PIN_FILE", 100)  # as a 16 MiB pin would be, in 3 keys
+    code, data = run(capsys, "pin", prefix_keys("a", 3)[2], "--storage-path", str(tmp_path))
+    assert code == EXIT_USAGE and "pin a shorter prefix" in data["error"]
+    assert PinStore(cache.layout.directory).pins() == []
 
 
 def test_pin_of_a_key_no_namespace_holds_is_exit_1(capsys, cache, tmp_path):
