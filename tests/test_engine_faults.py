@@ -24,6 +24,7 @@ from lmcache_fs.codec import (ChunkFileError, read_chunk_file, read_chunk_header
                               write_chunk_file)
 from lmcache_fs.eviction import Evictor
 from lmcache_fs.inventory import namespace_dirs, scan_chunks, scan_quarantine, scan_temporaries
+from lmcache_fs.layout import chunk_file_path
 from mounts import bindfs_view, read_only_view
 
 pytestmark = pytest.mark.engine
@@ -32,6 +33,7 @@ CHUNK_TOKENS = 256
 PROMPT_TOKENS = 800  # 3 full chunks; vLLM computes the rest
 rng = random.Random(0)
 PROMPTS = [[rng.randrange(3, 250) for _ in range(PROMPT_TOKENS)] for _ in range(11)]
+LONG = [rng.randrange(3, 250) for _ in range(4 * CHUNK_TOKENS + 40)]  # 4 full chunks
 P_FIRST, P_EVICT, P_BAD = 0, 1, range(2, 11)
 BAD_KINDS = ["bit flip in the data", "truncated", "zero length", "garbage",
              "a valid chunk of another namespace", "a valid chunk of another shape",
@@ -214,6 +216,27 @@ class TestTwoNodesWithoutSharedFileEvents:
         assert "unusable (missing)" in b.log_text()
         run["notes"]["evicted_after_lookup"] = "load failed as missing, recomputed, same tokens"
 
+    def test_nothing_computed_over_a_failed_load_is_stored(self, run, nodes):
+        a, b = nodes
+        keys = [_key(LONG, c) for c in range(4)]
+        before = len(_chunk_files(run["source"]))
+        a.generate([LONG[:2 * CHUNK_TOKENS + 10]])  # A stores chunks 0 and 1 only
+        files = _wait_for_chunks(run["source"], before + 2)
+        # Truncated: refused before any byte lands, so chunk 0's blocks keep whatever they
+        # held (a bit flip would load nearly right KV and hide what this test looks for).
+        _plant("truncated", files[keys[0]], files, run["root"])
+        # B finds chunks 0 and 1, fails to load chunk 0 and, in the same step, computes
+        # chunks 2 and 3 over blocks that never got chunk 0's KV.
+        [out] = b.generate([LONG])
+        assert "withholding" in b.log_text()
+        run["tokens"]["B long"] = out["token_ids"]
+        # Once vLLM has recomputed, B stores chunk 0 again, and chunks 2 and 3 for the first
+        # time; TestRestart checks that an engine loading all four answers like no cache.
+        for c in (0, 2, 3):
+            _wait_for_valid_chunk(chunk_file_path(files[keys[0]].parent.parent, keys[c]),
+                                  f"chunk {c}")
+        run["notes"]["failed_load_same_step"] = "chunks 2-3 withheld, stored after the recompute"
+
     def test_pinning_by_prompt_text_selects_the_chunks_the_engine_stored(self, run, nodes):
         from lmcache_fs.prompt_keys import tokenize
 
@@ -262,6 +285,8 @@ class TestRestart:
                 assert first["num_cached_tokens"] == 3 * CHUNK_TOKENS  # the first request hits
                 outs = restarted.generate(PROMPTS)
                 reference = baseline.generate(PROMPTS)
+                [long_out] = restarted.generate([LONG])  # all four chunks B stored
+                [long_ref] = baseline.generate([LONG])
                 assert "chunks found at start-up" in restarted.log_text()
             finally:
                 restarted.close()
@@ -270,6 +295,8 @@ class TestRestart:
             assert out["token_ids"] == ref["token_ids"], f"prompt {i}"
             assert run["tokens"][("A cold", i)] == ref["token_ids"], f"prompt {i}"
         assert first["token_ids"] == reference[P_FIRST]["token_ids"]
+        assert long_out["num_cached_tokens"] == 4 * CHUNK_TOKENS
+        assert long_out["token_ids"] == long_ref["token_ids"] == run["tokens"]["B long"]
         run["notes"]["read_only_restart"] = (
             f"first request hit {first['num_cached_tokens']}/{PROMPT_TOKENS} tokens; all {len(PROMPTS)} "
             "prompts give the no-cache engine's tokens")
