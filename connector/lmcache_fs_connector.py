@@ -20,6 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_fs.config import ConfigError, LMCacheFSConfig, load_config
@@ -38,7 +39,7 @@ from .stats import LMCacheFSStats
 from .worker import ReadOptions, WorkerSide, this_rank_only
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
+    from vllm.config import ParallelConfig, VllmConfig
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -48,6 +49,37 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger("lmcache_fs.connector")
+
+
+def check_supported(kv_cache_config: "KVCacheConfig", parallel: "ParallelConfig") -> None:
+    """Refuse engines whose KV lmcache-fs could not store and load faithfully.
+
+    - Several KV cache groups (hybrid attention): one chunk file per key holds one group.
+    - Sliding-window or chunked-local attention: vLLM puts its null block in place
+      of blocks that left the window; a chunk gathered from them would be stored
+      under its real key and loaded by another engine as KV.
+    - Pipeline parallelism: a stage whose load fails cannot tell the others before
+      they store what they computed over it (vLLM keeps several steps in flight).
+
+    Raises:
+        ConfigError: naming the reason and the fix.
+    """
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ConfigError(f"lmcache-fs supports models with one KV cache group; this one has "
+                          f"{len(groups)} (hybrid attention): remove the kv-transfer-config")
+    spec = groups[0].kv_cache_spec
+    inner = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: one per layer
+    for one in (inner.values() if inner else [spec]):
+        if type(one) not in (FullAttentionSpec, MLAAttentionSpec):
+            raise ConfigError(f"lmcache-fs stores full-attention KV only; this model's KV cache is "
+                              f"{type(one).__name__} (attention that keeps only some blocks of the "
+                              "prompt): remove the kv-transfer-config")
+    if parallel.pipeline_parallel_size > 1:
+        raise ConfigError(f"lmcache-fs does not support pipeline parallelism (pipeline_parallel_size="
+                          f"{parallel.pipeline_parallel_size}): a failed load on one stage could leave "
+                          "wrong KV stored by the others; use tensor parallelism, or remove the "
+                          "kv-transfer-config")
 
 
 class LMCacheFSConnector(KVConnectorBase_V1):
@@ -65,11 +97,8 @@ class LMCacheFSConnector(KVConnectorBase_V1):
         can_save = transfer.kv_role in ("kv_both", "kv_producer")
         root = self.config.check_storage_path(writable=can_save)
 
-        groups = kv_cache_config.kv_cache_groups
-        if len(groups) != 1:
-            raise ConfigError(f"lmcache-fs supports models with one KV cache group; this one has "
-                              f"{len(groups)} (hybrid attention): remove the kv-transfer-config")
-        spec = groups[0].kv_cache_spec
+        check_supported(kv_cache_config, vllm_config.parallel_config)
+        spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
         block_size = int(spec.block_size)
         hash_block_size = int(kv_cache_config.hash_block_size or block_size)
         self.config.check_block_size(block_size)
@@ -94,8 +123,7 @@ class LMCacheFSConnector(KVConnectorBase_V1):
                             index.layout.namespace.name, found, root, transfer.kv_role)
             check_hash_seed(layouts[0].directory, str(fields["hash_algo"]))
             self._scheduler = SchedulerSide(indexes, self.config.chunk_size, block_size,
-                                            hash_block_size, can_load, can_save,
-                                            saves_wait_for_loads=parallel.pipeline_parallel_size > 1)
+                                            hash_block_size, can_load, can_save)
             if can_save:  # with a budget, one evictor per engine; the lease picks who works
                 self._evictor = start_background_evictor(self.config, self._scheduler.forget)
         else:

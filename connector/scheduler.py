@@ -30,6 +30,7 @@ _SAVE_REQUESTED_MAX = 100_000  # keys remembered as "already asked to store"
 # (another node may have evicted it, or our write may have hit a full disk).
 SAVE_REQUESTED_TTL_S = 30.0
 _LOADING_MAX = 100_000  # blocks of recent loads, remembered to name the chunk of a failed one
+_NEVER = 1 << 62  # a request's next chunk to store once its KV is known to rest on a failed load
 
 
 @dataclass
@@ -45,8 +46,7 @@ class SchedulerSide:
     """Lookup and store planning for one engine (all TP ranks)."""
 
     def __init__(self, indexes: Sequence[ChunkIndex], chunk_size: int, block_size: int,
-                 hash_block_size: int, can_load: bool, can_save: bool,
-                 saves_wait_for_loads: bool = False):
+                 hash_block_size: int, can_load: bool, can_save: bool):
         self.indexes = list(indexes)
         self.chunk_size = chunk_size
         self.block_size = block_size
@@ -59,18 +59,15 @@ class SchedulerSide:
         self._pending_loads: list[LoadOp] = []
         self._pending_hits: dict[str, HitSummary] = {}
         self._save_requested: dict[str, float] = {}  # key -> when its store was planned
-        # block id -> (request, chunk key, chunk index) of planned loads, to name the chunk
-        # of a failed block. A block's entry is replaced when it is loaded into again, and
-        # failures only ever name blocks of loads, so finished requests need no clean-up.
-        self._loading: dict[int, tuple[str, str, int]] = {}
+        # block id -> chunk key of planned loads, to name the chunk of a failed block. A
+        # block's entry is replaced when it is loaded into again, and failures only ever
+        # name blocks of loads, so finished requests need no clean-up.
+        self._loading: dict[int, str] = {}
         # A worker withholds the saves of every step it runs between a failed load and the
         # step built after the failure was reported here (their KV may rest on the failed
         # blocks): these counters tell it, and the saves of the last steps are planned again.
         self._failed_load_steps = 0
         self._recent_saves: deque[list[SaveOp]] = deque(maxlen=2)  # async scheduling: 2 steps
-        # Pipeline stages cannot tell each other of a failed load within the step, so
-        # with pipeline parallelism nothing is stored in a step that loads (see worker.py).
-        self.saves_wait_for_loads = saves_wait_for_loads
 
     # -- keys ---------------------------------------------------------------
 
@@ -123,7 +120,7 @@ class SchedulerSide:
             self._loading.clear()
         for block in range(local // self.block_size, hit // self.block_size):
             chunk, offset = divmod(block, self.blocks_per_chunk)
-            self._loading[block_ids[block]] = (req_id, keys[chunk], chunk)
+            self._loading[block_ids[block]] = keys[chunk]
             last = self._pending_loads[-1] if self._pending_loads else None
             if last and last.req_id == req_id and last.key == keys[chunk]:
                 self._pending_loads[-1] = LoadOp(req_id, last.key, last.first_block,
@@ -138,14 +135,12 @@ class SchedulerSide:
         self._pending_loads, self._pending_hits = [], {}
         if not self.can_save:
             return meta
-        plan = not (self.saves_wait_for_loads and meta.loads)
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._tracked.get(new.req_id)
             if tracked is not None:
                 tracked.block_ids = list(new.block_ids[0])
-                if plan:
-                    self._plan_saves(tracked, new.num_computed_tokens + scheduled[new.req_id], meta)
+                self._plan_saves(tracked, new.num_computed_tokens + scheduled[new.req_id], meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             tracked = self._tracked.get(req_id)
@@ -156,9 +151,7 @@ class SchedulerSide:
                 tracked.block_ids = list(new_ids[0]) if new_ids else []
             elif new_ids:
                 tracked.block_ids.extend(new_ids[0])
-            if plan:
-                self._plan_saves(tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0),
-                                 meta)
+            self._plan_saves(tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
         self._recent_saves.append(meta.saves)
         return meta
 
@@ -173,17 +166,26 @@ class SchedulerSide:
         self._save_requested.pop(key, None)
 
     def loads_failed(self, block_ids: set[int]) -> None:
-        """The chunks of these blocks were gone or bad: forget them, store them once recomputed.
+        """Loads of these blocks failed (on some rank): forget their chunks, and decide for
+        each request which of its chunks may still be stored.
 
-        On NFS no event reports another node's eviction, so without this the
-        index would offer such a chunk again and again, and the prefix that
-        vLLM recomputes would never be stored again. The saves planned for the
-        last steps are planned again: the workers withheld them (see
-        :meth:`WorkerSide.save`); those already stored are found on disk.
+        Called once vLLM has handled the failure: every request it recomputes
+        is reset to its first failed block, and its chunks from there are stored
+        again once recomputed (on NFS no event reports another node's eviction:
+        without this the prefix would never be stored again). A request that
+        holds a failed block but was not reset (it shares the block with one that
+        recomputes it, and had already computed past it, as async scheduling
+        allows) keeps KV computed over blocks without KV: none of its later chunks
+        is stored. The workers withheld every save since the failure (see
+        ``WorkerSide.save``); the others are planned again (those already stored
+        are found on disk).
         """
         if not block_ids:
             return
         self._failed_load_steps += 1
+        for block in block_ids:
+            if block in self._loading:
+                self.forget(None, self._loading.pop(block))
         for saves in self._recent_saves:
             for op in saves:
                 self._save_requested.pop(op.key, None)
@@ -191,14 +193,14 @@ class SchedulerSide:
                 if tracked is not None:
                     tracked.next_chunk = min(tracked.next_chunk, op.chunk_index)
         self._recent_saves.clear()
-        for block in block_ids:
-            if block not in self._loading:
+        for tracked in self._tracked.values():
+            first_bad = next((i for i, b in enumerate(tracked.block_ids) if b in block_ids), None)
+            if first_bad is None:
                 continue
-            req_id, key, chunk = self._loading.pop(block)
-            self.forget(None, key)
-            tracked = self._tracked.get(req_id)
-            if tracked is not None:  # vLLM recomputes from here: plan those chunks' saves again
-                tracked.next_chunk = min(tracked.next_chunk, chunk)
+            if tracked.request.num_computed_tokens <= first_bad * self.block_size:
+                tracked.next_chunk = min(tracked.next_chunk, first_bad // self.blocks_per_chunk)
+            else:
+                tracked.next_chunk = _NEVER
 
     def request_finished(self, request: "Request") -> None:
         """Forget the request (saves were issued in the step that computed them)."""

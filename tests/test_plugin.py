@@ -1,6 +1,10 @@
-"""vLLM finds the connector by name alone (plugin entry point) and by explicit module path."""
+"""vLLM finds the connector by name alone (plugin entry point) and by explicit module path,
+and the connector refuses engines whose KV it could not reuse faithfully."""
+
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -29,3 +33,40 @@ def test_explicit_module_path_works():
     config = KVTransferConfig(kv_connector="LMCacheFSConnector", kv_role="kv_both",
                               kv_connector_module_path="lmcache_fs.connector")
     assert KVConnectorFactory.get_connector_class(config) is LMCacheFSConnector
+
+
+def _kv_cache_config(*specs):
+    return SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=s) for s in specs])
+
+
+def _spec(kind=None, **extra):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    return (kind or FullAttentionSpec)(block_size=16, num_kv_heads=2, head_size=8,
+                                       dtype=torch.bfloat16, **extra)
+
+
+def test_full_attention_on_one_stage_is_supported():
+    from lmcache_fs.connector.lmcache_fs_connector import check_supported
+
+    check_supported(_kv_cache_config(_spec()), SimpleNamespace(pipeline_parallel_size=1))
+
+
+def test_engines_whose_kv_could_not_be_reused_faithfully_are_refused_with_the_fix():
+    from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, SlidingWindowSpec
+
+    from lmcache_fs.config import ConfigError
+    from lmcache_fs.connector.lmcache_fs_connector import check_supported
+
+    one_stage = SimpleNamespace(pipeline_parallel_size=1)
+    cases = [  # (KV cache config, parallel config, what the error names)
+        (_kv_cache_config(_spec(), _spec()), one_stage, "one KV cache group"),
+        (_kv_cache_config(_spec(SlidingWindowSpec, sliding_window=64)), one_stage,
+         "SlidingWindowSpec"),  # e.g. Mistral-7B-v0.1: null blocks outside the window
+        (_kv_cache_config(_spec(ChunkedLocalAttentionSpec, attention_chunk_size=64)), one_stage,
+         "ChunkedLocalAttentionSpec"),
+        (_kv_cache_config(_spec()), SimpleNamespace(pipeline_parallel_size=2), "pipeline"),
+    ]
+    for kv_cache_config, parallel, named in cases:
+        with pytest.raises(ConfigError, match=f"{named}.*remove the kv-transfer-config"):
+            check_supported(kv_cache_config, parallel)

@@ -20,7 +20,7 @@ def _request(req_id, num_tokens, salt=b""):
         parent = hashlib.sha256(parent).digest()
         hashes.append(parent)
     return SimpleNamespace(request_id=req_id, block_hashes=hashes, num_tokens=num_tokens,
-                           num_prompt_tokens=num_tokens)
+                           num_prompt_tokens=num_tokens, num_computed_tokens=0)
 
 
 def _side(tmp_path, can_load=True, can_save=True):
@@ -194,9 +194,21 @@ def test_a_reported_failed_load_plans_the_withheld_saves_of_the_last_steps_again
     assert [s.key for s in meta.saves] == keys[:3]  # chunk 0 too: it is gone or bad
 
 
-def test_with_pipeline_stages_a_step_that_loads_stores_nothing_and_the_next_one_does(tmp_path):
-    index = ChunkIndex(ChunkLayout(tmp_path, Namespace({"model": "m"})), negative_ttl_s=0)
-    side = SchedulerSide([index], CHUNK, BLOCK, BLOCK, True, True, saves_wait_for_loads=True)
-    keys, meta = _hit_then_compute(side, index)
-    assert meta.loads and meta.saves == []
-    assert [s.key for s in _decode_step(side, "r", 3 * CHUNK + 5).saves] == keys[1:3]
+def test_a_request_that_computed_over_a_failed_block_without_being_reset_stores_no_more(tmp_path):
+    # "a" loaded blocks 0..3 (chunk 0) and failed; "b" came a step later with a local hit
+    # on those blocks and computed its chunks 1 and 2 over them. vLLM resets only "a"
+    # (the one that recomputes the shared block): b's KV past block 0 rests on nothing.
+    side, index = _side(tmp_path)
+    keys, _ = _hit_then_compute(side, index, "a")
+    b = _request("b", 3 * CHUNK + 5, salt=b"other question")
+    b.block_hashes[:CHUNK // BLOCK] = side._tracked["a"].request.block_hashes[:CHUNK // BLOCK]
+    side.get_num_new_matched_tokens(b, CHUNK)
+    side.update_state_after_alloc(b, _blocks([0, 1, 2, 3] + list(range(20, 29))), 0)
+    new = SimpleNamespace(req_id="b", block_ids=([0, 1, 2, 3] + list(range(20, 29)),),
+                          num_computed_tokens=CHUNK)
+    side.build_connector_meta(_step([new], scheduled={"b": 2 * CHUNK + 5}))
+    side._tracked["a"].request.num_computed_tokens = 0  # what vLLM does before telling us
+    side._tracked["b"].request.num_computed_tokens = 3 * CHUNK + 5
+    side.loads_failed({0, 1, 2, 3})
+    assert [s.key for s in _decode_step(side, "a", 3 * CHUNK + 5).saves] == keys[:3]
+    assert _decode_step(side, "b", 3 * CHUNK + 6).saves == []  # b's own chunks 1 and 2: never
