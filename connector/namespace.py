@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -33,6 +34,41 @@ def model_identity(model: str, revision: str | None) -> str:
     return f"{model}@{revision}" if revision else model
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_SAMPLE_BYTES = 64 << 10
+
+
+def weights_fingerprint(model: str) -> str:
+    """A short hash that tells apart the weights of local model folders with one config.json.
+
+    Fine-tunes and the checkpoints of one run share their config (and often
+    their folder name), but not their weights: each weights file contributes
+    its name, size and three 64 KiB samples (start, middle, end), a few reads
+    whatever the model's size. Empty for a hub id, whose revision names its
+    weights.
+    """
+    folder = Path(model)
+    if not folder.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}:".encode())
+        with open(path, "rb") as f:
+            for offset in sorted({0, max(0, size // 2 - _SAMPLE_BYTES // 2),
+                                  max(0, size - _SAMPLE_BYTES)}):
+                digest.update(os.pread(f.fileno(), _SAMPLE_BYTES, offset))
+    return digest.hexdigest()[:16]
+
+
+def _settings_hash(value: object) -> str:
+    """A short, stable hash of a settings object (a dict, or the name of a function)."""
+    if not value:
+        return ""
+    text = json.dumps(value, sort_keys=True, default=lambda v: getattr(v, "__qualname__", repr(v)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def kv_layout_name(vllm_config: "VllmConfig", head_size: int, block_size: int) -> str:
     """How block bytes are laid out.
 
@@ -59,8 +95,14 @@ def namespace_fields(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig"
     spec = group.kv_cache_spec
     model_config = vllm_config.model_config
     parallel = vllm_config.parallel_config
+    # The commit the hub resolved: a hub id, or a branch or tag given as --revision, moves.
+    revision = getattr(model_config.hf_config, "_commit_hash", None) or model_config.revision
     return {
         "model": model_identity(model_config.model, model_config.revision),
+        "model_revision": str(revision or ""),
+        "weights": weights_fingerprint(model_config.model),
+        "quantization": str(model_config.quantization or ""),
+        "hf_overrides": _settings_hash(model_config.hf_overrides),
         "num_layers": len(group.layer_names),
         "num_kv_heads": int(spec.num_kv_heads),
         "head_size": int(spec.head_size),
