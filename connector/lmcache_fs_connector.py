@@ -87,6 +87,15 @@ class LMCacheFSConnector(KVConnectorBase_V1):
 
     _cache_hit_source = CacheHitSource.DISK
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """True with ``layerwise_load: true``: a full CUDA graph replay skips
+        ``wait_for_layer_load``, so layers would run before their KV is in place."""
+        try:
+            return load_config(extra_config or {}).layerwise_load == "true"
+        except ConfigError:
+            return False  # the connector itself refuses the configuration, with the fix
+
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)

@@ -70,3 +70,15 @@ def test_engines_whose_kv_could_not_be_reused_faithfully_are_refused_with_the_fi
     for kv_cache_config, parallel, named in cases:
         with pytest.raises(ConfigError, match=f"{named}.*remove the kv-transfer-config"):
             check_supported(kv_cache_config, parallel)
+
+
+def test_layer_by_layer_loads_ask_vllm_for_piecewise_cuda_graphs(tmp_path, monkeypatch):
+    # A full graph replay would skip wait_for_layer_load: layers would read KV not yet loaded.
+    monkeypatch.delenv("LMCACHE_CONFIG_FILE", raising=False)
+    needs = LMCacheFSConnector.requires_piecewise_for_cudagraph
+    assert needs({"storage_path": str(tmp_path), "layerwise_load": "true"})
+    assert not needs({"storage_path": str(tmp_path)})  # auto: whole chunks on CUDA
+    config_file = tmp_path / "lmcache-fs.yaml"
+    config_file.write_text(f"storage_path: {tmp_path}\nlayerwise_load: true\n")
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(config_file))
+    assert needs({})
