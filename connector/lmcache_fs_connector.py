@@ -60,6 +60,7 @@ def check_supported(kv_cache_config: "KVCacheConfig", parallel: "ParallelConfig"
       under its real key and loaded by another engine as KV.
     - Pipeline parallelism: a stage whose load fails cannot tell the others before
       they store what they computed over it (vLLM keeps several steps in flight).
+    - Context parallelism: each rank holds only some tokens of a block.
 
     Raises:
         ConfigError: naming the reason and the fix.
@@ -80,6 +81,13 @@ def check_supported(kv_cache_config: "KVCacheConfig", parallel: "ParallelConfig"
                           f"{parallel.pipeline_parallel_size}): a failed load on one stage could leave "
                           "wrong KV stored by the others; use tensor parallelism, or remove the "
                           "kv-transfer-config")
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        # Context parallelism spreads a block's tokens over ranks: vLLM's scheduler blocks
+        # are then larger than the KV cache's, which chunk keys and block copies assume equal.
+        if getattr(parallel, name, 1) > 1:
+            raise ConfigError(f"lmcache-fs does not support context parallelism ({name}="
+                              f"{getattr(parallel, name)}): set it to 1, or remove the "
+                              "kv-transfer-config")
 
 
 class LMCacheFSConnector(KVConnectorBase_V1):

@@ -66,6 +66,8 @@ def test_engines_whose_kv_could_not_be_reused_faithfully_are_refused_with_the_fi
         (_kv_cache_config(_spec(ChunkedLocalAttentionSpec, attention_chunk_size=64)), one_stage,
          "ChunkedLocalAttentionSpec"),
         (_kv_cache_config(_spec()), SimpleNamespace(pipeline_parallel_size=2), "pipeline"),
+        (_kv_cache_config(_spec()), SimpleNamespace(pipeline_parallel_size=1,
+                                                    decode_context_parallel_size=2), "context"),
     ]
     for kv_cache_config, parallel, named in cases:
         with pytest.raises(ConfigError, match=f"{named}.*remove the kv-transfer-config"):
