@@ -115,7 +115,8 @@ class LMCacheFSConnector(KVConnectorBase_V1):
         root = self.config.check_storage_path(writable=can_save)
 
         check_supported(kv_cache_config, vllm_config.parallel_config)
-        spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+        group = kv_cache_config.kv_cache_groups[0]
+        spec = group.kv_cache_spec
         block_size = int(spec.block_size)
         hash_block_size = int(kv_cache_config.hash_block_size or block_size)
         self.config.check_block_size(block_size)
@@ -153,7 +154,7 @@ class LMCacheFSConnector(KVConnectorBase_V1):
                 layout.write_manifest()
             cfg = self.config
             self._worker = WorkerSide(
-                ChunkStore(layout, cfg.file_mode), groups[0].layer_names,
+                ChunkStore(layout, cfg.file_mode), group.layer_names,
                 cfg.chunk_size // block_size, block_size, cfg.save_queue_size, can_save,
                 ReadOptions(cfg.use_gds, cfg.staging_buffer_mb << 20, cfg.verify_device_reads,
                             cfg.layerwise_load),
