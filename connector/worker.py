@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from lmcache_fs.block_copy import gather_blocks, scatter_blocks
+from lmcache_fs.block_copy import block_ids_on, gather_blocks, scatter_blocks
 from lmcache_fs.codec import ChunkFileError
 from lmcache_fs.gpu_io import GpuChunkReader, choose_read_backend
 from lmcache_fs.gpu_save import DeviceChunkSaver
@@ -180,7 +180,7 @@ class WorkerSide:
             if isinstance(chunk, ChunkFileError):
                 errors[i] = chunk
                 continue
-            ids = torch.tensor(op.block_ids, dtype=torch.int64, device=device)
+            ids = block_ids_on(op.block_ids, device)
             scatter_blocks(chunk[:, op.first_block:op.first_block + len(op.block_ids)],
                            self.layers, ids)
         if device.type == "cuda":
@@ -255,7 +255,7 @@ class WorkerSide:
     def _save_one(self, op: SaveOp) -> None:
         assert self.writer is not None
         device = self.layers[0].device
-        ids = torch.tensor(op.block_ids, dtype=torch.int64, device=device)
+        ids = block_ids_on(op.block_ids, device)
         chunk = torch.empty(self._chunk_shape, dtype=self.layers[0].dtype, device=device)
         gather_blocks(self.layers, ids, chunk)
         metadata = {"parent_key": op.parent_key, "chunk_index": str(op.chunk_index),

@@ -27,6 +27,20 @@ import torch
 from lmcache_fs.block_copy_cuda import copy_blocks_cuda
 
 
+def block_ids_on(block_ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``block_ids`` as the int64 tensor the copies below take, on ``device``.
+
+    On CUDA through pinned memory and a non-blocking copy: ``torch.tensor(ids,
+    device="cuda")`` copies from pageable memory and waits for everything queued
+    on the stream first (in ``wait_for_save``: the whole forward pass, which the
+    engine's thread should not wait for).
+    """
+    ids = torch.tensor(block_ids, dtype=torch.int64)
+    if device.type != "cuda":
+        return ids
+    return ids.pin_memory().to(device, non_blocking=True)
+
+
 def gather_blocks(layers: Sequence[torch.Tensor], block_ids: torch.Tensor,
                   out: torch.Tensor) -> None:
     """Copy blocks ``block_ids`` of every layer into ``out[layer, i]``.

@@ -41,7 +41,7 @@ import functools
 import logging
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -51,6 +51,7 @@ import torch
 
 from lmcache_fs.codec import (ChunkFileError, ChunkHeader, check_header, checksum,
                               read_header_fd)
+from lmcache_fs.device_threads import device_thread_pool
 from lmcache_fs.store import ChunkStore
 
 logger = logging.getLogger(__name__)
@@ -296,7 +297,7 @@ class GpuChunkReader:
         self._in_use: list[torch.cuda.Event | None] = [None] * self.slots
         if backend.kvikio is not None and on_gpu:
             backend.kvikio.memory_register(self._device_buffer)
-        self._pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="lmcache-fs-read")
+        self._pool = device_thread_pool(self.slots, "lmcache-fs-read", self.device)
 
     def _read_posix(self, key: str, slot: int, in_use: torch.cuda.Event | None) -> None:
         if in_use is not None:
@@ -383,7 +384,7 @@ class GpuChunkReader:
     def _mark_in_use(self) -> torch.cuda.Event | None:
         if self.device.type != "cuda":
             return None  # CPU work is synchronous: done when the caller resumes
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)  # waited for by read threads: sleep, not spin
         event.record(torch.cuda.current_stream(self.device))
         return event
 

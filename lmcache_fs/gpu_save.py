@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping
 
 import torch
 
+from lmcache_fs.device_threads import device_thread_pool
 from lmcache_fs.writer import BackgroundWriter
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class DeviceChunkSaver:
         self._stream = torch.cuda.Stream(self.device)
         self._slots = threading.BoundedSemaphore(max_pending)
         # One thread, so chunks reach the writer in the order they were saved.
-        self._handoff = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-fs-d2h")
+        self._handoff = device_thread_pool(1, "lmcache-fs-d2h", self.device)
 
     def submit(self, key: str, chunk: torch.Tensor, metadata: Mapping[str, str]) -> bool:
         """Queue a copy of ``chunk`` (on this device) to be written as chunk ``key``.
@@ -68,7 +68,7 @@ class DeviceChunkSaver:
         with torch.cuda.stream(self._stream):
             host.copy_(chunk, non_blocking=True)
             chunk.record_stream(self._stream)  # the allocator must not reuse it before the copy ends
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(blocking=True)  # waited for by the hand-off thread: sleep
             done.record(self._stream)
         self._handoff.submit(self._hand_over, key, host, metadata, done)
         return True

@@ -42,7 +42,7 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -50,9 +50,10 @@ from typing import Sequence
 import torch
 import xxhash
 
-from lmcache_fs.block_copy import scatter_layer
+from lmcache_fs.block_copy import block_ids_on, scatter_layer
 from lmcache_fs.codec import (ChunkFileError, check_header, checksum_text, new_checksum,
                               open_chunk_file, read_header_fd)
+from lmcache_fs.device_threads import device_thread_pool
 from lmcache_fs.store import ChunkStore
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class _ThroughStaging:
             self._offsets.append(len(group_ids[-1]))
             group_ids[-1].extend(job.block_ids)
         self.units_per_layer = len(group_ids)
-        self._ids = [torch.tensor(ids, dtype=torch.int64, device=device) for ids in group_ids]
+        self._ids = [block_ids_on(ids, device) for ids in group_ids]
         slot_bytes = max(1, max(len(ids) for ids in group_ids)) * page_bytes
         units = len(layers) * self.units_per_layer
         self.ring = max(2, min(units, ring_bytes // slot_bytes))
@@ -198,7 +199,7 @@ class _ThroughStaging:
             scatter_layer(src, self.layers[layer], ids)
         event = None
         if self._device.is_cuda:
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # waited for by read threads: sleep, not spin
             event.record(torch.cuda.current_stream(self._device.device))
         with self._cond:
             self._copied[r] = event
@@ -234,7 +235,7 @@ class LayerwiseReader:
         """True: bytes land in the cache's pages; False: through a staging ring."""
         self._into_pages = _IntoPages(self.layers, self.page_bytes) if self.into_pages else None
         self.threads = max(1, threads)
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lmcache-fs-layers")
+        self.pool = device_thread_pool(self.threads, "lmcache-fs-layers", layers[0].device)
 
     @property
     def num_layers(self) -> int:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmcache_fs.block_copy import gather_blocks, scatter_blocks
+from lmcache_fs.block_copy import block_ids_on, gather_blocks, scatter_blocks
 
 NUM_BLOCKS, HEADS, BLOCK, HEAD2 = 12, 2, 16, 64
 
@@ -46,3 +46,25 @@ def test_nhd_view_keeps_its_strides_after_scatter():
     scatter_blocks(torch.zeros(1, 1, HEADS, BLOCK, HEAD2, dtype=torch.bfloat16), layers, torch.tensor([3]))
     assert layers[0].stride() == strides and not layers[0].is_contiguous()
     assert torch.count_nonzero(layers[0][3]) == 0
+
+
+def test_block_ids_are_an_int64_tensor_on_the_device():
+    ids = block_ids_on([7, 3, 5], torch.device("cpu"))
+    assert ids.dtype == torch.int64 and ids.tolist() == [7, 3, 5]
+
+
+
+def test_pool_threads_of_a_gpu_worker_start_on_its_device(monkeypatch):
+    # Else rank 3's pool threads would open a CUDA context on GPU 0.
+    from lmcache_fs.device_threads import device_thread_pool
+
+    devices = []
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    pool = device_thread_pool(2, "test", torch.device("cuda", 3))
+    list(pool.map(lambda _: None, range(4)))
+    pool.shutdown()
+    assert devices and set(devices) == {3}
+    cpu_pool = device_thread_pool(1, "test", torch.device("cpu"))
+    cpu_pool.submit(lambda: None).result()
+    cpu_pool.shutdown()
+    assert set(devices) == {3}  # CPU pools set nothing

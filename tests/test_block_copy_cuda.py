@@ -8,13 +8,14 @@ view), bf16 / fp16 / fp8, random block ids and chunk-buffer slices.
 from __future__ import annotations
 
 import logging
+import time
 from unittest import mock
 
 import pytest
 import torch
 
 from lmcache_fs import block_copy, block_copy_cuda, cuda_build
-from lmcache_fs.block_copy import gather_blocks, scatter_blocks
+from lmcache_fs.block_copy import block_ids_on, gather_blocks, scatter_blocks
 
 
 @pytest.fixture
@@ -233,3 +234,16 @@ def test_unsupported_layouts_fall_back_to_torch_with_one_warning(records, monkey
     assert torch.equal(_bytes(out[1]), _bytes(layers[1][ids]))
     warnings = [r.getMessage() for r in records.records if r.levelno == logging.WARNING]
     assert len([w for w in warnings if "not contiguous" in w]) == 1
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_block_ids_reach_the_gpu_without_waiting_for_queued_work():
+    block_ids_on([0], torch.device("cuda"))  # the pinned allocator's first block (cudaHostAlloc syncs)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1 << 30)  # about a second of work queued on the stream
+    start = time.perf_counter()
+    ids = block_ids_on(list(range(64)), torch.device("cuda"))
+    queued_s = time.perf_counter() - start
+    assert queued_s < 0.1, "the copy waited for the stream"
+    assert ids.tolist() == list(range(64))  # (this waits, in stream order)
