@@ -25,6 +25,7 @@ Without CUDA it writes nothing and says so: there is nothing to measure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -44,7 +45,7 @@ from bench.common import REPO, RESULTS_DIR, WORK_DIR, machine_lines, md_table, m
     write_markdown
 from bench.pagecache import METHOD as EVICT_METHOD
 from bench.pagecache import evict
-from lmcache_fs import block_copy, cuda_build, gpu_io
+from lmcache_fs import block_copy, cuda_build, device_checksum, gpu_io
 from lmcache_fs.block_copy import gather_blocks, scatter_blocks
 from lmcache_fs.codec import ALIGNMENT, checksum
 from lmcache_fs.gpu_io import GpuChunkReader, ReadBackend, ReadPath
@@ -197,6 +198,13 @@ def bench_saves(work_dir: Path, count: int) -> list[list[object]]:
 
 # -- reads -----------------------------------------------------------------------------
 
+def save_like_a_gpu_writer(store: ChunkStore, key: str, data: torch.Tensor) -> None:
+    """Publish ``data`` (on the host) with the device checksum a GPU writer stores beside xxh3."""
+    sums = device_checksum.start_word_sums(data.cuda())
+    fields = {device_checksum.FIELD: device_checksum.text_of(sums.cpu())} if sums is not None else {}
+    store.save(key, data, fields)
+
+
 def _chunk_files(store: ChunkStore, count: int, chunk_bytes: int) -> list[str]:
     """Write ``count`` chunk files of ``chunk_bytes`` of data each; returns their keys."""
     base = torch.randint(0, 256, (chunk_bytes,), dtype=torch.uint8)
@@ -204,7 +212,7 @@ def _chunk_files(store: ChunkStore, count: int, chunk_bytes: int) -> list[str]:
     for i in range(count):
         base[:8] = torch.tensor(list(i.to_bytes(8, "little")), dtype=torch.uint8)
         key = f"{chunk_bytes:08x}{i:08x}"
-        store.save(key, base.view(torch.bfloat16).view(1, -1), {})
+        save_like_a_gpu_writer(store, key, base.view(torch.bfloat16).view(1, -1))
         keys.append(key)
     return keys
 
@@ -275,13 +283,19 @@ def hash_alone(count: int, nbytes: int, workers: int) -> Callable[[], None]:
     return lambda: _striped(range(count), workers, lambda _, slot: checksum(host[slot]))
 
 
-def through_reader(reader: GpuChunkReader, keys: Sequence[str]) -> Callable[[], None]:
-    """lmcache-fs' reader as the worker uses it (each chunk consumed on the current stream)."""
+def through_reader(reader: GpuChunkReader, keys: Sequence[str], host_xxh3: bool = False
+                   ) -> Callable[[], None]:
+    """lmcache-fs' reader as the worker uses it (each chunk consumed on the current stream).
+
+    ``host_xxh3``: verify as for files without a device checksum (copy back, xxh3).
+    """
     def run() -> None:
-        for i, chunk in reader.read(keys):
-            if not isinstance(chunk, torch.Tensor):
-                raise RuntimeError(f"chunk {keys[i]} failed: {chunk}")
-        torch.cuda.synchronize()
+        with (mock.patch.object(device_checksum, "start_word_sums", lambda data: None)
+              if host_xxh3 else contextlib.nullcontext()):
+            for i, chunk in reader.read(keys):
+                if not isinstance(chunk, torch.Tensor):
+                    raise RuntimeError(f"chunk {keys[i]} failed: {chunk}")
+            torch.cuda.synchronize()
 
     return run
 
@@ -304,7 +318,7 @@ def bench_reads(work_dir: Path, sizes: Sequence[tuple[int, int]], rounds: int
         keys = _chunk_files(store, count, chunk_bytes)
         paths = [store.layout.chunk_path(k) for k in keys]
         workers = max(1, min(gpu_io.MAX_SLOTS, STAGING_BYTES // chunk_bytes))
-        readers = {"lmcache-fs posix (verified)": (ReadBackend(ReadPath.POSIX), True)}
+        readers = {"lmcache-fs posix (verified, host xxh3)": (ReadBackend(ReadPath.POSIX), True)}
         competitors: dict[str, Callable[[], None]] = {
             DISK: disk_alone(paths, chunk_bytes, workers),
             PLAIN: plain_read_h2d(paths, chunk_bytes, workers),
@@ -318,13 +332,15 @@ def bench_reads(work_dir: Path, sizes: Sequence[tuple[int, int]], rounds: int
             # Where verified warm reads lose time: the copy back, or the hash itself.
             competitors[COPY_BACK] = kvikio_alone(kvikio_backend.kvikio, paths, chunk_bytes,
                                                   workers, copy_back=True)
-            readers[f"lmcache-fs {mode} (verified)"] = (kvikio_backend, True)
+            readers[f"lmcache-fs {mode} (verified on the GPU)"] = (kvikio_backend, True)
+            readers[f"lmcache-fs {mode} (verified, host xxh3)"] = (kvikio_backend, True)
             readers[f"lmcache-fs {mode} (verify off)"] = (kvikio_backend, False)
         competitors[HASH] = hash_alone(count, chunk_bytes, workers)
         opened = {name: GpuChunkReader(store, (1, chunk_bytes // 2), torch.bfloat16, "cuda",
                                        backend, staging_bytes=STAGING_BYTES, verify=verify)
                   for name, (backend, verify) in readers.items()}
-        competitors.update({name: through_reader(r, keys) for name, r in opened.items()})
+        competitors.update({name: through_reader(r, keys, host_xxh3="host xxh3" in name)
+                            for name, r in opened.items()})
 
         seconds: dict[tuple[str, str], list[float]] = {}
         for _ in range(rounds):  # interleaved, so drift hits every competitor alike
@@ -406,7 +422,7 @@ def bench_layerwise(work_dir: Path, chunks: int, compute_us: Sequence[int], roun
     keys = [f"{i:064x}" for i in range(chunks)]
     progress(f"writing {chunks} chunk files of {torch.Size(shape).numel() * 2 // MIB} MiB")
     for key in keys:
-        store.save(key, torch.randn(shape).to(torch.bfloat16), {})
+        save_like_a_gpu_writer(store, key, torch.randn(shape).to(torch.bfloat16))
     order = torch.randperm(chunks * per_chunk).tolist()
     block_ids = [order[i * per_chunk:(i + 1) * per_chunk] for i in range(chunks)]
     caches = [torch.zeros(chunks * per_chunk, m["block"], m["heads"], m["width"],
@@ -484,8 +500,8 @@ def bench_layerwise(work_dir: Path, chunks: int, compute_us: Sequence[int], roun
 
 # -- the report -----------------------------------------------------------------------
 
-GPU_TEST_FILES = ("tests/test_block_copy_cuda.py", "tests/test_gpu_io.py",
-                  "tests/test_layer_reader.py")
+GPU_TEST_FILES = ("tests/test_block_copy_cuda.py", "tests/test_device_checksum.py",
+                  "tests/test_gpu_io.py", "tests/test_layer_reader.py")
 GPU_TEST_RUNS = 3  # a failure in one run of three is a flake to chase, not a pass
 
 
@@ -566,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     progress("building the CUDA kernels")
     start = time.perf_counter()
-    built = cuda_build.load_block_copy_extension() is not None
+    built = cuda_build.load_cuda_kernels() is not None
     build_seconds = time.perf_counter() - start if built else None
     problems: list[str] = []
     progress("running the GPU tests")
@@ -615,7 +631,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "## Reads: chunk files into GPU memory", "",
         f"Cold: pages evicted before each pass ({EVICT_METHOD}); warm: read once before. Every "
         "competitor keeps `in flight` reads going at once (the reader's staging slots). "
-        "`verified` recomputes the xxh3-64 checksum of every chunk on the host. Goals: the "
+        "The files carry both checksums, as a GPU writer stores them. `verified on the GPU`: "
+        "the device checksum, one kernel launch per chunk on the slot's side stream (the "
+        "default for such files); `verified, host xxh3`: as for files from CPU writers, every "
+        "chunk hashed on the host (kvikio: after a copy back from the GPU). Goals: the "
         "reader at least as fast as the better of `plain read + H2D` and `kvikio alone`, and "
         ">= 90 % of `disk alone`. `of best baseline`: of the better of those two. Median of the "
         "passes.", "",
@@ -631,13 +650,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "median; `over compute`: what loading added to `compute alone`.", "",
         *md_table(["chunks", "compute per layer", "path", "ms", "over compute"], layer_rows),
         "Reading the numbers: `cold` measures the disk; `warm` measures the page cache and the "
-        "CPU work per chunk. With verification on (the default) every chunk is hashed on the "
-        "host (the format's xxh3-64, which cannot be computed in parallel on a GPU), kvikio "
-        "reads after a copy back from the GPU, so warm reads are bound by hashing and per-chunk "
-        "Python work rather than by I/O; `verify off` shows the I/O path alone. Two rows take "
-        "verification apart: `kvikio + copy back` is a verified kvikio read without the hash, "
-        "`host xxh3 alone` the hash without any I/O (the same threads; no disk, so its cold "
-        "and warm rows are alike). Host-side "
+        "CPU work per chunk. Host xxh3 (the format's checksum, which cannot be computed in "
+        "parallel on a GPU) bounds warm reads by hashing and the copy back; the device "
+        "checksum leaves the host out; `verify off` shows the I/O path alone. Two rows take "
+        "host verification apart: `kvikio + copy back` is a host-verified kvikio read without "
+        "the hash, `host xxh3 alone` the hash without any I/O (the same threads; no disk, so "
+        "its cold and warm rows are alike). Host-side "
         "figures vary between VMs: compare rows within one file only.",
     ]
     text = "\n".join(lines)

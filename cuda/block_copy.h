@@ -1,7 +1,7 @@
 // Whole-block copies between many layers' paged KV caches and one chunk buffer.
 //
 // Shared by the CUDA kernels (block_copy_kernels.cu) and the Python binding
-// (block_copy_bindings.cpp); it names no CUDA type so that the binding builds
+// (bindings.cpp); it names no CUDA type so that the binding builds
 // with a plain C++ compiler.
 #pragma once
 

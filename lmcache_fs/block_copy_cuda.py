@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from lmcache_fs.cuda_build import load_block_copy_extension
+from lmcache_fs.cuda_build import load_cuda_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def copy_blocks_cuda(gather: bool, layers: Sequence[torch.Tensor], block_ids: to
     """
     if not layers or block_ids.numel() == 0:
         return False
-    module = load_block_copy_extension()
+    module = load_cuda_kernels()
     if module is None:
         return False
     try:

@@ -1,4 +1,4 @@
-"""Build and load the CUDA block-copy kernels once per process.
+"""Build and load the CUDA kernels (block copy, device checksum) once per process.
 
 The kernel sources live in the repository's top-level ``cuda/`` directory
 (beside this package, which is installed editable). The first caller that
@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 
 BUILD_DIR_ENV = "LMCACHE_FS_CUDA_BUILD_DIR"
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "cuda"
-SOURCES = ("block_copy_bindings.cpp", "block_copy_kernels.cu")
-EXTENSION_NAME = "lmcache_fs_block_copy"
+SOURCES = ("bindings.cpp", "block_copy_kernels.cu", "word_sums_kernels.cu")
+HEADERS = ("block_copy.h", "word_sums.h")
+EXTENSION_NAME = "lmcache_fs_cuda"
 
 
 def build_dir() -> Path:
@@ -45,7 +46,7 @@ def _build() -> ModuleType:
     """Compile (or reuse) the extension; raises with the reason on any failure."""
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available to torch")
-    missing = [name for name in (*SOURCES, "block_copy.h") if not (SOURCE_DIR / name).is_file()]
+    missing = [name for name in (*SOURCES, *HEADERS) if not (SOURCE_DIR / name).is_file()]
     if missing:
         raise RuntimeError(f"kernel sources {missing} not found in {SOURCE_DIR} (the package is "
                            "not an editable install of the repository)")
@@ -65,23 +66,25 @@ def _build() -> ModuleType:
 
 
 @functools.lru_cache(maxsize=None)
-def load_block_copy_extension() -> ModuleType | None:
+def load_cuda_kernels() -> ModuleType | None:
     """The compiled kernels, or None when they cannot be had (logged once either way).
 
-    Called lazily by :mod:`lmcache_fs.block_copy` the first time it sees a CUDA
-    tensor, so CPU-only processes never compile anything. A failure (no CUDA,
-    no sources, no compiler, a compile error) is never raised: the caller falls
-    back to the pure-torch copy, which is correct but launches two copies per
-    layer instead of one kernel per chunk.
+    Called lazily by :mod:`lmcache_fs.block_copy` and
+    :mod:`lmcache_fs.device_checksum` the first time they see a CUDA tensor, so
+    CPU-only processes never compile anything. A failure (no CUDA, no sources,
+    no compiler, a compile error) is never raised: the callers fall back, the
+    block copy to the pure-torch copy (correct, but two copies per layer
+    instead of one launch per chunk), reads to verifying on the host.
     """
     start = time.perf_counter()
     try:
         module = _build()
     except Exception as exc:  # noqa: BLE001 - any build failure means "use the fallback"
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        logger.warning("block copy: CUDA kernels unavailable (%s); using the torch copy "
-                       "(one copy per layer instead of one launch per chunk)", reason)
+        logger.warning("CUDA kernels unavailable (%s); block copies use torch (one copy per "
+                       "layer instead of one launch per chunk) and reads verify on the host",
+                       reason)
         return None
-    logger.info("block copy: CUDA kernels from %s ready in %.1f s (build cache %s)",
+    logger.info("CUDA kernels (block copy, device checksum) from %s ready in %.1f s (build cache %s)",
                 SOURCE_DIR, time.perf_counter() - start, build_dir())
     return module

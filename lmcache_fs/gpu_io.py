@@ -15,16 +15,17 @@ Three read paths, chosen once per process by :func:`choose_read_backend`:
     there, then an asynchronous host-to-device copy on the caller's stream.
     Always available; the fallback whenever kvikio or CUDA is missing.
 
-Verification. The codec stores an xxh3-64 checksum of the data. XXH3 folds
-its input sequentially (a non-linear scramble every 1 KiB), so it cannot be
-computed in parallel on the GPU, and a different GPU-friendly hash would need
-a new file format. So bytes that land on the host (``posix``) are hashed
-there, and bytes that land on the GPU (``kvikio-*``) are copied back into a
-pinned host slot on a side stream and hashed there: one extra device-to-host
-copy per chunk and about 10 GB/s of hashing per thread (H100 host, measured;
-it scaled poorly with threads for 2 MiB chunks). Cold reads stay bound by the
-disk, but page-cache reads are bound by the hashing: see
-``bench/results/gpu_path.md``. ``verify=False`` skips it for the kvikio paths
+Verification. The codec stores an xxh3-64 checksum of the data, which folds
+its input in sequence and cannot be computed in parallel on a GPU. Writers
+that hold the chunk on a GPU also store a device checksum
+(:mod:`lmcache_fs.device_checksum`: exact sums of word mixes, one kernel
+launch). Bytes that land on the GPU (``kvikio-*``) are verified there with it
+when the file has one: a launch on the slot's side stream and 16 bytes back,
+so the host never touches the data. Otherwise (files from CPU writers, no
+kernels) they are copied back into a pinned host slot on the side stream and
+hashed with xxh3 there, which bounds page-cache reads by host hashing (see
+``bench/results/gpu_path.md``). Bytes that land on the host (``posix``) are
+hashed there. ``verify=False`` skips the data checksum for the kvikio paths
 only, trusting the filesystem for the data; header, size, namespace and key
 are still checked. The default verifies.
 
@@ -49,6 +50,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from lmcache_fs import device_checksum
 from lmcache_fs.codec import (ChunkFileError, ChunkHeader, check_header, checksum,
                               read_header_fd)
 from lmcache_fs.device_threads import device_thread_pool
@@ -176,11 +178,13 @@ class KvikioRead:
     out: torch.Tensor
 
     def finish(self, host: torch.Tensor | None, stream: torch.cuda.Stream | None) -> ChunkHeader:
-        """Wait for the data and close the file; with ``host``, verify the checksum there.
+        """Wait for the data and close the file; with ``host``, verify the data.
 
-        ``host`` is a contiguous CPU tensor like ``out``: ``out`` is copied into
-        it on ``stream`` (a side stream, so that the engine's stream neither
-        waits nor is waited for) and hashed. ``host=None`` skips verification.
+        ``host`` is a contiguous CPU tensor like ``out``; ``host=None`` skips
+        verification. A CUDA ``out`` whose file has a device checksum is
+        verified on the GPU (on ``stream``, a side stream, so that the engine's
+        stream neither waits nor is waited for). Otherwise ``out`` is copied
+        into ``host`` on ``stream`` and its xxh3 checked there.
 
         Raises:
             ChunkFileError: the read failed or fell short, or the data is corrupt.
@@ -192,16 +196,33 @@ class KvikioRead:
             self.file.close()
         if got != self.header.nbytes:
             raise ChunkFileError(f"short read: {got} of {self.header.nbytes} data bytes")
-        if host is not None:
-            if stream is None:
-                host.copy_(self.out)
-            else:
-                with torch.cuda.stream(stream):
-                    host.copy_(self.out, non_blocking=True)
-                stream.synchronize()
-            if checksum(host) != self.header.metadata.get("checksum"):
-                raise ChunkFileError("checksum mismatch: the data is corrupt")
+        if host is None:
+            return self.header
+        on_device = self._device_checksum(stream)
+        if on_device is not None:
+            if on_device != self.header.metadata[device_checksum.FIELD]:
+                raise ChunkFileError("device checksum mismatch: the data is corrupt")
+            return self.header
+        if stream is None:
+            host.copy_(self.out)
+        else:
+            with torch.cuda.stream(stream):
+                host.copy_(self.out, non_blocking=True)
+            stream.synchronize()
+        if checksum(host) != self.header.metadata.get("checksum"):
+            raise ChunkFileError("checksum mismatch: the data is corrupt")
         return self.header
+
+    def _device_checksum(self, stream: torch.cuda.Stream | None) -> str | None:
+        """The device checksum of ``out``, computed on the GPU; None where that cannot be."""
+        if device_checksum.FIELD not in self.header.metadata or not self.out.is_cuda:
+            return None
+        # kvikio's get() returned after its copies finished: the kernel sees the data.
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            sums = device_checksum.start_word_sums(self.out)
+            if sums is None:
+                return None
+            return device_checksum.text_of(sums.cpu())  # 16 bytes; waits for this stream only
 
 
 class DeviceBytes:
@@ -258,7 +279,8 @@ class GpuChunkReader:
     Built once per worker after the KV caches are known. ``staging_bytes``
     decides how many chunks are read at once (slots = staging_bytes //
     chunk bytes, at least 1, at most :data:`MAX_SLOTS`); the same number of
-    pinned host slots back the POSIX path and the checksum of kvikio reads.
+    pinned host slots back the POSIX path and the host checksum of kvikio
+    reads from files without a device checksum.
 
     Threads: kvikio reads are started from the caller's thread (a header read
     and a non-blocking ``pread``; kvikio's C++ pool moves the bytes), and a
@@ -288,8 +310,9 @@ class GpuChunkReader:
                       if host is not None else [])
         self._targets = ([DeviceBytes(b) for b in self._device_buffer] if on_gpu
                          else [None] * self.slots)
-        # kvikio reads are verified through a copy back to the host, on a side
-        # stream per slot so that it never waits for (or delays) the engine.
+        # kvikio reads are verified on a side stream per slot (the device
+        # checksum, or the copy back to the host for xxh3), so that the check
+        # never waits for (or delays) the engine.
         self._streams = ([torch.cuda.Stream(self.device) for _ in range(self.slots)]
                          if on_gpu and backend.kvikio is not None else [])
         # An event per slot, recorded after the consumer queued its work on the

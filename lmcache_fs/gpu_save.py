@@ -1,10 +1,11 @@
 """Hand chunks gathered on the GPU to the background writer without blocking the engine.
 
-The engine's stream only runs the gather kernel. The device-to-host copy into
-pinned memory runs on a side stream that waits for the gather on the GPU, not
+The engine's stream only runs the gather kernel. The device checksum (one
+launch, :mod:`lmcache_fs.device_checksum`) and the device-to-host copy into
+pinned memory run on a side stream that waits for the gather on the GPU, not
 on the host; a small thread waits for each copy's event and then submits the
-host tensor to :class:`~lmcache_fs.writer.BackgroundWriter`, which publishes
-the file. So a save costs the engine one kernel launch and a few microseconds
+host tensor, with the device checksum in its metadata, to
+:class:`~lmcache_fs.writer.BackgroundWriter`, which publishes the file. So a save costs the engine one kernel launch and a few microseconds
 of Python, never a synchronization.
 
 Memory: pinned buffers come from torch's caching host allocator and return to
@@ -22,6 +23,7 @@ from typing import Mapping
 
 import torch
 
+from lmcache_fs import device_checksum
 from lmcache_fs.device_threads import device_thread_pool
 from lmcache_fs.writer import BackgroundWriter
 
@@ -66,11 +68,16 @@ class DeviceChunkSaver:
         host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
+            sums = device_checksum.start_word_sums(chunk)
+            host_sums = None
+            if sums is not None:
+                host_sums = torch.empty(2, dtype=torch.int64, pin_memory=True)
+                host_sums.copy_(sums, non_blocking=True)
             host.copy_(chunk, non_blocking=True)
             chunk.record_stream(self._stream)  # the allocator must not reuse it before the copy ends
             done = torch.cuda.Event(blocking=True)  # waited for by the hand-off thread: sleep
             done.record(self._stream)
-        self._handoff.submit(self._hand_over, key, host, metadata, done)
+        self._handoff.submit(self._hand_over, key, host, host_sums, metadata, done)
         return True
 
     def flush(self) -> None:
@@ -81,10 +88,12 @@ class DeviceChunkSaver:
         """Hand over what is in flight, then stop the thread (the writer is closed by its owner)."""
         self._handoff.shutdown(wait=True)
 
-    def _hand_over(self, key: str, host: torch.Tensor, metadata: Mapping[str, str],
-                   done: torch.cuda.Event) -> None:
+    def _hand_over(self, key: str, host: torch.Tensor, host_sums: torch.Tensor | None,
+                   metadata: Mapping[str, str], done: torch.cuda.Event) -> None:
         try:
             done.synchronize()
+            if host_sums is not None:
+                metadata = {**metadata, device_checksum.FIELD: device_checksum.text_of(host_sums)}
             self.writer.submit(key, host, metadata)
         except Exception as exc:  # noqa: BLE001 - a lost save is a future miss, not a crash
             logger.warning("save of chunk %s dropped: copy to host failed (%s)", key[:16], exc)

@@ -29,28 +29,29 @@ def records(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture
 def fresh_loader():
     """Each test loads the extension as if in a new process."""
-    cuda_build.load_block_copy_extension.cache_clear()
+    cuda_build.load_cuda_kernels.cache_clear()
     yield
-    cuda_build.load_block_copy_extension.cache_clear()
+    cuda_build.load_cuda_kernels.cache_clear()
 
 
 # -- everywhere ----------------------------------------------------------------------
 
 def test_kernel_sources_sit_where_the_loader_looks():
     # Guards against moving cuda/ without telling the loader (a silent permanent fallback).
-    for name in (*cuda_build.SOURCES, "block_copy.h"):
+    for name in (*cuda_build.SOURCES, *cuda_build.HEADERS):
         assert (cuda_build.SOURCE_DIR / name).is_file(), name
 
 
 def test_a_failed_build_warns_once_and_the_torch_copy_is_used(monkeypatch, records, fresh_loader):
     def broken_build():
-        raise RuntimeError("Error building extension 'lmcache_fs_block_copy'\nnvcc not found")
+        raise RuntimeError("Error building extension 'lmcache_fs_cuda'\nnvcc not found")
     monkeypatch.setattr(cuda_build, "_build", broken_build)
-    assert cuda_build.load_block_copy_extension() is None
-    assert cuda_build.load_block_copy_extension() is None
+    assert cuda_build.load_cuda_kernels() is None
+    assert cuda_build.load_cuda_kernels() is None
     warnings = [r.getMessage() for r in records.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "nvcc not found" in warnings[0] and "torch copy" in warnings[0]
+    assert "nvcc not found" in warnings[0]
+    assert "block copies use torch" in warnings[0] and "verify on the host" in warnings[0]
 
 
 def test_missing_sources_are_named_in_the_reason(monkeypatch, tmp_path):
@@ -64,7 +65,7 @@ def test_cpu_copies_never_build_kernels(monkeypatch):
     # A CPU-only engine must not try nvcc, nor log about CUDA.
     def must_not_build():
         raise AssertionError("built")
-    monkeypatch.setattr(block_copy_cuda, "load_block_copy_extension", must_not_build)
+    monkeypatch.setattr(block_copy_cuda, "load_cuda_kernels", must_not_build)
     layers = [torch.randn(6, 2, 4, 8) for _ in range(2)]
     out = torch.empty(2, 2, 2, 4, 8)
     gather_blocks(layers, torch.tensor([4, 1]), out)
@@ -143,7 +144,7 @@ GEOMETRIES = [(8, 16, 256), (2, 16, 128), (1, 32, 40), (3, 5, 6)]  # heads, toke
 
 @pytest.fixture
 def kernels():
-    module = cuda_build.load_block_copy_extension()
+    module = cuda_build.load_cuda_kernels()
     assert module is not None, "the CUDA kernels failed to build on a CUDA machine"
     return module
 
