@@ -283,21 +283,25 @@ def hash_alone(count: int, nbytes: int, workers: int) -> Callable[[], None]:
     return lambda: _striped(range(count), workers, lambda _, slot: checksum(host[slot]))
 
 
-def through_reader(reader: GpuChunkReader, keys: Sequence[str], host_xxh3: bool = False
-                   ) -> Callable[[], None]:
-    """lmcache-fs' reader as the worker uses it (each chunk consumed on the current stream).
-
-    ``host_xxh3``: verify as for files without a device checksum (copy back, xxh3).
-    """
+def through_reader(reader: GpuChunkReader, keys: Sequence[str]) -> Callable[[], None]:
+    """lmcache-fs' reader as the worker uses it (each chunk consumed on the current stream)."""
     def run() -> None:
-        with (mock.patch.object(device_checksum, "start_word_sums", lambda data: None)
-              if host_xxh3 else contextlib.nullcontext()):
-            for i, chunk in reader.read(keys):
-                if not isinstance(chunk, torch.Tensor):
-                    raise RuntimeError(f"chunk {keys[i]} failed: {chunk}")
-            torch.cuda.synchronize()
+        for i, chunk in reader.read(keys):
+            if not isinstance(chunk, torch.Tensor):
+                raise RuntimeError(f"chunk {keys[i]} failed: {chunk}")
+        torch.cuda.synchronize()
 
     return run
+
+
+def open_reader(store: ChunkStore, chunk_bytes: int, backend: ReadBackend, verify: bool,
+                host_xxh3: bool) -> GpuChunkReader:
+    """The reader for one competitor; ``host_xxh3``: one that verifies as it does where the
+    kernels are missing or the files have no device checksum (copy back, xxh3)."""
+    with (mock.patch.object(device_checksum, "available_for", lambda data: False)
+          if host_xxh3 else contextlib.nullcontext()):
+        return GpuChunkReader(store, (1, chunk_bytes // 2), torch.bfloat16, "cuda", backend,
+                              staging_bytes=STAGING_BYTES, verify=verify)
 
 
 PLAIN, DISK = "plain read + H2D", "disk alone (pread to host)"
@@ -336,11 +340,9 @@ def bench_reads(work_dir: Path, sizes: Sequence[tuple[int, int]], rounds: int
             readers[f"lmcache-fs {mode} (verified, host xxh3)"] = (kvikio_backend, True)
             readers[f"lmcache-fs {mode} (verify off)"] = (kvikio_backend, False)
         competitors[HASH] = hash_alone(count, chunk_bytes, workers)
-        opened = {name: GpuChunkReader(store, (1, chunk_bytes // 2), torch.bfloat16, "cuda",
-                                       backend, staging_bytes=STAGING_BYTES, verify=verify)
+        opened = {name: open_reader(store, chunk_bytes, backend, verify, "host xxh3" in name)
                   for name, (backend, verify) in readers.items()}
-        competitors.update({name: through_reader(r, keys, host_xxh3="host xxh3" in name)
-                            for name, r in opened.items()})
+        competitors.update({name: through_reader(r, keys) for name, r in opened.items()})
 
         seconds: dict[tuple[str, str], list[float]] = {}
         for _ in range(rounds):  # interleaved, so drift hits every competitor alike

@@ -62,6 +62,11 @@ def supports(data: torch.Tensor) -> bool:
             and data.data_ptr() % 4 == 0)
 
 
+def available_for(data: torch.Tensor) -> bool:
+    """Whether :func:`start_word_sums` can check ``data`` (a CUDA tensor; the kernels built)."""
+    return data.is_cuda and supports(data) and load_cuda_kernels() is not None
+
+
 def _words(data: torch.Tensor) -> torch.Tensor:
     return data.reshape(-1).view(torch.uint8).view(torch.int32)
 
@@ -90,26 +95,50 @@ def checksum_text(sums: tuple[int, int]) -> str:
     return f"{_PREFIX}{sums[0]:016x}{sums[1]:016x}"
 
 
-def start_word_sums(data: torch.Tensor) -> torch.Tensor | None:
-    """Queue the kernel on the current stream; the two sums land in the returned int64 tensor.
+def start_word_sums(data: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Queue the kernel on the current stream; the two sums land in ``out`` (returned).
 
-    ``data`` is a CUDA tensor. Returns None where the kernels are unavailable
-    or ``data`` is not whole aligned words: callers then verify on the host.
-    The result is ready in the current stream's order (copy it to the host
-    there, or synchronize, before reading it).
+    ``data`` is a CUDA tensor; ``out`` an int64 tensor of 2 on its device
+    (default: a new one). Returns None where the kernels are unavailable or
+    ``data`` is not whole aligned words: callers then verify on the host. The
+    result is ready in the current stream's order (copy it to the host there,
+    or synchronize, before reading it).
     """
-    if not data.is_cuda or not supports(data):
+    if not available_for(data):
         return None
     module = load_cuda_kernels()
-    if module is None:
-        return None
-    out = torch.empty(2, dtype=torch.int64, device=data.device)
+    assert module is not None  # available_for() loaded it
+    if out is None:
+        out = torch.empty(2, dtype=torch.int64, device=data.device)
     (p0, a0, b0), (p1, a1, b1) = LANES
     module.word_sums(data=data.data_ptr(), nbytes=data.numel() * data.element_size(),
                      out=out.data_ptr(), position0=p0, multiply1_0=a0, multiply2_0=b0,
                      position1=p1, multiply1_1=a1, multiply2_1=b1,
                      stream=torch.cuda.current_stream(data.device).cuda_stream)
     return out
+
+
+class SlotChecker:
+    """Computes device checksums of one staging slot's chunks, on its own stream.
+
+    The sums' device and pinned host buffers are allocated once, so a check
+    costs one launch, one 16-byte copy and a wait for this stream only (never
+    the engine's).
+    """
+
+    def __init__(self, device: torch.device):
+        self._sums = torch.empty(2, dtype=torch.int64, device=device)
+        self._host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        self._stream = torch.cuda.Stream(device)
+
+    def checksum_of(self, data: torch.Tensor) -> str | None:
+        """:func:`checksum_text` of ``data``, computed on the GPU; None if it cannot be."""
+        with torch.cuda.stream(self._stream):
+            if start_word_sums(data, self._sums) is None:
+                return None
+            self._host.copy_(self._sums, non_blocking=True)
+        self._stream.synchronize()
+        return text_of(self._host)
 
 
 def text_of(sums: torch.Tensor) -> str:

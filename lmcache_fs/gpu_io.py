@@ -46,7 +46,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -177,14 +177,15 @@ class KvikioRead:
     header: ChunkHeader
     out: torch.Tensor
 
-    def finish(self, host: torch.Tensor | None, stream: torch.cuda.Stream | None) -> ChunkHeader:
+    def finish(self, host: torch.Tensor | None, stream: torch.cuda.Stream | None,
+               checker: device_checksum.SlotChecker | None = None) -> ChunkHeader:
         """Wait for the data and close the file; with ``host``, verify the data.
 
         ``host`` is a contiguous CPU tensor like ``out``; ``host=None`` skips
-        verification. A CUDA ``out`` whose file has a device checksum is
-        verified on the GPU (on ``stream``, a side stream, so that the engine's
-        stream neither waits nor is waited for). Otherwise ``out`` is copied
-        into ``host`` on ``stream`` and its xxh3 checked there.
+        verification. If the file has a device checksum and ``checker`` is
+        given, ``out`` is verified on the GPU. Otherwise ``out`` is copied into
+        ``host`` on ``stream`` (a side stream, so that the engine's stream
+        neither waits nor is waited for) and its xxh3 checked there.
 
         Raises:
             ChunkFileError: the read failed or fell short, or the data is corrupt.
@@ -198,9 +199,12 @@ class KvikioRead:
             raise ChunkFileError(f"short read: {got} of {self.header.nbytes} data bytes")
         if host is None:
             return self.header
-        on_device = self._device_checksum(stream)
+        expected = self.header.metadata.get(device_checksum.FIELD)
+        # kvikio's get() returned after its copies finished: the kernel sees the data.
+        on_device = (checker.checksum_of(self.out)
+                     if checker is not None and expected is not None else None)
         if on_device is not None:
-            if on_device != self.header.metadata[device_checksum.FIELD]:
+            if on_device != expected:
                 raise ChunkFileError("device checksum mismatch: the data is corrupt")
             return self.header
         if stream is None:
@@ -212,17 +216,6 @@ class KvikioRead:
         if checksum(host) != self.header.metadata.get("checksum"):
             raise ChunkFileError("checksum mismatch: the data is corrupt")
         return self.header
-
-    def _device_checksum(self, stream: torch.cuda.Stream | None) -> str | None:
-        """The device checksum of ``out``, computed on the GPU; None where that cannot be."""
-        if device_checksum.FIELD not in self.header.metadata or not self.out.is_cuda:
-            return None
-        # kvikio's get() returned after its copies finished: the kernel sees the data.
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            sums = device_checksum.start_word_sums(self.out)
-            if sums is None:
-                return None
-            return device_checksum.text_of(sums.cpu())  # 16 bytes; waits for this stream only
 
 
 class DeviceBytes:
@@ -273,6 +266,32 @@ def start_read_kvikio(kvikio: ModuleType, path: str | os.PathLike[str], out: tor
     return KvikioRead(f, io, header, out)
 
 
+class _RunWhenAsked:
+    """A step with the interface of a finished-on-demand future: it runs on the
+    consumer's thread the first time its result is asked for."""
+
+    def __init__(self, step: Callable[[], None]):
+        self._step: Callable[[], None] | None = step
+        self._error: Exception | None = None
+
+    def exception(self) -> Exception | None:
+        if self._step is not None:
+            step, self._step = self._step, None
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - handed to the caller like a Future's
+                self._error = exc
+        return self._error
+
+    def result(self) -> None:
+        error = self.exception()
+        if error is not None:
+            raise error
+
+    def cancel(self) -> bool:
+        return False  # like a running Future: the read is already under way
+
+
 class GpuChunkReader:
     """Reads whole chunk files into a ring of staging slots on one device.
 
@@ -283,10 +302,14 @@ class GpuChunkReader:
     reads from files without a device checksum.
 
     Threads: kvikio reads are started from the caller's thread (a header read
-    and a non-blocking ``pread``; kvikio's C++ pool moves the bytes), and a
-    pool thread per slot waits for each and verifies it, so little Python runs
-    per chunk. POSIX reads run whole in the pool threads (``preadv`` and the
-    hash release the GIL).
+    and a non-blocking ``pread``; kvikio's C++ pool moves the bytes). A read
+    checked on the GPU (or not at all) is finished on the caller's thread too,
+    when its turn comes: the check is one launch and 16 bytes back, and no
+    Python thread means no hand-off of the GIL per chunk (which cost more than
+    the read itself for 2 MiB chunks on a 16-core host). A read that must be
+    hashed on the host is waited for and hashed by a pool thread per slot.
+    POSIX reads run whole in the pool threads (``preadv`` and the hash release
+    the GIL).
     """
 
     def __init__(self, store: ChunkStore, chunk_shape: Sequence[int], dtype: torch.dtype,
@@ -310,11 +333,15 @@ class GpuChunkReader:
                       if host is not None else [])
         self._targets = ([DeviceBytes(b) for b in self._device_buffer] if on_gpu
                          else [None] * self.slots)
-        # kvikio reads are verified on a side stream per slot (the device
+        # kvikio reads are verified on side streams per slot (the device
         # checksum, or the copy back to the host for xxh3), so that the check
         # never waits for (or delays) the engine.
+        kvikio_on_gpu = on_gpu and backend.kvikio is not None
         self._streams = ([torch.cuda.Stream(self.device) for _ in range(self.slots)]
-                         if on_gpu and backend.kvikio is not None else [])
+                         if kvikio_on_gpu else [])
+        self._checkers = ([device_checksum.SlotChecker(self.device) for _ in range(self.slots)]
+                          if kvikio_on_gpu and self.verify
+                          and device_checksum.available_for(self._device[0]) else [])
         # An event per slot, recorded after the consumer queued its work on the
         # slot; a read into the slot waits for it (None: the slot is free).
         self._in_use: list[torch.cuda.Event | None] = [None] * self.slots
@@ -327,7 +354,7 @@ class GpuChunkReader:
             in_use.synchronize()  # the H2D copy out of this host slot has finished
         self.store.load(key, self._host[slot])  # verifies everything
 
-    def _start(self, key: str, slot: int) -> Future[Any]:
+    def _start(self, key: str, slot: int) -> Future[Any] | _RunWhenAsked:
         """Begin reading ``key`` into ``slot``; the future completes once it is there, verified."""
         in_use = self._in_use[slot]
         if self.backend.kvikio is None:
@@ -345,13 +372,16 @@ class GpuChunkReader:
             failed: Future[Any] = Future()
             failed.set_exception(exc)
             return failed
-        return self._pool.submit(self._finish_kvikio, read, key, path, slot)
+        if self.verify and not (self._checkers and device_checksum.FIELD in read.header.metadata):
+            return self._pool.submit(self._finish_kvikio, read, key, path, slot)
+        return _RunWhenAsked(functools.partial(self._finish_kvikio, read, key, path, slot))
 
     def _finish_kvikio(self, read: KvikioRead, key: str, path: Path, slot: int) -> None:
         """Wait for and verify a kvikio read; keep the store's books like a POSIX load does."""
         try:
             read.finish(self._host[slot] if self.verify else None,
-                        self._streams[slot] if self._streams else None)
+                        self._streams[slot] if self._streams else None,
+                        self._checkers[slot] if self._checkers else None)
         except ChunkFileError as exc:
             self.store.load_failed(path, exc)  # quarantine what is proven bad
             raise
@@ -375,7 +405,7 @@ class GpuChunkReader:
         before the slot is reused. Stopping early is safe: reads already
         started are waited for.
         """
-        pending: deque[Future[Any]] = deque()
+        pending: deque[Future[Any] | _RunWhenAsked] = deque()
         try:
             for i in range(min(self.slots, len(keys))):
                 pending.append(self._start(keys[i], i))

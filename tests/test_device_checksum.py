@@ -212,3 +212,17 @@ def test_corrupt_data_fails_the_device_checksum(store):
     [(_, result)] = list(reader.read(["ab" * 8]))
     reader.close()
     assert isinstance(result, ChunkFileError) and "checksum mismatch" in str(result)
+
+
+@pytest.mark.gpu
+@cuda
+def test_without_the_kernels_kvikio_reads_are_hashed_on_the_host(store, monkeypatch):
+    # Kernels that failed to build: the device checksum is not consulted, xxh3 decides.
+    monkeypatch.setattr(device_checksum, "available_for", lambda data: False)
+    chunk = torch.randn(SHAPE).to(torch.bfloat16)
+    store.save("cd" * 8, chunk, {FIELD: checksum_text((0, 0))})  # a wrong device checksum
+    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _kvikio_backend())
+    [(_, result)] = [(i, c.cpu() if isinstance(c, torch.Tensor) else c)
+                     for i, c in reader.read(["cd" * 8])]
+    reader.close()
+    assert isinstance(result, torch.Tensor) and torch.equal(result, chunk)

@@ -252,11 +252,13 @@ class CountingKvikio(FakeKvikio):
             CountingKvikio.open_files -= 1
 
 
-@pytest.mark.parametrize("backend", [BACKENDS[0], ReadBackend(ReadPath.KVIKIO_POSIX, CountingKvikio)],
-                         ids=lambda b: b.path.value)
-def test_stopping_early_leaves_the_reader_usable_and_no_read_running(store, backend):
+@pytest.mark.parametrize("backend,verify", [(BACKENDS[0], True),
+                                            (ReadBackend(ReadPath.KVIKIO_POSIX, CountingKvikio), True),
+                                            (ReadBackend(ReadPath.KVIKIO_POSIX, CountingKvikio), False)],
+                         ids=["posix", "kvikio-pool", "kvikio-inline"])
+def test_stopping_early_leaves_the_reader_usable_and_no_read_running(store, backend, verify):
     chunks = _save(store, 6)
-    reader = _reader(store, backend, staging_bytes=3 * NBYTES)
+    reader = _reader(store, backend, staging_bytes=3 * NBYTES, verify=verify)
     for _ in range(20):  # the reads still pending at the break vary from run to run
         for i, _ in reader.read([_key(i) for i in range(6)]):
             if i == 1:
@@ -264,6 +266,21 @@ def test_stopping_early_leaves_the_reader_usable_and_no_read_running(store, back
         assert CountingKvikio.open_files == 0  # every read started was finished and closed
     again = [torch.equal(c, chunks[5 - i]) for i, c in reader.read([_key(5), _key(4)])]
     assert again == [True, True]
+    reader.close()
+
+
+def test_kvikio_reads_with_no_host_hash_finish_on_the_callers_thread(store, monkeypatch):
+    # No pool thread means no GIL hand-off per chunk; the reads still overlap in kvikio.
+    chunks = _save(store, 5)
+    reader = _reader(store, BACKENDS[1], verify=False, staging_bytes=2 * NBYTES)
+
+    def no_thread(*args, **kwargs):
+        raise AssertionError("a pool thread was used")
+
+    monkeypatch.setattr(reader._pool, "submit", no_thread)
+    got = [(i, c.clone()) for i, c in reader.read([_key(i) for i in range(5)])]
+    assert [i for i, _ in got] == list(range(5))
+    assert all(torch.equal(c, chunks[i]) for i, c in got)
     reader.close()
 
 
