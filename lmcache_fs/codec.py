@@ -240,7 +240,7 @@ def check_header(header: ChunkHeader, file_size: int, dtype: torch.dtype,
 
 
 def read_chunk_file(path: str | os.PathLike[str], out: torch.Tensor,
-                    expect: Mapping[str, str]) -> ChunkHeader:
+                    expect: Mapping[str, str], *, check_data: bool = True) -> ChunkHeader:
     """Read a chunk file into ``out`` and verify it completely.
 
     Args:
@@ -248,6 +248,9 @@ def read_chunk_file(path: str | os.PathLike[str], out: torch.Tensor,
         out: a contiguous CPU tensor with the expected dtype and shape; filled
             in place. Its contents are undefined if this raises.
         expect: metadata fields that must match exactly (namespace, key, ...).
+        check_data: False leaves the data's checksum to the caller (GPU
+            readers check the device checksum after the copy to the GPU, or
+            call :func:`check_checksum`); everything else is still checked.
 
     Raises:
         ChunkFileError: missing, vanished mid-read, truncated, foreign, of
@@ -276,6 +279,12 @@ def read_chunk_file(path: str | os.PathLike[str], out: torch.Tensor,
     check_header(header, size, out.dtype, out.shape, expect)
     if got != header.data_offset + header.nbytes:
         raise ChunkFileError(f"short read: {got} of {size} bytes")
-    if header.metadata.get("checksum") != checksum(out):
-        raise ChunkFileError("checksum mismatch: the data is corrupt")
+    if check_data:
+        check_checksum(header, out)
     return header
+
+
+def check_checksum(header: ChunkHeader, data: torch.Tensor) -> None:
+    """Raise :class:`ChunkFileError` unless ``data`` (on the host) has the header's xxh3-64."""
+    if header.metadata.get("checksum") != checksum(data):
+        raise ChunkFileError("checksum mismatch: the data is corrupt")

@@ -131,14 +131,21 @@ class SlotChecker:
         self._host = torch.empty(2, dtype=torch.int64, pin_memory=True)
         self._stream = torch.cuda.Stream(device)
 
-    def checksum_of(self, data: torch.Tensor) -> str | None:
-        """:func:`checksum_text` of ``data``, computed on the GPU; None if it cannot be."""
+    def checksum_of(self, data: torch.Tensor, *, upload_from: torch.Tensor | None = None
+                    ) -> str | None:
+        """:func:`checksum_text` of ``data``, computed on the GPU; None if it cannot be.
+
+        ``upload_from``: a (pinned) host tensor copied into ``data`` first, on
+        the same stream; the copy has finished when this returns, either way.
+        """
         with torch.cuda.stream(self._stream):
-            if start_word_sums(data, self._sums) is None:
-                return None
-            self._host.copy_(self._sums, non_blocking=True)
+            if upload_from is not None:
+                data.copy_(upload_from, non_blocking=True)
+            sums = start_word_sums(data, self._sums)
+            if sums is not None:
+                self._host.copy_(sums, non_blocking=True)
         self._stream.synchronize()
-        return text_of(self._host)
+        return text_of(self._host) if sums is not None else None
 
 
 def text_of(sums: torch.Tensor) -> str:

@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from lmcache_fs import device_checksum
-from lmcache_fs.codec import (ChunkFileError, ChunkHeader, check_header, checksum,
+from lmcache_fs.codec import (ChunkFileError, ChunkHeader, check_checksum, check_header,
                               read_header_fd)
 from lmcache_fs.device_threads import device_thread_pool
 from lmcache_fs.store import ChunkStore
@@ -213,8 +213,7 @@ class KvikioRead:
             with torch.cuda.stream(stream):
                 host.copy_(self.out, non_blocking=True)
             stream.synchronize()
-        if checksum(host) != self.header.metadata.get("checksum"):
-            raise ChunkFileError("checksum mismatch: the data is corrupt")
+        check_checksum(self.header, host)
         return self.header
 
 
@@ -336,12 +335,14 @@ class GpuChunkReader:
         # kvikio reads are verified on side streams per slot (the device
         # checksum, or the copy back to the host for xxh3), so that the check
         # never waits for (or delays) the engine.
-        kvikio_on_gpu = on_gpu and backend.kvikio is not None
         self._streams = ([torch.cuda.Stream(self.device) for _ in range(self.slots)]
-                         if kvikio_on_gpu else [])
+                         if on_gpu and backend.kvikio is not None else [])
         self._checkers = ([device_checksum.SlotChecker(self.device) for _ in range(self.slots)]
-                          if kvikio_on_gpu and self.verify
+                          if on_gpu and self.verify
                           and device_checksum.available_for(self._device[0]) else [])
+        # POSIX on CUDA: whether the slot's chunk was already copied to the
+        # device (to be checked there) by the read thread.
+        self._uploaded = [False] * self.slots
         # An event per slot, recorded after the consumer queued its work on the
         # slot; a read into the slot waits for it (None: the slot is free).
         self._in_use: list[torch.cuda.Event | None] = [None] * self.slots
@@ -351,8 +352,27 @@ class GpuChunkReader:
 
     def _read_posix(self, key: str, slot: int, in_use: torch.cuda.Event | None) -> None:
         if in_use is not None:
-            in_use.synchronize()  # the H2D copy out of this host slot has finished
-        self.store.load(key, self._host[slot])  # verifies everything
+            in_use.synchronize()  # the consumer's work on this slot has finished
+        self._uploaded[slot] = False
+        if not self._checkers:
+            self.store.load(key, self._host[slot])  # verifies everything on the host
+            return
+        # With a device checksum the host only reads: the copy to the GPU and
+        # the check run on the slot's stream, and no host hash is computed.
+        header = self.store.load(key, self._host[slot], check_data=False)
+        expected = header.metadata.get(device_checksum.FIELD)
+        try:
+            got = (self._checkers[slot].checksum_of(self._device[slot],
+                                                    upload_from=self._host[slot])
+                   if expected is not None else None)
+            if got is None:
+                check_checksum(header, self._host[slot])
+            elif got != expected:
+                raise ChunkFileError("device checksum mismatch: the data is corrupt")
+            self._uploaded[slot] = expected is not None
+        except ChunkFileError as exc:
+            self.store.load_failed(self.store.layout.chunk_path(key), exc)
+            raise
 
     def _start(self, key: str, slot: int) -> Future[Any] | _RunWhenAsked:
         """Begin reading ``key`` into ``slot``; the future completes once it is there, verified."""
@@ -388,9 +408,9 @@ class GpuChunkReader:
         self.store.loaded(key, path)  # mtime: recently used, for eviction on every node
 
     def _to_device(self, slot: int) -> torch.Tensor:
-        """The slot's chunk on the device (POSIX on CUDA: queue the H2D copy now)."""
+        """The slot's chunk on the device (POSIX on CUDA: queue the H2D copy now, if not done)."""
         device = self._device[slot]
-        if self.backend.kvikio is None and self._device_buffer.is_cuda:
+        if self.backend.kvikio is None and self._device_buffer.is_cuda and not self._uploaded[slot]:
             device.copy_(self._host[slot], non_blocking=True)
         return device
 

@@ -75,11 +75,14 @@ class ChunkStore:
             self._touch(key, path)
         return published
 
-    def load(self, key: str, out: torch.Tensor) -> ChunkHeader:
+    def load(self, key: str, out: torch.Tensor, *, check_data: bool = True) -> ChunkHeader:
         """Fill ``out`` with chunk ``key`` and mark the chunk as recently used.
 
         A file that proves damaged or foreign is quarantined before the error
         is raised, so the next lookup misses and a writer can store it again.
+        ``check_data=False`` leaves the data's checksum to the caller (see
+        :func:`~lmcache_fs.codec.read_chunk_file`), who then quarantines with
+        :meth:`load_failed` what fails it.
 
         Raises:
             ChunkFileError: missing, truncated, corrupt, foreign, of another
@@ -87,7 +90,7 @@ class ChunkStore:
         """
         path = self.path_for_read(key)
         try:
-            header = read_chunk_file(path, out, self.identity(key))
+            header = read_chunk_file(path, out, self.identity(key), check_data=check_data)
         except ChunkFileError as exc:
             self.load_failed(path, exc)
             raise

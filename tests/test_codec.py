@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmcache_fs.codec import (ALIGNMENT, ChunkFileError, encode_header, read_chunk_file,
-                              read_chunk_header, write_chunk_file)
+from lmcache_fs.codec import (ALIGNMENT, ChunkFileError, check_checksum, encode_header,
+                              read_chunk_file, read_chunk_header, write_chunk_file)
 
 META = {"namespace": "m-0123456789abcdef", "key": "ab" * 32}
 
@@ -70,6 +70,25 @@ def test_bit_flip_in_data_fails_the_checksum(chunk_file):
         f.seek(ALIGNMENT + 1000)
         f.write(bytes([byte[0] ^ 0x10]))
     _expect_miss(path, data, "checksum mismatch")
+
+
+def test_a_caller_that_checks_the_data_itself_gets_every_other_check(chunk_file):
+    # GPU readers check the device checksum after the copy to the GPU instead.
+    path, data = chunk_file
+    with open(path, "r+b") as f:
+        f.seek(ALIGNMENT + 1000)
+        byte = f.read(1)
+        f.seek(ALIGNMENT + 1000)
+        f.write(bytes([byte[0] ^ 0x10]))
+    out = torch.empty_like(data)
+    header = read_chunk_file(path, out, META, check_data=False)
+    with pytest.raises(ChunkFileError, match="checksum mismatch"):
+        check_checksum(header, out)
+    with pytest.raises(ChunkFileError, match="metadata key"):
+        read_chunk_file(path, out, {**META, "key": "cd" * 32}, check_data=False)
+    os.truncate(path, ALIGNMENT + 10)
+    with pytest.raises(ChunkFileError, match="size"):
+        read_chunk_file(path, out, META, check_data=False)
 
 
 @pytest.mark.parametrize("keep", [0, 5, 100, ALIGNMENT, ALIGNMENT + 10])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmcache_fs import device_checksum, gpu_io
+from lmcache_fs import codec, device_checksum, gpu_io
 from lmcache_fs.codec import ALIGNMENT, ChunkFileError
 from lmcache_fs.device_checksum import FIELD, checksum_text, supports, word_sums
 from lmcache_fs.layout import ChunkLayout, Namespace
@@ -116,7 +116,9 @@ def store(tmp_path: Path) -> ChunkStore:
     return ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
 
 
-def _kvikio_backend() -> gpu_io.ReadBackend:
+def _backend(path: str) -> gpu_io.ReadBackend:
+    if path == "posix":
+        return gpu_io.ReadBackend(gpu_io.ReadPath.POSIX)
     try:
         kvikio, gds = gpu_io.probe_kvikio()
     except Exception as exc:  # noqa: BLE001
@@ -174,7 +176,8 @@ def _rewrite_field(path: Path, value: str | None) -> None:
 
 @pytest.mark.gpu
 @cuda
-def test_kvikio_reads_check_the_device_checksum_on_the_gpu(store, monkeypatch):
+@pytest.mark.parametrize("path", ["posix", "kvikio"])
+def test_reads_check_the_device_checksum_on_the_gpu(store, monkeypatch, path):
     chunk = torch.randn(SHAPE).to(torch.bfloat16)
     keys = [f"{i:016x}" for i in range(3)]
     for key in keys:
@@ -184,9 +187,9 @@ def test_kvikio_reads_check_the_device_checksum_on_the_gpu(store, monkeypatch):
     # 2: no device checksum (a CPU writer's file): verified on the host.
     _rewrite_field(store.layout.chunk_path(keys[2]), None)
     hashed_on_host = []
-    real_checksum = gpu_io.checksum
-    monkeypatch.setattr(gpu_io, "checksum", lambda t: hashed_on_host.append(1) or real_checksum(t))
-    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _kvikio_backend(),
+    real_checksum = codec.checksum
+    monkeypatch.setattr(codec, "checksum", lambda t: hashed_on_host.append(1) or real_checksum(t))
+    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(path),
                                    staging_bytes=4 * chunk.numel() * 2)
     got = {i: c.cpu() if isinstance(c, torch.Tensor) else c for i, c in reader.read(keys)}
     reader.close()
@@ -198,7 +201,8 @@ def test_kvikio_reads_check_the_device_checksum_on_the_gpu(store, monkeypatch):
 
 @pytest.mark.gpu
 @cuda
-def test_corrupt_data_fails_the_device_checksum(store):
+@pytest.mark.parametrize("path", ["posix", "kvikio"])
+def test_corrupt_data_fails_the_device_checksum(store, path):
     chunk = torch.randn(SHAPE).to(torch.bfloat16)
     store.save("ab" * 8, chunk, {FIELD: checksum_text(word_sums(chunk))})
     path = store.layout.chunk_path("ab" * 8)
@@ -208,7 +212,7 @@ def test_corrupt_data_fails_the_device_checksum(store):
         f.seek(ALIGNMENT + 100)
         f.write(bytes([byte[0] ^ 0x10]))
         os.fsync(f.fileno())
-    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _kvikio_backend())
+    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(path))
     [(_, result)] = list(reader.read(["ab" * 8]))
     reader.close()
     assert isinstance(result, ChunkFileError) and "checksum mismatch" in str(result)
@@ -216,12 +220,13 @@ def test_corrupt_data_fails_the_device_checksum(store):
 
 @pytest.mark.gpu
 @cuda
-def test_without_the_kernels_kvikio_reads_are_hashed_on_the_host(store, monkeypatch):
+@pytest.mark.parametrize("path", ["posix", "kvikio"])
+def test_without_the_kernels_reads_are_hashed_on_the_host(store, monkeypatch, path):
     # Kernels that failed to build: the device checksum is not consulted, xxh3 decides.
     monkeypatch.setattr(device_checksum, "available_for", lambda data: False)
     chunk = torch.randn(SHAPE).to(torch.bfloat16)
     store.save("cd" * 8, chunk, {FIELD: checksum_text((0, 0))})  # a wrong device checksum
-    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _kvikio_backend())
+    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(path))
     [(_, result)] = [(i, c.cpu() if isinstance(c, torch.Tensor) else c)
                      for i, c in reader.read(["cd" * 8])]
     reader.close()
