@@ -56,6 +56,16 @@ def load_ok(store: ChunkStore, key: str, shape: tuple[int, ...] = SHAPE) -> bool
     return torch.equal(out.view(torch.uint8), chunk(key, out.shape).view(torch.uint8))
 
 
+def flip_byte(path: str | os.PathLike[str], at: int) -> None:
+    """Corrupt the byte at offset ``at`` (negative: from the end) in place, and sync it."""
+    with open(path, "r+b") as f:
+        f.seek(at, os.SEEK_SET if at >= 0 else os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+        os.fsync(f.fileno())
+
+
 def set_mtime(path: str | os.PathLike[str], when: float) -> None:
     """Pretend a file was last used at ``when``."""
     os.utime(path, (when, when))

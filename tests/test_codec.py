@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cachedir import flip_byte
 from lmcache_fs.codec import (ALIGNMENT, ChunkFileError, check_checksum, encode_header,
                               read_chunk_file, read_chunk_header, write_chunk_file)
 
@@ -64,22 +65,14 @@ def _expect_miss(path, data, match, expect=META):
 
 def test_bit_flip_in_data_fails_the_checksum(chunk_file):
     path, data = chunk_file
-    with open(path, "r+b") as f:
-        f.seek(ALIGNMENT + 1000)
-        byte = f.read(1)
-        f.seek(ALIGNMENT + 1000)
-        f.write(bytes([byte[0] ^ 0x10]))
+    flip_byte(path, ALIGNMENT + 1000)
     _expect_miss(path, data, "checksum mismatch")
 
 
 def test_a_caller_that_checks_the_data_itself_gets_every_other_check(chunk_file):
     # GPU readers check the device checksum after the copy to the GPU instead.
     path, data = chunk_file
-    with open(path, "r+b") as f:
-        f.seek(ALIGNMENT + 1000)
-        byte = f.read(1)
-        f.seek(ALIGNMENT + 1000)
-        f.write(bytes([byte[0] ^ 0x10]))
+    flip_byte(path, ALIGNMENT + 1000)
     out = torch.empty_like(data)
     header = read_chunk_file(path, out, META, check_data=False)
     with pytest.raises(ChunkFileError, match="checksum mismatch"):
@@ -121,11 +114,18 @@ def _tagged_header(raw: bytes) -> bytes:
     b' "kv": {"dtype": "F32", "shape": [Infinity], "data_offsets": [0, 64]}}',
     b'{"__metadata__": {"format": "lmcache-fs", "format_version": "1"},'
     b' "kv": {"dtype": "F32", "shape": [16], "data_offsets": [0, 1e999]}}',
-    b"[" * 2000 + b"]" * 2000,  # nested deeper than json's recursion limit
+    # Python 3.11/3.12 stop at json's recursion limit (not JSON); 3.13 parses it (foreign)
+    b"[" * 2000 + b"]" * 2000,
 ], ids=["infinite shape", "infinite offset", "deep nesting"])
 def test_crafted_headers_are_misses_not_crashes(tmp_path, raw):
     (tmp_path / "c").write_bytes(_tagged_header(raw))
-    _expect_miss(tmp_path / "c", torch.empty(16), "not an lmcache-fs|not JSON")
+    _expect_miss(tmp_path / "c", torch.empty(16), "not an lmcache-fs|not JSON|foreign")
+
+
+def test_a_header_nested_past_every_pythons_recursion_limit_is_a_miss(tmp_path):
+    raw = b"[" * 100_000 + b"]" * 100_000  # a long header: read through its second pread
+    (tmp_path / "c").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(64))
+    _expect_miss(tmp_path / "c", torch.empty(16), "not JSON")
 
 
 def test_a_header_longer_than_a_page_before_little_data_reads(tmp_path):

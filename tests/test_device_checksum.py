@@ -9,13 +9,13 @@ the GPU (and fall back to host xxh3 for files without it).
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
 import pytest
 import torch
 
+from cachedir import flip_byte
 from lmcache_fs import codec, device_checksum, gpu_io
 from lmcache_fs.codec import ALIGNMENT, ChunkFileError
 from lmcache_fs.device_checksum import FIELD, checksum_text, supports, word_sums
@@ -176,8 +176,8 @@ def _rewrite_field(path: Path, value: str | None) -> None:
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("path", ["posix", "kvikio"])
-def test_reads_check_the_device_checksum_on_the_gpu(store, monkeypatch, path):
+@pytest.mark.parametrize("read_path", ["posix", "kvikio"])
+def test_reads_check_the_device_checksum_on_the_gpu(store, monkeypatch, read_path):
     chunk = torch.randn(SHAPE).to(torch.bfloat16)
     keys = [f"{i:016x}" for i in range(3)]
     for key in keys:
@@ -189,7 +189,7 @@ def test_reads_check_the_device_checksum_on_the_gpu(store, monkeypatch, path):
     hashed_on_host = []
     real_checksum = codec.checksum
     monkeypatch.setattr(codec, "checksum", lambda t: hashed_on_host.append(1) or real_checksum(t))
-    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(path),
+    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path),
                                    staging_bytes=4 * chunk.numel() * 2)
     got = {i: c.cpu() if isinstance(c, torch.Tensor) else c for i, c in reader.read(keys)}
     reader.close()
@@ -201,18 +201,12 @@ def test_reads_check_the_device_checksum_on_the_gpu(store, monkeypatch, path):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("path", ["posix", "kvikio"])
-def test_corrupt_data_fails_the_device_checksum(store, path):
+@pytest.mark.parametrize("read_path", ["posix", "kvikio"])
+def test_corrupt_data_fails_the_device_checksum(store, read_path):
     chunk = torch.randn(SHAPE).to(torch.bfloat16)
     store.save("ab" * 8, chunk, {FIELD: checksum_text(word_sums(chunk))})
-    path = store.layout.chunk_path("ab" * 8)
-    with open(path, "r+b") as f:
-        f.seek(ALIGNMENT + 100)
-        byte = f.read(1)
-        f.seek(ALIGNMENT + 100)
-        f.write(bytes([byte[0] ^ 0x10]))
-        os.fsync(f.fileno())
-    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(path))
+    flip_byte(store.layout.chunk_path("ab" * 8), ALIGNMENT + 100)
+    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path))
     [(_, result)] = list(reader.read(["ab" * 8]))
     reader.close()
     assert isinstance(result, ChunkFileError) and "checksum mismatch" in str(result)
@@ -220,13 +214,13 @@ def test_corrupt_data_fails_the_device_checksum(store, path):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("path", ["posix", "kvikio"])
-def test_without_the_kernels_reads_are_hashed_on_the_host(store, monkeypatch, path):
+@pytest.mark.parametrize("read_path", ["posix", "kvikio"])
+def test_without_the_kernels_reads_are_hashed_on_the_host(store, monkeypatch, read_path):
     # Kernels that failed to build: the device checksum is not consulted, xxh3 decides.
     monkeypatch.setattr(device_checksum, "available_for", lambda data: False)
     chunk = torch.randn(SHAPE).to(torch.bfloat16)
     store.save("cd" * 8, chunk, {FIELD: checksum_text((0, 0))})  # a wrong device checksum
-    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(path))
+    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path))
     [(_, result)] = [(i, c.cpu() if isinstance(c, torch.Tensor) else c)
                      for i, c in reader.read(["cd" * 8])]
     reader.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cachedir import flip_byte
 from lmcache_fs import gpu_io
 from lmcache_fs.codec import ChunkFileError
 from lmcache_fs.gpu_io import (GdsUnavailableError, GpuChunkReader, ReadBackend, ReadPath,
@@ -61,12 +62,7 @@ def _save(store: ChunkStore, n: int) -> list[torch.Tensor]:
 
 
 def _flip_a_data_byte(store: ChunkStore, key: str) -> None:
-    path = store.layout.chunk_path(key)
-    with open(path, "r+b") as f:
-        f.seek(4096 + 100)
-        byte = f.read(1)
-        f.seek(4096 + 100)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(store.layout.chunk_path(key), 4096 + 100)
 
 
 class FakeKvikio:

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from cachedir import flip_byte
 from lmcache_fs import layer_reader
 from lmcache_fs.layer_reader import LayerLoadJob, LayerwiseReader
 from lmcache_fs.layout import ChunkLayout, Namespace
@@ -117,11 +118,7 @@ def test_a_bad_file_is_a_miss_and_the_others_load(tmp_path, damage, strided):
     chunks = _chunks(store, 2)
     path = store.layout.chunk_path(KEYS[0])
     if damage == "flip-last-layer":  # found only by the checksum, after the last layer
-        with open(path, "r+b") as f:
-            f.seek(os.path.getsize(path) - 3)
-            byte = f.read(1)
-            f.seek(-1, 1)
-            f.write(bytes([byte[0] ^ 0x10]))
+        flip_byte(path, -3)
     elif damage == "truncate":
         os.truncate(path, _data_offset(path) + 1000)
     elif damage == "foreign":
