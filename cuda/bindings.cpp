@@ -26,14 +26,14 @@ void copy_blocks(bool gather, int vector_bytes, uint64_t layer_ptrs, int32_t num
   if (error != nullptr) throw std::runtime_error(std::string("lmcache-fs block copy: ") + error);
 }
 
-void word_sums(uint64_t data, int64_t nbytes, uint64_t out, uint32_t position0,
+void word_sums(uint64_t data, int64_t nbytes, uint64_t out, uint64_t host_out, uint32_t position0,
                uint32_t multiply1_0, uint32_t multiply2_0, uint32_t position1,
                uint32_t multiply1_1, uint32_t multiply2_1, uint64_t stream) {
   const lmcache_fs::WordMix lane0{position0, multiply1_0, multiply2_0};
   const lmcache_fs::WordMix lane1{position1, multiply1_1, multiply2_1};
   const char* error = lmcache_fs::launch_word_sums(
-      reinterpret_cast<const uint8_t*>(data), nbytes, reinterpret_cast<uint64_t*>(out), lane0,
-      lane1, static_cast<uintptr_t>(stream));
+      reinterpret_cast<const uint8_t*>(data), nbytes, reinterpret_cast<uint64_t*>(out),
+      reinterpret_cast<uint64_t*>(host_out), lane0, lane1, static_cast<uintptr_t>(stream));
   if (error != nullptr) throw std::runtime_error(std::string("lmcache-fs word sums: ") + error);
 }
 
@@ -48,8 +48,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("row_vectors"), py::arg("num_blocks"), py::arg("chunk_layer_stride"),
         py::arg("chunk_block_stride"), py::arg("stream"));
   m.def("word_sums", &word_sums,
-        "Queue the two word-mix sums of a device buffer (the device checksum) into out[0:2].",
-        py::arg("data"), py::arg("nbytes"), py::arg("out"), py::arg("position0"),
+        "Queue the two word-mix sums of a device buffer (the device checksum) into out[0:2], "
+        "then, if host_out is not 0, a copy of them into pinned host memory at host_out.",
+        py::arg("data"), py::arg("nbytes"), py::arg("out"), py::arg("host_out"),
+        py::arg("position0"),
         py::arg("multiply1_0"), py::arg("multiply2_0"), py::arg("position1"),
         py::arg("multiply1_1"), py::arg("multiply2_1"), py::arg("stream"));
 }

@@ -23,8 +23,11 @@ struct WordMix {
 // Queues, on `stream`, out[0] = lane-0 sum and out[1] = lane-1 sum of the
 // `nbytes / 4` words at `data` (nbytes a multiple of 4, data 4-byte aligned).
 // `out` is two uint64 in device memory; it is zeroed first on the same stream.
-// Returns nullptr on success, else the CUDA error text.
+// If `host_out` (pinned host memory) is not null, the sums are then copied
+// there on the same stream: the caller only waits for the stream. Returns
+// nullptr on success, else the CUDA error text.
 const char* launch_word_sums(const uint8_t* data, int64_t nbytes, uint64_t* out,
-                             const WordMix& lane0, const WordMix& lane1, uintptr_t stream);
+                             uint64_t* host_out, const WordMix& lane0, const WordMix& lane1,
+                             uintptr_t stream);
 
 }  // namespace lmcache_fs

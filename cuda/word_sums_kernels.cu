@@ -67,7 +67,8 @@ word_sums_kernel(const uint8_t* __restrict__ data, int64_t num_words, bool vecto
 }  // namespace
 
 const char* launch_word_sums(const uint8_t* data, int64_t nbytes, uint64_t* out,
-                             const WordMix& lane0, const WordMix& lane1, uintptr_t stream_handle) {
+                             uint64_t* host_out, const WordMix& lane0, const WordMix& lane1,
+                             uintptr_t stream_handle) {
   if (nbytes % 4 != 0 || reinterpret_cast<uintptr_t>(data) % 4 != 0) {
     return "data must be a whole number of 4-byte-aligned words";
   }
@@ -84,6 +85,9 @@ const char* launch_word_sums(const uint8_t* data, int64_t nbytes, uint64_t* out,
                                                       lane1);
   }
   err = cudaGetLastError();
+  if (err == cudaSuccess && host_out != nullptr) {
+    err = cudaMemcpyAsync(host_out, out, 2 * sizeof(uint64_t), cudaMemcpyDeviceToHost, stream);
+  }
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 

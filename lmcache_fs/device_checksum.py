@@ -95,35 +95,44 @@ def checksum_text(sums: tuple[int, int]) -> str:
     return f"{_PREFIX}{sums[0]:016x}{sums[1]:016x}"
 
 
-def start_word_sums(data: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Queue the kernel on the current stream; the two sums land in ``out`` (returned).
+def start_word_sums(data: torch.Tensor, out: torch.Tensor | None = None, *,
+                    host_out: torch.Tensor | None = None,
+                    stream: torch.cuda.Stream | None = None) -> torch.Tensor | None:
+    """Queue the kernel on ``stream``; the two sums land in ``out`` (returned).
 
     ``data`` is a CUDA tensor; ``out`` an int64 tensor of 2 on its device
-    (default: a new one). Returns None where the kernels are unavailable or
-    ``data`` is not whole aligned words: callers then verify on the host. The
-    result is ready in the current stream's order (copy it to the host there,
-    or synchronize, before reading it).
+    (default: a new one); ``stream`` defaults to the current stream.
+    ``host_out``, a pinned int64 host tensor of 2, also receives the sums,
+    copied on the same stream. Returns None where the kernels are unavailable
+    or ``data`` is not whole aligned words: callers then verify on the host.
+    The sums are ready in the stream's order (synchronize before reading
+    ``host_out``).
     """
     if not available_for(data):
         return None
     module = load_cuda_kernels()
     assert module is not None  # available_for() loaded it
+    if stream is None:
+        stream = torch.cuda.current_stream(data.device)
     if out is None:
-        out = torch.empty(2, dtype=torch.int64, device=data.device)
+        with torch.cuda.stream(stream):  # the allocator ties it to the stream that uses it
+            out = torch.empty(2, dtype=torch.int64, device=data.device)
     (p0, a0, b0), (p1, a1, b1) = LANES
     module.word_sums(data=data.data_ptr(), nbytes=data.numel() * data.element_size(),
-                     out=out.data_ptr(), position0=p0, multiply1_0=a0, multiply2_0=b0,
-                     position1=p1, multiply1_1=a1, multiply2_1=b1,
-                     stream=torch.cuda.current_stream(data.device).cuda_stream)
+                     out=out.data_ptr(), host_out=host_out.data_ptr() if host_out is not None else 0,
+                     position0=p0, multiply1_0=a0, multiply2_0=b0,
+                     position1=p1, multiply1_1=a1, multiply2_1=b1, stream=stream.cuda_stream)
     return out
 
 
 class SlotChecker:
     """Computes device checksums of one staging slot's chunks, on its own stream.
 
-    The sums' device and pinned host buffers are allocated once, so a check
-    costs one launch, one 16-byte copy and a wait for this stream only (never
-    the engine's).
+    The sums' device and pinned host buffers are allocated once, and the
+    launch takes the stream's handle directly (torch's stream context costs
+    more per call than the kernel on a 2 MiB chunk), so a check costs one
+    launch, one 16-byte copy and a wait for this stream only (never the
+    engine's).
     """
 
     def __init__(self, device: torch.device):
@@ -138,12 +147,10 @@ class SlotChecker:
         ``upload_from``: a (pinned) host tensor copied into ``data`` first, on
         the same stream; the copy has finished when this returns, either way.
         """
-        with torch.cuda.stream(self._stream):
-            if upload_from is not None:
+        if upload_from is not None:
+            with torch.cuda.stream(self._stream):
                 data.copy_(upload_from, non_blocking=True)
-            sums = start_word_sums(data, self._sums)
-            if sums is not None:
-                self._host.copy_(sums, non_blocking=True)
+        sums = start_word_sums(data, self._sums, host_out=self._host, stream=self._stream)
         self._stream.synchronize()
         return text_of(self._host) if sums is not None else None
 

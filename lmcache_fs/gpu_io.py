@@ -419,13 +419,16 @@ class GpuChunkReader:
 
         ``chunk`` is a ``[*chunk_shape]`` tensor on the device, or the
         :class:`ChunkFileError` that made ``keys[i]`` a miss. On CUDA it is
-        ready in the current stream's order; it stays valid until the
-        generator is resumed, and work the caller queues on the current
+        ready in the current stream's order (the stream current when the
+        iteration starts; keep it for the whole iteration); it stays valid
+        until the generator is resumed, and work the caller queues on that
         stream before resuming (a scatter into the paged cache) finishes
         before the slot is reused. Stopping early is safe: reads already
         started are waited for.
         """
         pending: deque[Future[Any] | _RunWhenAsked] = deque()
+        # Looked up once: torch's lookup costs tens of microseconds per chunk.
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         try:
             for i in range(min(self.slots, len(keys))):
                 pending.append(self._start(keys[i], i))
@@ -440,7 +443,7 @@ class GpuChunkReader:
                     yield i, ChunkFileError(f"internal error: {exc!r}")
                 else:
                     yield i, self._to_device(slot)
-                self._in_use[slot] = self._mark_in_use()
+                self._in_use[slot] = self._mark_in_use(stream)
                 if i + self.slots < len(keys):
                     pending.append(self._start(keys[i + self.slots], slot))
         finally:
@@ -452,13 +455,14 @@ class GpuChunkReader:
             if keys:
                 # The caller may stop at any yield: whatever it queued so far must
                 # finish before the next call reuses any slot.
-                self._in_use = [self._mark_in_use()] * self.slots
+                self._in_use = [self._mark_in_use(stream)] * self.slots
 
-    def _mark_in_use(self) -> torch.cuda.Event | None:
-        if self.device.type != "cuda":
+    @staticmethod
+    def _mark_in_use(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+        if stream is None:
             return None  # CPU work is synchronous: done when the caller resumes
         event = torch.cuda.Event(blocking=True)  # waited for by read threads: sleep, not spin
-        event.record(torch.cuda.current_stream(self.device))
+        event.record(stream)
         return event
 
     def close(self) -> None:

@@ -67,12 +67,10 @@ class DeviceChunkSaver:
             return False
         host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            sums = device_checksum.start_word_sums(chunk)
+        host_sums: torch.Tensor | None = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        if device_checksum.start_word_sums(chunk, host_out=host_sums, stream=self._stream) is None:
             host_sums = None
-            if sums is not None:
-                host_sums = torch.empty(2, dtype=torch.int64, pin_memory=True)
-                host_sums.copy_(sums, non_blocking=True)
+        with torch.cuda.stream(self._stream):
             host.copy_(chunk, non_blocking=True)
             chunk.record_stream(self._stream)  # the allocator must not reuse it before the copy ends
             done = torch.cuda.Event(blocking=True)  # waited for by the hand-off thread: sleep
