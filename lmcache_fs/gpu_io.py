@@ -11,9 +11,10 @@ Three read paths, chosen once per process by :func:`choose_read_backend`:
     bounce buffers into the same GPU slot (what kvikio does where GDS is not
     supported: containers without ``/run/udev``, overlayfs, NFS over TCP).
 ``posix``
-    the codec's own reader (one ``preadv``) into a pinned host slot, verified
-    there, then an asynchronous host-to-device copy on the caller's stream.
-    Always available; the fallback whenever kvikio or CUDA is missing.
+    the codec's own reader (one ``preadv``) into a pinned host slot, then a
+    host-to-device copy (checked on the GPU where the file has a device
+    checksum, else hashed on the host first). Always available; the fallback
+    whenever kvikio or CUDA is missing.
 
 Verification. The codec stores an xxh3-64 checksum of the data, which folds
 its input in sequence and cannot be computed in parallel on a GPU. Writers
@@ -25,7 +26,8 @@ so the host never touches the data. Otherwise (files from CPU writers, no
 kernels) they are copied back into a pinned host slot on the side stream and
 hashed with xxh3 there, which bounds page-cache reads by host hashing (see
 ``bench/results/gpu_path.md``). Bytes that land on the host (``posix``) are
-hashed there. ``verify=False`` skips the data checksum for the kvikio paths
+checked the same way after their copy to the GPU, or hashed on the host
+before it. ``verify=False`` skips the data checksum for the kvikio paths
 only, trusting the filesystem for the data; header, size, namespace and key
 are still checked. The default verifies.
 
