@@ -9,8 +9,9 @@ directories or the index. Any safetensors reader can open the file:
 
 The header's ``__metadata__`` (strings only, as safetensors requires) carries
 the format name and version, the caller's fields (namespace, key, parent key,
-chunk index, tokens) and an xxh3-64 checksum of the data. Aligned data lets
-O_DIRECT and GPUDirect Storage read it in place.
+chunk index, tokens; GPU writers add a ``device_checksum``, see
+:mod:`lmcache_fs.device_checksum`) and an xxh3-64 checksum of the data.
+Aligned data lets O_DIRECT and GPUDirect Storage read it in place.
 
 Reading is one ``preadv`` into a caller-owned buffer (never a memory map: too
 slow for many small cold files), then checks in this order: size, header,
