@@ -377,11 +377,10 @@ def bench_reads(work_dir: Path, sizes: Sequence[tuple[int, int]], rounds: int
 def _kvikio_backend() -> ReadBackend | None:
     """kvikio on its best path here, or None (with the reason printed) if it cannot run."""
     try:
-        kvikio, gds = gpu_io.probe_kvikio()
+        return gpu_io.kvikio_backend()
     except Exception as exc:  # noqa: BLE001 - reported, then measured without kvikio
         progress(f"kvikio unavailable: {type(exc).__name__}: {exc}")
         return None
-    return ReadBackend(ReadPath.GDS if gds else ReadPath.KVIKIO_POSIX, kvikio)
 
 
 # -- layer-wise loads against a forward pass -------------------------------------------

@@ -126,7 +126,7 @@ def start_word_sums(data: torch.Tensor, out: torch.Tensor | None = None, *,
 
 
 class SlotChecker:
-    """Computes device checksums of one staging slot's chunks, on its own stream.
+    """Computes device checksums of one staging slot's chunks, on the slot's side stream.
 
     The sums' device and pinned host buffers are allocated once, and the
     launch takes the stream's handle directly (torch's stream context costs
@@ -135,10 +135,10 @@ class SlotChecker:
     engine's).
     """
 
-    def __init__(self, device: torch.device):
-        self._sums = torch.empty(2, dtype=torch.int64, device=device)
+    def __init__(self, stream: torch.cuda.Stream):
+        self._sums = torch.empty(2, dtype=torch.int64, device=stream.device)
         self._host = torch.empty(2, dtype=torch.int64, pin_memory=True)
-        self._stream = torch.cuda.Stream(device)
+        self._stream = stream
 
     def checksum_of(self, data: torch.Tensor, *, upload_from: torch.Tensor | None = None
                     ) -> str | None:

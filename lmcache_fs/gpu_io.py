@@ -107,10 +107,20 @@ def probe_kvikio() -> tuple[ModuleType, bool]:
     return kvikio, not kvikio.defaults.is_compat_mode_preferred()
 
 
+def kvikio_backend() -> ReadBackend:
+    """kvikio on its best path here: GDS where cuFile works, else its POSIX mode.
+
+    Raises:
+        Exception: as :func:`probe_kvikio`, whenever kvikio cannot read into this GPU.
+    """
+    kvikio, gds = probe_kvikio()
+    return ReadBackend(ReadPath.GDS if gds else ReadPath.KVIKIO_POSIX, kvikio)
+
+
 @functools.lru_cache(maxsize=None)
-def _probe_once() -> tuple[ModuleType, bool] | str:
+def _probe_once() -> ReadBackend | str:
     try:
-        return probe_kvikio()
+        return kvikio_backend()
     except Exception as exc:  # noqa: BLE001 - any failure means "no kvikio"
         return f"{type(exc).__name__}: {exc}"
 
@@ -148,15 +158,16 @@ def choose_read_backend(use_gds: str, device: torch.device) -> ReadBackend:
         _log_once(logging.WARNING, f"chunk reads: kvikio unavailable ({probed}); using POSIX "
                                    "reads into pinned host memory + async H2D copies")
         return ReadBackend(ReadPath.POSIX)
-    kvikio, gds = probed
+    gds = probed.path is ReadPath.GDS
     if use_gds == "true" and not gds:
         raise GdsUnavailableError("use_gds=true but kvikio found no usable cuFile driver (it "
                                   "would run in POSIX compatibility mode); set use_gds to auto")
-    path = ReadPath.GDS if gds else ReadPath.KVIKIO_POSIX
+    kvikio = probed.kvikio
+    assert kvikio is not None  # a kvikio path always carries the module
     _log_once(logging.INFO, f"chunk reads: kvikio {kvikio.__version__}, "
                             f"{'GPUDirect Storage' if gds else 'POSIX compatibility mode'}, "
                             f"{kvikio.defaults.get('num_threads')} threads")
-    return ReadBackend(path, kvikio)
+    return probed
 
 
 @contextlib.contextmanager
@@ -334,13 +345,13 @@ class GpuChunkReader:
                       if host is not None else [])
         self._targets = ([DeviceBytes(b) for b in self._device_buffer] if on_gpu
                          else [None] * self.slots)
-        # kvikio reads are verified on side streams per slot (the device
-        # checksum, or the copy back to the host for xxh3), so that the check
-        # never waits for (or delays) the engine.
+        # Reads are checked on a side stream per slot (the device checksum; for
+        # kvikio reads of files without one, the copy back to the host for
+        # xxh3), so that the check never waits for (or delays) the engine.
         self._streams = ([torch.cuda.Stream(self.device) for _ in range(self.slots)]
-                         if on_gpu and backend.kvikio is not None else [])
-        self._checkers = ([device_checksum.SlotChecker(self.device) for _ in range(self.slots)]
-                          if on_gpu and self.verify
+                         if on_gpu else [])
+        self._checkers = ([device_checksum.SlotChecker(stream) for stream in self._streams]
+                          if self.verify and self._streams
                           and device_checksum.available_for(self._device[0]) else [])
         # POSIX on CUDA: whether the slot's chunk was already copied to the
         # device (to be checked there) by the read thread.

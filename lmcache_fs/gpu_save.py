@@ -67,9 +67,10 @@ class DeviceChunkSaver:
             return False
         host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        host_sums: torch.Tensor | None = torch.empty(2, dtype=torch.int64, pin_memory=True)
-        if device_checksum.start_word_sums(chunk, host_out=host_sums, stream=self._stream) is None:
-            host_sums = None
+        host_sums = None
+        if device_checksum.available_for(chunk):
+            host_sums = torch.empty(2, dtype=torch.int64, pin_memory=True)
+            device_checksum.start_word_sums(chunk, host_out=host_sums, stream=self._stream)
         with torch.cuda.stream(self._stream):
             host.copy_(chunk, non_blocking=True)
             chunk.record_stream(self._stream)  # the allocator must not reuse it before the copy ends

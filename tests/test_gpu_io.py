@@ -304,10 +304,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def _gpu_backends() -> list[ReadBackend]:
     backends = [ReadBackend(ReadPath.POSIX)]
     try:
-        kvikio, gds = gpu_io.probe_kvikio()
+        return backends + [gpu_io.kvikio_backend()]
     except Exception:  # noqa: BLE001 - kvikio not installed here: test the POSIX path only
         return backends
-    return backends + [ReadBackend(ReadPath.GDS if gds else ReadPath.KVIKIO_POSIX, kvikio)]
 
 
 @pytest.mark.gpu
