@@ -45,16 +45,19 @@ from bench.common import REPO, RESULTS_DIR, WORK_DIR, machine_lines, md_table, m
     write_markdown
 from bench.pagecache import METHOD as EVICT_METHOD
 from bench.pagecache import evict
-from lmcache_fs import block_copy, cuda_build, device_checksum, gpu_io
-from lmcache_fs.block_copy import gather_blocks, scatter_blocks
-from lmcache_fs.codec import ALIGNMENT, checksum
-from lmcache_fs.gpu_io import GpuChunkReader, ReadBackend, ReadPath
-from lmcache_fs.gpu_save import DeviceChunkSaver
-from lmcache_fs.layer_reader import LayerLoadJob, LayerwiseReader
-from lmcache_fs.layout import ChunkLayout, Namespace
+from lmcache_fs.transfer import block_copy
+from lmcache_fs.gpu import kernels as cuda_build
+from lmcache_fs.gpu import device_checksum
+from lmcache_fs.transfer import chunk_reader as gpu_io
+from lmcache_fs.transfer.block_copy import gather_blocks, scatter_blocks
+from lmcache_fs.storage.codec import ALIGNMENT, checksum
+from lmcache_fs.transfer.chunk_reader import ChunkReader, ReadBackend, ReadPath
+from lmcache_fs.transfer.device_saver import DeviceChunkSaver
+from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
+from lmcache_fs.storage.layout import ChunkLayout, Namespace
 from lmcache_fs.log import init_logging
-from lmcache_fs.store import ChunkStore
-from lmcache_fs.writer import BackgroundWriter
+from lmcache_fs.storage.store import ChunkStore
+from lmcache_fs.storage.writer import BackgroundWriter
 
 T = TypeVar("T")
 
@@ -283,7 +286,7 @@ def hash_alone(count: int, nbytes: int, workers: int) -> Callable[[], None]:
     return lambda: _striped(range(count), workers, lambda _, slot: checksum(host[slot]))
 
 
-def through_reader(reader: GpuChunkReader, keys: Sequence[str]) -> Callable[[], None]:
+def through_reader(reader: ChunkReader, keys: Sequence[str]) -> Callable[[], None]:
     """lmcache-fs' reader as the worker uses it (each chunk consumed on the current stream)."""
     def run() -> None:
         for i, chunk in reader.read(keys):
@@ -295,12 +298,12 @@ def through_reader(reader: GpuChunkReader, keys: Sequence[str]) -> Callable[[], 
 
 
 def open_reader(store: ChunkStore, chunk_bytes: int, backend: ReadBackend, verify: bool,
-                host_xxh3: bool) -> GpuChunkReader:
+                host_xxh3: bool) -> ChunkReader:
     """The reader for one competitor; ``host_xxh3``: one that verifies as it does where the
     kernels are missing or the files have no device checksum (copy back, xxh3)."""
     with (mock.patch.object(device_checksum, "available_for", lambda data: False)
           if host_xxh3 else contextlib.nullcontext()):
-        return GpuChunkReader(store, (1, chunk_bytes // 2), torch.bfloat16, "cuda", backend,
+        return ChunkReader(store, (1, chunk_bytes // 2), torch.bfloat16, "cuda", backend,
                               staging_bytes=STAGING_BYTES, verify=verify)
 
 
@@ -407,7 +410,7 @@ def bench_layerwise(work_dir: Path, chunks: int, compute_us: Sequence[int], roun
                     device: torch.device | str = "cuda") -> list[list[object]]:
     """Rows: a step that loads ``chunks`` warm chunks, then runs 32 layers of compute.
 
-    ``whole chunks``: the worker's default CUDA path (GpuChunkReader on its best
+    ``whole chunks``: the worker's default CUDA path (ChunkReader on its best
     backend, verified, scattered, synchronized) before the first layer.
     ``layer by layer``: LayerwiseReader through its pinned staging ring, each
     layer waiting only for its own bytes; once with the default staging, once
@@ -432,7 +435,7 @@ def bench_layerwise(work_dir: Path, chunks: int, compute_us: Sequence[int], roun
                           dtype=torch.bfloat16, device=device).transpose(1, 2)
               for _ in range(m["layers"])]  # vLLM's NHD view
     backend = (_kvikio_backend() if device.type == "cuda" else None) or ReadBackend(ReadPath.POSIX)
-    whole = GpuChunkReader(store, shape, torch.bfloat16, device, backend,
+    whole = ChunkReader(store, shape, torch.bfloat16, device, backend,
                            staging_bytes=STAGING_BYTES)
     layerwise = LayerwiseReader(store, caches, per_chunk, threads=gpu_io.kvikio_threads(),
                                 staging_bytes=STAGING_BYTES)

@@ -33,8 +33,8 @@ from bench.lmcache_env import ensure_lmcache
 from bench.lmcache_proxy import LMCacheError, LMCacheWorker
 from bench.plot import Panel, Series, grouped_bars
 from bench.tree import chunk_key, ensure_tree
-from lmcache_fs.index import ChunkIndex
-from lmcache_fs.layout import CHUNK_SUFFIX, ChunkLayout
+from lmcache_fs.storage.index import ChunkIndex
+from lmcache_fs.storage.layout import CHUNK_SUFFIX, ChunkLayout
 
 PROMPT_KEYS = 512  # 131,072 tokens / 256 tokens per chunk
 FULL_SIZES = (10_000, 100_000, 1_000_000)

@@ -39,12 +39,12 @@ from bench.common import (BenchOptions, md_table, median, progress, results_head
 from bench.lmcache_env import ensure_lmcache
 from bench.lmcache_proxy import LMCacheError, LMCacheWorker
 from bench.plot import Panel, Series, grouped_bars
-from lmcache_fs.codec import checksum
-from lmcache_fs.gpu_io import GpuChunkReader, ReadBackend, ReadPath
-from lmcache_fs.layer_reader import LayerLoadJob, LayerwiseReader
-from lmcache_fs.layout import ChunkLayout, Namespace
-from lmcache_fs.store import ChunkStore
-from lmcache_fs.writer import BackgroundWriter
+from lmcache_fs.storage.codec import checksum
+from lmcache_fs.transfer.chunk_reader import ChunkReader, ReadBackend, ReadPath
+from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
+from lmcache_fs.storage.layout import ChunkLayout, Namespace
+from lmcache_fs.storage.store import ChunkStore
+from lmcache_fs.storage.writer import BackgroundWriter
 
 PHASES = ("store", "store + fsync", "warm load", "cold load")
 BASELINE = "raw pwrite/preadv, 1 thread"
@@ -249,13 +249,13 @@ class LayerwiseTrial(ChunkStoreTrial):
 
 class WholeChunkTrial(ChunkStoreTrial):
     """The connector's whole-chunk path (CUDA's, here on the CPU with POSIX reads):
-    GpuChunkReader with 16 chunks in flight, each verified."""
+    ChunkReader with 16 chunks in flight, each verified."""
 
     IN_FLIGHT = 16
 
     def __init__(self, chunks: list[torch.Tensor], directory: Path, tokens: int):
         super().__init__(chunks, directory, 1, tokens)
-        self.reader = GpuChunkReader(self.store_, chunks[0].shape, chunks[0].dtype, "cpu",
+        self.reader = ChunkReader(self.store_, chunks[0].shape, chunks[0].dtype, "cpu",
                                      ReadBackend(ReadPath.POSIX),
                                      staging_bytes=self.IN_FLIGHT * chunks[0].numel()
                                      * chunks[0].element_size())
@@ -430,7 +430,7 @@ def _competitors(case: Case, chunks: list[torch.Tensor],
         BASELINE: lambda d: RawTrial(chunks, d, 1),
         "raw pwrite/preadv, 4 threads": lambda d: RawTrial(chunks, d, 4),
         CONNECTOR_PATH: lambda d: LayerwiseTrial(chunks, d, tokens),
-        "lmcache-fs GpuChunkReader on CPU, 16 in flight (CUDA's path)":
+        "lmcache-fs ChunkReader on CPU, 16 in flight (CUDA's path)":
             lambda d: WholeChunkTrial(chunks, d, tokens),
         "lmcache-fs ChunkStore, 1 thread": lambda d: ChunkStoreTrial(chunks, d, 1, tokens),
         "lmcache-fs ChunkStore, 4 threads": lambda d: ChunkStoreTrial(chunks, d, 4, tokens),
@@ -542,7 +542,7 @@ def _report(results: list[CaseResult], opts: BenchOptions, lmcache_note: str) ->
         "ChunkStore.save, what the writer's thread runs). CPU engines load with the "
         "LayerwiseReader: one thread here (an engine bound to one core), each chunk and layer one "
         "preadv straight into the pages of a paged cache, hashed as it lands. CUDA engines load "
-        "with the GpuChunkReader, 16 chunks in flight (its row reads into host memory with POSIX, "
+        "with the ChunkReader, 16 chunks in flight (its row reads into host memory with POSIX, "
         "CUDA's path without kvikio; bench/results/gpu_path.md has it on a GPU). The ChunkStore "
         "rows are one whole-file load at a time (the connector's path before both readers) and "
         "four threads of it. LMCache loads go in batches of at most 256 MiB (its CPU pool must hold about "
@@ -550,7 +550,7 @@ def _report(results: list[CaseResult], opts: BenchOptions, lmcache_note: str) ->
         "Reading the goals: only lmcache-fs verifies data. Its loads hash every byte (xxh3-64, "
         "see each section), which raw I/O and all three LMCache paths skip, so warm loads, "
         "which run at memory speed, pay one more pass over memory. The disk here rewards queue "
-        "depth (cold loads): LMCache's paths, the `4 threads` rows and the GpuChunkReader keep "
+        "depth (cold loads): LMCache's paths, the `4 threads` rows and the ChunkReader keep "
         "several requests in flight, the LayerwiseReader's one thread one at a time; stores "
         "overlap hashing with writing.",
         ""]

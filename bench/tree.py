@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from bench.common import progress
-from lmcache_fs.layout import ChunkLayout, Namespace
+from lmcache_fs.storage.layout import ChunkLayout, Namespace
 
 _PROGRESS_EVERY = 100_000
 

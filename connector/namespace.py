@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmcache_fs.layout import FieldValue, Namespace
+from lmcache_fs.storage.layout import FieldValue, Namespace
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from lmcache_fs.index import ChunkIndex
+from lmcache_fs.storage.index import ChunkIndex
 
 from .metadata import HitSummary, LMCacheFSMetadata, LoadOp, SaveOp
 

@@ -4,7 +4,7 @@ Loads start with the step (``start_load_kv``). With layer-wise loads (the
 default on CPU, ``layerwise_load: true`` on CUDA) a :class:`LayerwiseReader`
 reads them layer by layer in the background, and each attention layer waits
 only for its own layer (``wait_for_layer_load``). Otherwise a
-:class:`GpuChunkReader` reads whole chunks with several in flight (kvikio/GDS
+:class:`ChunkReader` reads whole chunks with several in flight (kvikio/GDS
 into GPU staging, or POSIX into host memory), each verified, and the blocks are
 scattered into the cache before the forward pass. A chunk that is missing,
 truncated, corrupt or foreign marks its blocks (and the rest of that prompt's
@@ -31,15 +31,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from lmcache_fs.block_copy import block_ids_on, gather_blocks, scatter_blocks
-from lmcache_fs.codec import ChunkFileError
-from lmcache_fs.gpu_io import GpuChunkReader, choose_read_backend
-from lmcache_fs.gpu_save import DeviceChunkSaver
-from lmcache_fs.layer_reader import LayerLoadJob, LayerwiseLoad, LayerwiseReader
+from lmcache_fs.transfer.block_copy import block_ids_on, gather_blocks, scatter_blocks
+from lmcache_fs.storage.codec import ChunkFileError
+from lmcache_fs.transfer.chunk_reader import ChunkReader, choose_read_backend
+from lmcache_fs.transfer.device_saver import DeviceChunkSaver
+from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseLoad, LayerwiseReader
 from lmcache_fs.log import human_bytes
-from lmcache_fs.space import FreeSpaceGuard
-from lmcache_fs.store import ChunkStore
-from lmcache_fs.writer import BackgroundWriter
+from lmcache_fs.storage.space import FreeSpaceGuard
+from lmcache_fs.storage.store import ChunkStore
+from lmcache_fs.storage.writer import BackgroundWriter
 
 from .metadata import LMCacheFSMetadata, SaveOp
 from .stats import LMCacheFSStats
@@ -85,7 +85,7 @@ class WorkerSide:
         self.block_size = block_size
         self.read_options = read_options
         self.layers: list[torch.Tensor] = []
-        self.reader: GpuChunkReader | None = None
+        self.reader: ChunkReader | None = None
         self.layer_reader: LayerwiseReader | None = None
         self._layer_index: dict[str, int] = {}
         self._layerwise: tuple[LMCacheFSMetadata, LayerwiseLoad] | None = None
@@ -125,7 +125,7 @@ class WorkerSide:
             into = "into the cache" if self.layer_reader.into_pages else "through staging"
             reads = f"layer by layer {into} (read threads: {self.layer_reader.threads})"
         else:
-            self.reader = GpuChunkReader(self.store, self._chunk_shape, first.dtype, first.device,
+            self.reader = ChunkReader(self.store, self._chunk_shape, first.dtype, first.device,
                                          choose_read_backend(opts.use_gds, first.device),
                                          staging_bytes=opts.staging_bytes,
                                          verify=opts.verify_device_reads)

@@ -1,6 +1,6 @@
 """What the shared cache directory holds: namespaces, chunk files and bytes.
 
-Counts through :mod:`lmcache_fs.inventory`, the API the ``lmcache-fs`` CLI
+Counts through :mod:`lmcache_fs.ops.inventory`, the API the ``lmcache-fs`` CLI
 uses, so the panel shows exactly what ``lmcache-fs ls`` would (published chunk
 files; temporaries and stray files are not counted).
 
@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmcache_fs.inventory import NamespaceSummary, namespace_dirs, summarize_namespace
-from lmcache_fs.layout import Namespace, read_manifest
+from lmcache_fs.ops.inventory import NamespaceSummary, namespace_dirs, summarize_namespace
+from lmcache_fs.storage.layout import Namespace, read_manifest
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def resolve_model(model: str) -> tuple[Path, bool]:
     A ``model`` naming a local folder is served as is; anything else (empty, or a
     hub id such as docker compose's default) gets the locally built synthetic model.
     """
-    from lmcache_fs.synthetic_model import MARKER, build_synthetic_model
+    from synthetic_model import MARKER, build_synthetic_model
 
     if model and Path(model).is_dir():
         folder = Path(model).resolve()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from lmcache_fs.layout import ChunkLayout, Namespace
-from lmcache_fs.store import ChunkStore
+from lmcache_fs.storage.layout import ChunkLayout, Namespace
+from lmcache_fs.storage.store import ChunkStore
 
 # The manifest fields the vLLM connector writes, for a tiny geometry: chunks of
 # 2 layers x 1 block x 1 head x 16 tokens x 2*8 bf16 values = 1 KiB of data.

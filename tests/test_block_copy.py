@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmcache_fs.block_copy import block_ids_on, gather_blocks, scatter_blocks
+from lmcache_fs.transfer.block_copy import block_ids_on, gather_blocks, scatter_blocks
 
 NUM_BLOCKS, HEADS, BLOCK, HEAD2 = 12, 2, 16, 64
 
@@ -56,7 +56,7 @@ def test_block_ids_are_an_int64_tensor_on_the_device():
 
 def test_pool_threads_of_a_gpu_worker_start_on_its_device(monkeypatch):
     # Else rank 3's pool threads would open a CUDA context on GPU 0.
-    from lmcache_fs.device_threads import device_thread_pool
+    from lmcache_fs.gpu.threads import device_thread_pool
 
     devices = []
     monkeypatch.setattr(torch.cuda, "set_device", devices.append)

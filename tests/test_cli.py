@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from cachedir import make_store, prefix_keys, save_prefix, set_mtime
-from lmcache_fs.cli import EXIT_BUSY, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, main
-from lmcache_fs.eviction import lease_path
-from lmcache_fs.lease import Lease
-from lmcache_fs import pins
-from lmcache_fs.pins import PinStore
+from lmcache_fs.ops.cli import EXIT_BUSY, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, main
+from lmcache_fs.ops.eviction import lease_path
+from lmcache_fs.ops.lease import Lease
+from lmcache_fs.ops import pins
+from lmcache_fs.ops.pins import PinStore
 from lmcache_fs.progress import Progress
-from lmcache_fs.prompt_keys import model_identity
-from lmcache_fs.quarantine import quarantine
+from lmcache_fs.connector.prompt_keys import model_identity
+from lmcache_fs.storage.quarantine import quarantine
 
 SCRIPT = Path(sys.executable).with_name("lmcache-fs")
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cachedir import flip_byte
-from lmcache_fs.codec import (ALIGNMENT, ChunkFileError, check_checksum, encode_header,
+from lmcache_fs.storage.codec import (ALIGNMENT, ChunkFileError, check_checksum, encode_header,
                               read_chunk_file, read_chunk_header, write_chunk_file)
 
 META = {"namespace": "m-0123456789abcdef", "key": "ab" * 32}

@@ -40,7 +40,7 @@ def test_only_the_cache_engines_get_the_connector_and_they_share_one_directory(t
 
 def test_a_local_model_folder_is_served_and_anything_else_gets_the_synthetic_model(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lmcache_fs.synthetic_model as synthetic
+    import synthetic_model as synthetic
 
     monkeypatch.setattr(synthetic, "build_synthetic_model", lambda path: tmp_path / "built")
     real = tmp_path / "my-llama"

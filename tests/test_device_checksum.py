@@ -16,11 +16,13 @@ import pytest
 import torch
 
 from cachedir import flip_byte
-from lmcache_fs import codec, device_checksum, gpu_io
-from lmcache_fs.codec import ALIGNMENT, ChunkFileError
-from lmcache_fs.device_checksum import FIELD, checksum_text, supports, word_sums
-from lmcache_fs.layout import ChunkLayout, Namespace
-from lmcache_fs.store import ChunkStore
+from lmcache_fs.storage import codec
+from lmcache_fs.gpu import device_checksum
+from lmcache_fs.transfer import chunk_reader as gpu_io
+from lmcache_fs.storage.codec import ALIGNMENT, ChunkFileError
+from lmcache_fs.gpu.device_checksum import FIELD, checksum_text, supports, word_sums
+from lmcache_fs.storage.layout import ChunkLayout, Namespace
+from lmcache_fs.storage.store import ChunkStore
 
 M32 = 0xFFFFFFFF
 
@@ -144,9 +146,9 @@ def test_kernel_matches_the_reference(nbytes, offset):
 @pytest.mark.gpu
 @cuda
 def test_saves_from_the_gpu_store_the_device_checksum(store):
-    from lmcache_fs.codec import read_chunk_header
-    from lmcache_fs.gpu_save import DeviceChunkSaver
-    from lmcache_fs.writer import BackgroundWriter
+    from lmcache_fs.storage.codec import read_chunk_header
+    from lmcache_fs.transfer.device_saver import DeviceChunkSaver
+    from lmcache_fs.storage.writer import BackgroundWriter
 
     writer = BackgroundWriter(store, max_queue=8)
     saver = DeviceChunkSaver(writer, "cuda", max_pending=4)
@@ -190,7 +192,7 @@ def test_reads_check_the_device_checksum_on_the_gpu(store, monkeypatch, read_pat
     hashed_on_host = []
     real_checksum = codec.checksum
     monkeypatch.setattr(codec, "checksum", lambda t: hashed_on_host.append(1) or real_checksum(t))
-    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path),
+    reader = gpu_io.ChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path),
                                    staging_bytes=4 * chunk.numel() * 2)
     got = {i: c.cpu() if isinstance(c, torch.Tensor) else c for i, c in reader.read(keys)}
     reader.close()
@@ -207,7 +209,7 @@ def test_corrupt_data_fails_the_device_checksum(store, read_path):
     chunk = torch.randn(SHAPE).to(torch.bfloat16)
     store.save("ab" * 8, chunk, {FIELD: checksum_text(word_sums(chunk))})
     flip_byte(store.layout.chunk_path("ab" * 8), ALIGNMENT + 100)
-    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path))
+    reader = gpu_io.ChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path))
     [(_, result)] = list(reader.read(["ab" * 8]))
     reader.close()
     assert isinstance(result, ChunkFileError) and "checksum mismatch" in str(result)
@@ -221,7 +223,7 @@ def test_without_the_kernels_reads_are_hashed_on_the_host(store, monkeypatch, re
     monkeypatch.setattr(device_checksum, "available_for", lambda data: False)
     chunk = torch.randn(SHAPE).to(torch.bfloat16)
     store.save("cd" * 8, chunk, {FIELD: checksum_text((0, 0))})  # a wrong device checksum
-    reader = gpu_io.GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path))
+    reader = gpu_io.ChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path))
     [(_, result)] = [(i, c.cpu() if isinstance(c, torch.Tensor) else c)
                      for i, c in reader.read(["cd" * 8])]
     reader.close()

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from engines import EngineProcess
-from lmcache_fs.codec import read_chunk_file, read_chunk_header
-from lmcache_fs.layout import TEMP_PREFIX
+from lmcache_fs.storage.codec import read_chunk_file, read_chunk_header
+from lmcache_fs.storage.layout import TEMP_PREFIX
 
 pytestmark = pytest.mark.engine
 

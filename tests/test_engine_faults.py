@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from engines import EngineProcess
-from lmcache_fs.codec import (ChunkFileError, read_chunk_file, read_chunk_header,
+from lmcache_fs.storage.codec import (ChunkFileError, read_chunk_file, read_chunk_header,
                               write_chunk_file)
-from lmcache_fs.eviction import Evictor
-from lmcache_fs.inventory import namespace_dirs, scan_chunks, scan_quarantine, scan_temporaries
-from lmcache_fs.layout import chunk_file_path
+from lmcache_fs.ops.eviction import Evictor
+from lmcache_fs.ops.inventory import namespace_dirs, scan_chunks, scan_quarantine, scan_temporaries
+from lmcache_fs.storage.layout import chunk_file_path
 from mounts import bindfs_view, read_only_view
 
 pytestmark = pytest.mark.engine
@@ -86,7 +86,7 @@ def _start(*specs):
 
 def _key(prompt, index):
     """The key the engines give chunk ``index`` of ``prompt`` (vLLM's hash of its last block)."""
-    from lmcache_fs.prompt_keys import chunk_keys
+    from lmcache_fs.connector.prompt_keys import chunk_keys
 
     return chunk_keys(prompt, CHUNK_TOKENS, 128)[index]
 
@@ -238,7 +238,7 @@ class TestTwoNodesWithoutSharedFileEvents:
         run["notes"]["failed_load_same_step"] = "chunks 2-3 withheld, stored after the recompute"
 
     def test_pinning_by_prompt_text_selects_the_chunks_the_engine_stored(self, run, nodes):
-        from lmcache_fs.prompt_keys import tokenize
+        from lmcache_fs.connector.prompt_keys import tokenize
 
         a, _ = nodes
         ids = tokenize(str(run["model"]), TEXT)

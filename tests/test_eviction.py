@@ -9,13 +9,13 @@ import time
 import pytest
 
 from cachedir import chunk, files_under, load_ok, make_store, prefix_keys, save_prefix, set_mtime
-from lmcache_fs import eviction
+from lmcache_fs.ops import eviction
 from lmcache_fs.config import load_config
-from lmcache_fs.eviction import BackgroundEvictor, Evictor, lease_path
-from lmcache_fs.inventory import scan_chunks, total_size
-from lmcache_fs.lease import Lease
-from lmcache_fs.pins import PinStore
-from lmcache_fs.quarantine import quarantine
+from lmcache_fs.ops.eviction import BackgroundEvictor, Evictor, lease_path
+from lmcache_fs.ops.inventory import scan_chunks, total_size
+from lmcache_fs.ops.lease import Lease
+from lmcache_fs.ops.pins import PinStore
+from lmcache_fs.storage.quarantine import quarantine
 from test_lease import fill_filesystem
 
 CHUNK_BYTES = 4096 + 1024  # header page + 1 KiB of data (cachedir.SHAPE)
@@ -233,7 +233,7 @@ def test_a_failing_pass_is_retried_not_fatal(tmp_path, monkeypatch):
 
 def test_eviction_racing_with_loads_costs_misses_never_errors(tmp_path, store):
     """Fault 5 at file level: another instance's evictor removes chunks mid-load."""
-    from lmcache_fs.codec import ChunkFileError
+    from lmcache_fs.storage.codec import ChunkFileError
 
     keys = prefix_keys("p", 40)
     errors, loads, stop = [], [0, 0], threading.Event()

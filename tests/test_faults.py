@@ -21,14 +21,14 @@ import torch
 
 import writer_process
 from cachedir import SHAPE, chunk, files_under, load_ok, make_store, prefix_keys, save_prefix
-from lmcache_fs.codec import ChunkFileError, write_chunk_file
+from lmcache_fs.storage.codec import ChunkFileError, write_chunk_file
 from lmcache_fs.config import ConfigError, load_config
-from lmcache_fs.eviction import Evictor
-from lmcache_fs.inventory import scan_chunks, scan_temporaries
-from lmcache_fs.quarantine import quarantine_dir
-from lmcache_fs.space import FreeSpaceGuard
-from lmcache_fs.verify import verify_namespace
-from lmcache_fs.writer import BackgroundWriter
+from lmcache_fs.ops.eviction import Evictor
+from lmcache_fs.ops.inventory import scan_chunks, scan_temporaries
+from lmcache_fs.storage.quarantine import quarantine_dir
+from lmcache_fs.storage.space import FreeSpaceGuard
+from lmcache_fs.ops.verify import verify_namespace
+from lmcache_fs.storage.writer import BackgroundWriter
 from mounts import read_only_view, tmpfs
 
 KILL_TRIALS = int(os.environ.get("LMCACHE_FS_KILL_TRIALS", "300"))
@@ -56,7 +56,7 @@ def _writer_processes():
     sys.path, so only installed modules can be preloaded.)
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", "torch", "lmcache_fs.store"])
+    ctx.set_forkserver_preload(["__main__", "torch", "lmcache_fs.storage.store"])
     return ctx
 
 
@@ -216,7 +216,7 @@ def test_a_full_filesystem_fails_stores_cleanly_and_loads_go_on(tmp_path, caplog
     with tmpfs(tmp_path / "small", "8m") as small:
         store = make_store(small)
         writer = BackgroundWriter(store, max_queue=4)
-        with caplog.at_level(logging.WARNING, logger="lmcache_fs.writer"):
+        with caplog.at_level(logging.WARNING, logger="lmcache_fs.storage.writer"):
             keys = _fill(writer, 12)
         writer.close()
         published = _published(store, keys)  # serving goes on: every published chunk loads

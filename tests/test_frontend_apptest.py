@@ -16,7 +16,7 @@ from ask import ask_engines  # noqa: E402  (frontend/, put on sys.path by demo_h
 from cache_panel import human_bytes, summarize_cache
 from demo_config import CONFIG_ENV, DemoConfigError, EngineConfig, parse_demo_config, sample_documents
 from engine_client import metric_sum, visible_text
-from lmcache_fs.layout import ChunkLayout, Namespace
+from lmcache_fs.storage.layout import ChunkLayout, Namespace
 
 FIRST_DOCUMENT = next(iter(sample_documents().values()))
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from cachedir import flip_byte
-from lmcache_fs import gpu_io
-from lmcache_fs.codec import ChunkFileError
-from lmcache_fs.gpu_io import (GdsUnavailableError, GpuChunkReader, ReadBackend, ReadPath,
+from lmcache_fs.transfer import chunk_reader as gpu_io
+from lmcache_fs.storage.codec import ChunkFileError
+from lmcache_fs.transfer.chunk_reader import (GdsUnavailableError, ChunkReader, ReadBackend, ReadPath,
                                choose_read_backend)
-from lmcache_fs.layout import ChunkLayout, Namespace
-from lmcache_fs.store import ChunkStore
+from lmcache_fs.storage.layout import ChunkLayout, Namespace
+from lmcache_fs.storage.store import ChunkStore
 
 SHAPE = (2, 3, 4, 16, 32)  # layers, blocks, heads, tokens, 2*head_size
 NBYTES = 2 * 3 * 4 * 16 * 32 * 2
@@ -36,7 +36,7 @@ def store(tmp_path: Path) -> ChunkStore:
 def records(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
     """This test's log records, even after log.init_logging() stopped propagation."""
     monkeypatch.setattr(logging.getLogger("lmcache_fs"), "propagate", True)
-    caplog.set_level(logging.INFO, logger="lmcache_fs.gpu_io")
+    caplog.set_level(logging.INFO, logger="lmcache_fs.transfer.chunk_reader")
     return caplog
 
 
@@ -93,8 +93,8 @@ class FakeKvikio:
         pass
 
 
-def _reader(store, backend, **kw) -> GpuChunkReader:
-    return GpuChunkReader(store, SHAPE, torch.bfloat16, "cpu", backend, **kw)
+def _reader(store, backend, **kw) -> ChunkReader:
+    return ChunkReader(store, SHAPE, torch.bfloat16, "cpu", backend, **kw)
 
 
 # -- choosing the read path ---------------------------------------------------------
@@ -313,7 +313,7 @@ def _gpu_backends() -> list[ReadBackend]:
 @cuda
 @pytest.mark.parametrize("verify", [True, False])
 def test_gpu_reads_then_scatter_reproduce_the_saved_blocks(store, verify):
-    from lmcache_fs.block_copy import gather_blocks, scatter_blocks
+    from lmcache_fs.transfer.block_copy import gather_blocks, scatter_blocks
 
     layers, blocks, heads, tokens, width = SHAPE
     paged = [torch.randn(64, tokens, heads, width, device="cuda").to(torch.bfloat16)
@@ -325,7 +325,7 @@ def test_gpu_reads_then_scatter_reproduce_the_saved_blocks(store, verify):
         store.save(_key(n), chunk.cpu(), {})
     for backend in _gpu_backends():
         target = [torch.zeros_like(kv) for kv in paged]
-        reader = GpuChunkReader(store, SHAPE, torch.bfloat16, "cuda", backend,
+        reader = ChunkReader(store, SHAPE, torch.bfloat16, "cuda", backend,
                                 staging_bytes=2 * NBYTES, verify=verify)
         for n, chunk in reader.read([_key(n) for n in range(len(ids))]):
             assert isinstance(chunk, torch.Tensor), chunk
@@ -340,8 +340,8 @@ def test_gpu_reads_then_scatter_reproduce_the_saved_blocks(store, verify):
 @pytest.mark.gpu
 @cuda
 def test_device_saver_publishes_what_was_on_the_gpu(store):
-    from lmcache_fs.gpu_save import DeviceChunkSaver
-    from lmcache_fs.writer import BackgroundWriter
+    from lmcache_fs.transfer.device_saver import DeviceChunkSaver
+    from lmcache_fs.storage.writer import BackgroundWriter
 
     writer = BackgroundWriter(store, max_queue=8)
     saver = DeviceChunkSaver(writer, "cuda", max_pending=4)

@@ -5,9 +5,9 @@ import time
 
 import torch
 
-from lmcache_fs.index import ChunkIndex
-from lmcache_fs.layout import ChunkLayout, Namespace
-from lmcache_fs.store import ChunkStore
+from lmcache_fs.storage.index import ChunkIndex
+from lmcache_fs.storage.layout import ChunkLayout, Namespace
+from lmcache_fs.storage.store import ChunkStore
 
 KEYS = [f"{i:02x}" * 32 for i in range(6)]
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from cachedir import flip_byte
-from lmcache_fs import layer_reader
-from lmcache_fs.layer_reader import LayerLoadJob, LayerwiseReader
-from lmcache_fs.layout import ChunkLayout, Namespace
-from lmcache_fs.quarantine import quarantine_dir
-from lmcache_fs.store import ChunkStore
+from lmcache_fs.transfer import layer_reader
+from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
+from lmcache_fs.storage.layout import ChunkLayout, Namespace
+from lmcache_fs.storage.quarantine import quarantine_dir
+from lmcache_fs.storage.store import ChunkStore
 
 LAYERS, BLOCKS, PAGE, PER_CHUNK = 4, 64, (2, 16, 32), 4
 KEYS = [f"{i:02x}" * 32 for i in range(6)]
@@ -40,7 +40,7 @@ def _chunks(store, n):
 
 
 def _data_offset(path):
-    from lmcache_fs.codec import read_chunk_header
+    from lmcache_fs.storage.codec import read_chunk_header
     return read_chunk_header(path).data_offset
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lmcache_fs.layout import BadKeyError, ChunkLayout, Namespace, check_key, read_manifest
+from lmcache_fs.storage.layout import BadKeyError, ChunkLayout, Namespace, check_key, read_manifest
 
 FIELDS = {"model": "org/Model-7B", "num_layers": 32, "num_kv_heads": 8, "head_size": 128,
           "dtype": "bfloat16", "block_size": 16, "kv_layout": "cuda-logical", "tp_size": 1,

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from lmcache_fs.lease import Lease, read_lease
+from lmcache_fs.ops.lease import Lease, read_lease
 
 
 class FakeClock:

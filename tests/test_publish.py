@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from lmcache_fs.publish import publish
+from lmcache_fs.storage.publish import publish
 
 
 def _files(directory):

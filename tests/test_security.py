@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from cachedir import SHAPE, chunk, files_under, load_ok, make_store, prefix_keys, save_prefix
-from lmcache_fs.codec import ChunkFileError, write_chunk_file
-from lmcache_fs.layout import ChunkLayout, Namespace
-from lmcache_fs.pins import PinStore
-from lmcache_fs.store import ChunkStore
+from lmcache_fs.storage.codec import ChunkFileError, write_chunk_file
+from lmcache_fs.storage.layout import ChunkLayout, Namespace
+from lmcache_fs.ops.pins import PinStore
+from lmcache_fs.storage.store import ChunkStore
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lmcache_fs"
 

@@ -7,8 +7,8 @@ pytest.importorskip("vllm")
 
 from lmcache_fs.connector.metadata import HitSummary, LMCacheFSMetadata, LoadOp, SaveOp  # noqa: E402
 from lmcache_fs.connector.worker import ReadOptions, WorkerSide  # noqa: E402
-from lmcache_fs.layout import ChunkLayout, Namespace  # noqa: E402
-from lmcache_fs.store import ChunkStore  # noqa: E402
+from lmcache_fs.storage.layout import ChunkLayout, Namespace  # noqa: E402
+from lmcache_fs.storage.store import ChunkStore  # noqa: E402
 
 LAYERS, BLOCKS, HEADS, BLOCK, HEAD2, PER_CHUNK = 3, 40, 2, 16, 32, 4
 NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]

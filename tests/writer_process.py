@@ -1,4 +1,4 @@
-"""Plain writer processes for fault tests: no engine, only lmcache_fs.store.
+"""Plain writer processes for fault tests: no engine, only lmcache_fs.storage.store.
 
 Started from a fork server (see test_faults.py), so hundreds of writers start in
 milliseconds with torch already loaded.

@@ -20,8 +20,8 @@ from typing import Mapping
 
 import torch
 
-from lmcache_fs.space import FreeSpaceGuard
-from lmcache_fs.store import ChunkStore
+from lmcache_fs.storage.space import FreeSpaceGuard
+from lmcache_fs.storage.store import ChunkStore
 
 logger = logging.getLogger(__name__)
 

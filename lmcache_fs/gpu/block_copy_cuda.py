@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from lmcache_fs.cuda_build import load_cuda_kernels
+from lmcache_fs.gpu.kernels import load_cuda_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ def copy_blocks_cuda(gather: bool, layers: Sequence[torch.Tensor], block_ids: to
                      chunk: torch.Tensor) -> bool:
     """Copy blocks between CUDA caches and ``chunk`` with one kernel launch.
 
-    Called by :func:`lmcache_fs.block_copy.gather_blocks` and
-    :func:`~lmcache_fs.block_copy.scatter_blocks` for CUDA tensors. The launch
+    Called by :func:`lmcache_fs.transfer.block_copy.gather_blocks` and
+    :func:`~lmcache_fs.transfer.block_copy.scatter_blocks` for CUDA tensors. The launch
     is asynchronous on the current stream, like the torch copy it replaces.
     Ids outside ``[0, num_blocks)`` are skipped by the kernel (they never
     cause an out-of-bounds write); the torch path raises for them instead.

@@ -51,8 +51,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from lmcache_fs.layout import TEMP_PREFIX
-from lmcache_fs.publish import publish
+from lmcache_fs.storage.layout import TEMP_PREFIX
+from lmcache_fs.storage.publish import publish
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ answers are meaningless, but greedy decoding is deterministic (so "same tokens
 with and without the cache" is a real check) and prefill time is real.
 
 Example:
-    >>> from lmcache_fs.synthetic_model import build_synthetic_model
+    >>> from synthetic_model import build_synthetic_model
     >>> path = build_synthetic_model("/tmp/tiny-llama")  # doctest: +SKIP
 """
 

@@ -10,7 +10,7 @@ directories or the index. Any safetensors reader can open the file:
 The header's ``__metadata__`` (strings only, as safetensors requires) carries
 the format name and version, the caller's fields (namespace, key, parent key,
 chunk index, tokens; GPU writers add a ``device_checksum``, see
-:mod:`lmcache_fs.device_checksum`) and an xxh3-64 checksum of the data.
+:mod:`lmcache_fs.gpu.device_checksum`) and an xxh3-64 checksum of the data.
 Aligned data lets O_DIRECT and GPUDirect Storage read it in place.
 
 Reading is one ``preadv`` into a caller-owned buffer (never a memory map: too
@@ -226,7 +226,7 @@ def check_header(header: ChunkHeader, file_size: int, dtype: torch.dtype,
                  shape: Sequence[int], expect: Mapping[str, str]) -> None:
     """Raise :class:`ChunkFileError` unless a chunk's header fits what the caller expects.
 
-    Every reader (POSIX here, kvikio in :mod:`lmcache_fs.gpu_io`) runs these
+    Every reader (POSIX here, kvikio in :mod:`lmcache_fs.transfer.chunk_reader`) runs these
     checks before any byte of the file reaches the KV cache.
     """
     if file_size != header.data_offset + header.nbytes:

@@ -13,7 +13,7 @@ thread, where a larger one would wake the OpenMP pool (milliseconds when the
 engine's cores are busy).
 
 For CUDA tensors both functions first try the kernels in the repository's
-``cuda/`` directory (:mod:`lmcache_fs.block_copy_cuda`), which do the whole
+``cuda/`` directory (:mod:`lmcache_fs.gpu.block_copy_cuda`), which do the whole
 chunk in one launch; the torch code below is the fallback and the reference
 the kernels are tested against, bit for bit.
 """
@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from lmcache_fs.block_copy_cuda import copy_blocks_cuda
+from lmcache_fs.gpu.block_copy_cuda import copy_blocks_cuda
 
 
 def block_ids_on(block_ids: Sequence[int], device: torch.device) -> torch.Tensor:

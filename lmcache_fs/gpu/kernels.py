@@ -27,7 +27,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 BUILD_DIR_ENV = "LMCACHE_FS_CUDA_BUILD_DIR"
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "cuda"
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "cuda"
 SOURCES = ("bindings.cpp", "block_copy_kernels.cu", "word_sums_kernels.cu")
 HEADERS = ("block_copy.h", "word_sums.h")
 EXTENSION_NAME = "lmcache_fs_cuda"
@@ -69,8 +69,8 @@ def _build() -> ModuleType:
 def load_cuda_kernels() -> ModuleType | None:
     """The compiled kernels, or None when they cannot be had (logged once either way).
 
-    Called lazily by :mod:`lmcache_fs.block_copy` and
-    :mod:`lmcache_fs.device_checksum` the first time they see a CUDA tensor, so
+    Called lazily by :mod:`lmcache_fs.transfer.block_copy` and
+    :mod:`lmcache_fs.gpu.device_checksum` the first time they see a CUDA tensor, so
     CPU-only processes never compile anything. A failure (no CUDA, no sources,
     no compiler, a compile error) is never raised: the callers fall back, the
     block copy to the pure-torch copy (correct, but two copies per layer

@@ -1,11 +1,11 @@
 """Hand chunks gathered on the GPU to the background writer without blocking the engine.
 
 The engine's stream only runs the gather kernel. The device checksum (one
-launch, :mod:`lmcache_fs.device_checksum`) and the device-to-host copy into
+launch, :mod:`lmcache_fs.gpu.device_checksum`) and the device-to-host copy into
 pinned memory run on a side stream that waits for the gather on the GPU, not
 on the host; a small thread waits for each copy's event and then submits the
 host tensor, with the device checksum in its metadata, to
-:class:`~lmcache_fs.writer.BackgroundWriter`, which publishes the file. So a save costs the engine one kernel launch and a few microseconds
+:class:`~lmcache_fs.storage.writer.BackgroundWriter`, which publishes the file. So a save costs the engine one kernel launch and a few microseconds
 of Python, never a synchronization.
 
 Memory: pinned buffers come from torch's caching host allocator and return to
@@ -23,9 +23,9 @@ from typing import Mapping
 
 import torch
 
-from lmcache_fs import device_checksum
-from lmcache_fs.device_threads import device_thread_pool
-from lmcache_fs.writer import BackgroundWriter
+from lmcache_fs.gpu import device_checksum
+from lmcache_fs.gpu.threads import device_thread_pool
+from lmcache_fs.storage.writer import BackgroundWriter
 
 logger = logging.getLogger(__name__)
 

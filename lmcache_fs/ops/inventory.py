@@ -7,9 +7,9 @@ under it is a snapshot: entries that vanish mid-scan are skipped.
 
     <storage_path>/<namespace>/namespace.json          the namespace's fields
     <storage_path>/<namespace>/<fan-out>/<key>.safetensors
-    <storage_path>/<namespace>/pins/<key>.json          see lmcache_fs.pins
-    <storage_path>/quarantine/...                       see lmcache_fs.quarantine
-    <storage_path>/eviction.lease                       see lmcache_fs.eviction
+    <storage_path>/<namespace>/pins/<key>.json          see lmcache_fs.ops.pins
+    <storage_path>/quarantine/...                       see lmcache_fs.storage.quarantine
+    <storage_path>/eviction.lease                       see lmcache_fs.ops.eviction
     .tmp.* in any of these directories                  writers' temporaries
 
 Example:
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from lmcache_fs.layout import TEMP_PREFIX, is_namespace_name, iter_chunk_files, read_manifest
-from lmcache_fs.pins import PINS_DIR, PinStore
-from lmcache_fs.quarantine import quarantine_dir
+from lmcache_fs.storage.layout import TEMP_PREFIX, is_namespace_name, iter_chunk_files, read_manifest
+from lmcache_fs.ops.pins import PINS_DIR, PinStore
+from lmcache_fs.storage.quarantine import quarantine_dir
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def _temporaries_in(directory: str | os.PathLike[str]) -> Iterator[FileEntry]:
 
 
 def scan_quarantine(root: str | os.PathLike[str]) -> Iterator[FileEntry]:
-    """Quarantined entries (see :mod:`lmcache_fs.quarantine`)."""
+    """Quarantined entries (see :mod:`lmcache_fs.storage.quarantine`)."""
     for entry in _scandir(quarantine_dir(root)):
         yield _entry(entry)
 

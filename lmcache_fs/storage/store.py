@@ -5,14 +5,14 @@ shares it:
 
 - a load never reads through a symlinked or non-directory namespace or
   fan-out directory (``O_NOFOLLOW`` in the codec guards only the file itself);
-- a file that proves bad on load is quarantined (see :mod:`lmcache_fs.quarantine`),
+- a file that proves bad on load is quarantined (see :mod:`lmcache_fs.storage.quarantine`),
   so it costs one miss, not one per request;
 - a load hit or a store of an existing chunk sets the file's mtime, which is
   what eviction orders by on every node (atime is unreliable on NFS).
 
 Example:
     >>> import torch, tempfile
-    >>> from lmcache_fs.layout import ChunkLayout, Namespace
+    >>> from lmcache_fs.storage.layout import ChunkLayout, Namespace
     >>> store = ChunkStore(ChunkLayout(tempfile.mkdtemp(), Namespace({"model": "m"})))
     >>> t = torch.ones(2, 4)
     >>> store.save("ab" * 8, t, {"chunk_index": "0"})
@@ -32,10 +32,10 @@ from typing import Callable, Mapping
 
 import torch
 
-from lmcache_fs.codec import ChunkFileError, ChunkHeader, read_chunk_file, write_chunk_to_fd
-from lmcache_fs.layout import BadKeyError, ChunkLayout
-from lmcache_fs.publish import publish
-from lmcache_fs.quarantine import is_bad_entry, quarantine
+from lmcache_fs.storage.codec import ChunkFileError, ChunkHeader, read_chunk_file, write_chunk_to_fd
+from lmcache_fs.storage.layout import BadKeyError, ChunkLayout
+from lmcache_fs.storage.publish import publish
+from lmcache_fs.storage.quarantine import is_bad_entry, quarantine
 
 # A chunk's mtime is set at most once a minute per process: minute resolution
 # is plenty to order eviction, and it spares NFS a SETATTR on every load.
@@ -81,7 +81,7 @@ class ChunkStore:
         A file that proves damaged or foreign is quarantined before the error
         is raised, so the next lookup misses and a writer can store it again.
         ``check_data=False`` leaves the data's checksum to the caller (see
-        :func:`~lmcache_fs.codec.read_chunk_file`), who then quarantines with
+        :func:`~lmcache_fs.storage.codec.read_chunk_file`), who then quarantines with
         :meth:`load_failed` what fails it.
 
         Raises:

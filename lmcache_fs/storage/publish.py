@@ -26,7 +26,7 @@ import socket
 from pathlib import Path
 from typing import Callable
 
-from lmcache_fs.layout import TEMP_PREFIX
+from lmcache_fs.storage.layout import TEMP_PREFIX
 
 _HOST = socket.gethostname().replace("/", "_").replace(".", "_")[:32] or "host"
 _NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}

@@ -4,7 +4,7 @@ Three read paths, chosen once per process by :func:`choose_read_backend`:
 
 ``kvikio-gds``
     kvikio with GPUDirect Storage: the file's data (4096-aligned, see
-    :mod:`lmcache_fs.codec`) is DMA'd straight into a cuFile-registered GPU
+    :mod:`lmcache_fs.storage.codec`) is DMA'd straight into a cuFile-registered GPU
     staging slot.
 ``kvikio-posix``
     kvikio's compatibility mode: its own thread pool reads through pinned
@@ -19,7 +19,7 @@ Three read paths, chosen once per process by :func:`choose_read_backend`:
 Verification. The codec stores an xxh3-64 checksum of the data, which folds
 its input in sequence and cannot be computed in parallel on a GPU. Writers
 that hold the chunk on a GPU also store a device checksum
-(:mod:`lmcache_fs.device_checksum`: exact sums of word mixes, one kernel
+(:mod:`lmcache_fs.gpu.device_checksum`: exact sums of word mixes, one kernel
 launch). Bytes that land on the GPU (``kvikio-*``) are verified there with it
 when the file has one: a launch on the slot's side stream and 16 bytes back,
 so the host never touches the data. Otherwise (files from CPU writers, no
@@ -52,11 +52,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from lmcache_fs import device_checksum
-from lmcache_fs.codec import (ChunkFileError, ChunkHeader, check_checksum, check_header,
+from lmcache_fs.gpu import device_checksum
+from lmcache_fs.storage.codec import (ChunkFileError, ChunkHeader, check_checksum, check_header,
                               read_header_fd)
-from lmcache_fs.device_threads import device_thread_pool
-from lmcache_fs.store import ChunkStore
+from lmcache_fs.gpu.threads import device_thread_pool
+from lmcache_fs.storage.store import ChunkStore
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def start_read_kvikio(kvikio: ModuleType, path: str | os.PathLike[str], out: tor
                       expect: Mapping[str, str], target: object | None = None) -> KvikioRead:
     """Check a chunk file's header on the host, then start reading its data into ``out``.
 
-    The first half of :func:`lmcache_fs.codec.read_chunk_file` for a GPU
+    The first half of :func:`lmcache_fs.storage.codec.read_chunk_file` for a GPU
     ``out`` (contiguous; on the host only for a CPU stand-in of kvikio): the
     data is read from its 4096-aligned offset by kvikio's own threads, without
     the GIL, while the caller goes on. :meth:`KvikioRead.finish` is the second.
@@ -304,7 +304,7 @@ class _RunWhenAsked:
         return False  # like a running Future: the read is already under way
 
 
-class GpuChunkReader:
+class ChunkReader:
     """Reads whole chunk files into a ring of staging slots on one device.
 
     Built once per worker after the KV caches are known. ``staging_bytes``

@@ -15,7 +15,7 @@ same absent chunk on every scheduler step. The filesystem calls and the clock
 are parameters, so tests and odd filesystems plug in without monkeypatching.
 
 Example:
-    >>> from lmcache_fs.layout import ChunkLayout, Namespace
+    >>> from lmcache_fs.storage.layout import ChunkLayout, Namespace
     >>> idx = ChunkIndex(ChunkLayout("/nonexistent", Namespace({"model": "m"})))
     >>> idx.scan()
     0
@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Callable, Iterable, Sequence
 
-from lmcache_fs.layout import CHUNK_SUFFIX, ChunkLayout, check_key
+from lmcache_fs.storage.layout import CHUNK_SUFFIX, ChunkLayout, check_key
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Read chunk headers for operators' tools, never through a symlink.
 
-The loader reads whole chunks (:func:`lmcache_fs.codec.read_chunk_file`);
+The loader reads whole chunks (:func:`lmcache_fs.storage.codec.read_chunk_file`);
 tools such as ``lmcache-fs inspect`` and ``pin`` only need a header, and
 follow ``parent_key`` links to find the chunks a prefix is made of.
 """
@@ -11,9 +11,9 @@ import os
 import struct
 from pathlib import Path
 
-from lmcache_fs.codec import ALIGNMENT, ChunkFileError, ChunkHeader, parse_header
-from lmcache_fs.layout import BadKeyError, chunk_file_path
-from lmcache_fs.quarantine import QUARANTINE_DIR
+from lmcache_fs.storage.codec import ALIGNMENT, ChunkFileError, ChunkHeader, parse_header
+from lmcache_fs.storage.layout import BadKeyError, chunk_file_path
+from lmcache_fs.storage.quarantine import QUARANTINE_DIR
 
 _MAX_CHAIN = 100_000  # chunks in one prefix; a cycle in planted files must not loop forever
 
@@ -72,7 +72,7 @@ def namespace_of(path: str | os.PathLike[str]) -> Path:
     """The namespace directory of a chunk file path (``<namespace>/<fan-out>/<key>.safetensors``).
 
     A quarantined chunk (``quarantine/<namespace>__<fan-out>__<key>.safetensors.<time>.<random>``,
-    named by :func:`lmcache_fs.quarantine.quarantine`) belongs to the namespace its name
+    named by :func:`lmcache_fs.storage.quarantine.quarantine`) belongs to the namespace its name
     starts with; split from the right, as a namespace name may itself hold ``__``.
     """
     path = Path(path).absolute()

@@ -18,11 +18,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from lmcache_fs.codec import ChunkFileError, read_chunk_file
-from lmcache_fs.inspection import read_header
-from lmcache_fs.inventory import expected_chunk_geometry, scan_chunks, scan_irregular
-from lmcache_fs.layout import read_manifest
-from lmcache_fs.quarantine import is_bad_entry
+from lmcache_fs.storage.codec import ChunkFileError, read_chunk_file
+from lmcache_fs.ops.inspection import read_header
+from lmcache_fs.ops.inventory import expected_chunk_geometry, scan_chunks, scan_irregular
+from lmcache_fs.storage.layout import read_manifest
+from lmcache_fs.storage.quarantine import is_bad_entry
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Finding:
     problem: str
     damaged: bool = True
     """True if the entry is proven bad (safe to quarantine or delete); False if it
-    merely could not be read (see :func:`lmcache_fs.quarantine.is_bad_entry`)."""
+    merely could not be read (see :func:`lmcache_fs.storage.quarantine.is_bad_entry`)."""
 
 
 class ReadBuffers:

@@ -12,7 +12,7 @@ every pass, whatever the budget.
 
 At most one process evicts at a time across all nodes: a pass with a budget
 runs only under the lease ``<storage_path>/eviction.lease`` (see
-:mod:`lmcache_fs.lease`), renewed as the pass goes (a scan of a large
+:mod:`lmcache_fs.ops.lease`), renewed as the pass goes (a scan of a large
 directory on NFS can outlast the lease). A background evictor keeps the lease
 between passes, so one node does the scanning while the others only read the
 lease file; if it dies, another takes over after ``LEASE_TTL_INTERVALS``
@@ -46,11 +46,11 @@ from pathlib import Path
 from typing import Callable
 
 from lmcache_fs.config import LMCacheFSConfig
-from lmcache_fs.inventory import (ChunkEntry, FileEntry, namespace_dirs, scan_chunks,
+from lmcache_fs.ops.inventory import (ChunkEntry, FileEntry, namespace_dirs, scan_chunks,
                                   scan_quarantine, scan_temporaries, total_size)
-from lmcache_fs.lease import Lease
+from lmcache_fs.ops.lease import Lease
 from lmcache_fs.log import human_bytes
-from lmcache_fs.pins import PinStore
+from lmcache_fs.ops.pins import PinStore
 
 logger = logging.getLogger(__name__)
 

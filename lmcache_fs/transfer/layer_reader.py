@@ -1,7 +1,7 @@
 """Read a step's chunk files layer by layer while the forward pass runs.
 
 A chunk file's data is layer-major (``[layers, blocks, *page]``, see
-:mod:`lmcache_fs.block_copy`), so layer ``l`` of a chunk is one contiguous run
+:mod:`lmcache_fs.transfer.block_copy`), so layer ``l`` of a chunk is one contiguous run
 of the file. :meth:`LayerwiseReader.start` reads layer 0 of every chunk of the
 step, then layer 1, and so on, in background threads; the forward pass calls
 :meth:`LayerwiseLoad.wait_layer` before each attention layer and waits only
@@ -50,11 +50,11 @@ from typing import Sequence
 import torch
 import xxhash
 
-from lmcache_fs.block_copy import block_ids_on, scatter_layer
-from lmcache_fs.codec import (ChunkFileError, check_header, checksum_text, new_checksum,
+from lmcache_fs.transfer.block_copy import block_ids_on, scatter_layer
+from lmcache_fs.storage.codec import (ChunkFileError, check_header, checksum_text, new_checksum,
                               open_chunk_file, read_header_fd)
-from lmcache_fs.device_threads import device_thread_pool
-from lmcache_fs.store import ChunkStore
+from lmcache_fs.gpu.threads import device_thread_pool
+from lmcache_fs.storage.store import ChunkStore
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ a missing file, a stale NFS handle or a permission error is a plain miss.
     <storage_path>/quarantine/<namespace>__<fan-out>__<name>.<unix time>.<random>
 
 Quarantined files count against the disk budget and are the first to go when
-eviction runs (see :mod:`lmcache_fs.eviction`).
+eviction runs (see :mod:`lmcache_fs.ops.eviction`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the codec imports torch; operators' commands that only list files do not need it
-    from lmcache_fs.codec import ChunkFileError
+    from lmcache_fs.storage.codec import ChunkFileError
 
 logger = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lmcache_fs.layout import check_key
+from lmcache_fs.storage.layout import check_key
 from lmcache_fs.log import human_bytes
-from lmcache_fs.publish import publish
+from lmcache_fs.storage.publish import publish
 
 logger = logging.getLogger(__name__)
 

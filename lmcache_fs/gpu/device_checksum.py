@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from lmcache_fs.cuda_build import load_cuda_kernels
+from lmcache_fs.gpu.kernels import load_cuda_kernels
 
 FIELD = "device_checksum"
 """Header metadata field that holds :func:`checksum_text` of the data."""

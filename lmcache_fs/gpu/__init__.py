@@ -1,0 +1,1 @@
+"""CUDA pieces: kernel loading, block-copy kernels, the device checksum, device-bound threads."""
