@@ -13,7 +13,15 @@ import random
 import shutil
 from pathlib import Path
 
-from bench.common import BenchOptions, md_table, median, progress, results_header, spread, write_markdown
+from bench.common import (
+    BenchOptions,
+    md_table,
+    median,
+    progress,
+    results_header,
+    spread,
+    write_markdown,
+)
 from bench.engine_set import EngineSet, lmcache_fs_connector
 
 PROMPT_LEN = 4096

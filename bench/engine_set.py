@@ -18,9 +18,9 @@ from bench.common import REPO, progress
 sys.path.insert(0, str(REPO / "tests"))  # the engine-process harness the e2e tests use
 sys.path.insert(1, str(REPO / "frontend"))  # the synthetic model builder (demo tooling)
 from engines import EngineProcess  # noqa: E402
+from synthetic_model import build_synthetic_model  # noqa: E402
 
 from lmcache_fs.storage.layout import TEMP_PREFIX  # noqa: E402
-from synthetic_model import build_synthetic_model  # noqa: E402
 
 CHUNK = 256  # lmcache-fs default chunk_size
 

@@ -41,23 +41,31 @@ from unittest import mock
 
 import torch
 
-from bench.common import REPO, RESULTS_DIR, WORK_DIR, machine_lines, md_table, median, progress, \
-    write_markdown
+from bench.common import (
+    REPO,
+    RESULTS_DIR,
+    WORK_DIR,
+    machine_lines,
+    md_table,
+    median,
+    progress,
+    write_markdown,
+)
 from bench.pagecache import METHOD as EVICT_METHOD
 from bench.pagecache import evict
-from lmcache_fs.transfer import block_copy
-from lmcache_fs.gpu import kernels as cuda_build
 from lmcache_fs.gpu import device_checksum
+from lmcache_fs.gpu import kernels as cuda_build
+from lmcache_fs.log import init_logging
+from lmcache_fs.storage.codec import ALIGNMENT, checksum
+from lmcache_fs.storage.layout import ChunkLayout, Namespace
+from lmcache_fs.storage.store import ChunkStore
+from lmcache_fs.storage.writer import BackgroundWriter
+from lmcache_fs.transfer import block_copy
 from lmcache_fs.transfer import chunk_reader as gpu_io
 from lmcache_fs.transfer.block_copy import gather_blocks, scatter_blocks
-from lmcache_fs.storage.codec import ALIGNMENT, checksum
 from lmcache_fs.transfer.chunk_reader import ChunkReader, ReadBackend, ReadPath
 from lmcache_fs.transfer.device_saver import DeviceChunkSaver
 from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
-from lmcache_fs.storage.layout import ChunkLayout, Namespace
-from lmcache_fs.log import init_logging
-from lmcache_fs.storage.store import ChunkStore
-from lmcache_fs.storage.writer import BackgroundWriter
 
 T = TypeVar("T")
 

@@ -27,8 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from bench.common import (BenchOptions, md_table, median, progress, results_header, timed,
-                          write_markdown)
+from bench.common import (
+    BenchOptions,
+    md_table,
+    median,
+    progress,
+    results_header,
+    timed,
+    write_markdown,
+)
 from bench.lmcache_env import ensure_lmcache
 from bench.lmcache_proxy import LMCacheError, LMCacheWorker
 from bench.plot import Panel, Series, grouped_bars

@@ -34,17 +34,25 @@ from typing import Callable, Protocol
 import torch
 
 from bench import chunkdata, pagecache
-from bench.common import (BenchOptions, md_table, median, progress, results_header, spread,
-                          timed, write_markdown)
+from bench.common import (
+    BenchOptions,
+    md_table,
+    median,
+    progress,
+    results_header,
+    spread,
+    timed,
+    write_markdown,
+)
 from bench.lmcache_env import ensure_lmcache
 from bench.lmcache_proxy import LMCacheError, LMCacheWorker
 from bench.plot import Panel, Series, grouped_bars
 from lmcache_fs.storage.codec import checksum
-from lmcache_fs.transfer.chunk_reader import ChunkReader, ReadBackend, ReadPath
-from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
 from lmcache_fs.storage.store import ChunkStore
 from lmcache_fs.storage.writer import BackgroundWriter
+from lmcache_fs.transfer.chunk_reader import ChunkReader, ReadBackend, ReadPath
+from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
 
 PHASES = ("store", "store + fsync", "warm load", "cold load")
 BASELINE = "raw pwrite/preadv, 1 thread"

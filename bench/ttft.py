@@ -29,9 +29,23 @@ import random
 import shutil
 from pathlib import Path
 
-from bench.common import BenchOptions, md_table, median, progress, results_header, spread, write_markdown
-from bench.engine_set import (CHUNK, EngineSet, chunk_files, example_connector,
-                              lmcache_fs_connector, wait_for_chunks)
+from bench.common import (
+    BenchOptions,
+    md_table,
+    median,
+    progress,
+    results_header,
+    spread,
+    write_markdown,
+)
+from bench.engine_set import (
+    CHUNK,
+    EngineSet,
+    chunk_files,
+    example_connector,
+    lmcache_fs_connector,
+    wait_for_chunks,
+)
 from bench.pagecache import evict, files_under
 from bench.plot import Panel, Series, grouped_bars
 

@@ -24,10 +24,10 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_fs.config import ConfigError, LMCacheFSConfig, load_config
+from lmcache_fs.log import init_logging
 from lmcache_fs.ops.eviction import BackgroundEvictor, start_background_evictor
 from lmcache_fs.storage.index import ChunkIndex
 from lmcache_fs.storage.layout import ChunkLayout
-from lmcache_fs.log import init_logging
 from lmcache_fs.storage.space import FreeSpaceGuard
 from lmcache_fs.storage.store import ChunkStore
 

@@ -24,13 +24,6 @@ def tokenize(model: str, text: str, add_special_tokens: bool = True) -> list[int
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def model_identity(model: str) -> str:
-    """The ``model`` field the connector writes into a namespace for this model."""
-    from lmcache_fs.connector.namespace import model_identity as connector_identity
-
-    return connector_identity(model, None)
-
-
 def chunk_keys(token_ids: Sequence[int], chunk_size: int, block_size: int,
                hash_algo: str = "sha256") -> list[str]:
     """Keys of the full chunks of a prompt: the hash of each chunk's last block, hex.

@@ -31,15 +31,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from lmcache_fs.transfer.block_copy import block_ids_on, gather_blocks, scatter_blocks
-from lmcache_fs.storage.codec import ChunkFileError
-from lmcache_fs.transfer.chunk_reader import ChunkReader, choose_read_backend
-from lmcache_fs.transfer.device_saver import DeviceChunkSaver
-from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseLoad, LayerwiseReader
 from lmcache_fs.log import human_bytes
+from lmcache_fs.storage.codec import ChunkFileError
 from lmcache_fs.storage.space import FreeSpaceGuard
 from lmcache_fs.storage.store import ChunkStore
 from lmcache_fs.storage.writer import BackgroundWriter
+from lmcache_fs.transfer.block_copy import block_ids_on, gather_blocks, scatter_blocks
+from lmcache_fs.transfer.chunk_reader import ChunkReader, choose_read_backend
+from lmcache_fs.transfer.device_saver import DeviceChunkSaver
+from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseLoad, LayerwiseReader
 
 from .metadata import LMCacheFSMetadata, SaveOp
 from .stats import LMCacheFSStats

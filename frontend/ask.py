@@ -20,8 +20,19 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
 from demo_config import EngineConfig
-from engine_client import (CacheCounters, Delta, EngineError, Failed, Finished, FirstToken,
-                           StreamEvent, build_messages, cache_counters, model_info, stream_answer)
+from engine_client import (
+    CacheCounters,
+    Delta,
+    EngineError,
+    Failed,
+    Finished,
+    FirstToken,
+    StreamEvent,
+    build_messages,
+    cache_counters,
+    model_info,
+    stream_answer,
+)
 
 
 @dataclass

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Union
 
 import requests
-
 from demo_config import EngineConfig
 
 HEALTH_TIMEOUT_S = 2.0

@@ -15,12 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import streamlit as st
-
 from ask import EngineAnswer, ask_engines, ask_one
 from cache_panel import human_bytes, summarize_cache, wait_for_new_chunks
 from demo_config import DemoConfigError, EngineConfig, load_demo_config, sample_documents
-from engine_client import (EngineError, Health, ModelInfo, check_health, count_tokens, model_info,
-                           visible_text)
+from engine_client import (
+    EngineError,
+    Health,
+    ModelInfo,
+    check_health,
+    count_tokens,
+    model_info,
+    visible_text,
+)
 
 PRIME_QUESTION = ""  # the prime request ends where every question begins
 

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import requests
-
 from ask import EngineAnswer, ask_one
 from cache_panel import summarize_cache, wait_for_new_chunks
 from demo_config import CONFIG_ENV, DemoConfig, EngineConfig, sample_documents, write_demo_config

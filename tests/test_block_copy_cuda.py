@@ -14,9 +14,9 @@ from unittest import mock
 import pytest
 import torch
 
-from lmcache_fs.transfer import block_copy
 from lmcache_fs.gpu import block_copy_cuda
 from lmcache_fs.gpu import kernels as cuda_build
+from lmcache_fs.transfer import block_copy
 from lmcache_fs.transfer.block_copy import block_ids_on, gather_blocks, scatter_blocks
 
 

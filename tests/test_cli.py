@@ -11,15 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cachedir import make_store, prefix_keys, save_prefix, set_mtime
+
+from lmcache_fs.model_identity import model_identity
+from lmcache_fs.ops import pins
 from lmcache_fs.ops.cli import EXIT_BUSY, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, main
 from lmcache_fs.ops.eviction import lease_path
 from lmcache_fs.ops.lease import Lease
-from lmcache_fs.ops import pins
 from lmcache_fs.ops.pins import PinStore
 from lmcache_fs.progress import Progress
-from lmcache_fs.connector.prompt_keys import model_identity
 from lmcache_fs.storage.quarantine import quarantine
 
 SCRIPT = Path(sys.executable).with_name("lmcache-fs")
@@ -224,7 +224,7 @@ def test_pin_prompt_with_a_folder_without_a_tokenizer_names_the_fix(capsys, cach
 def test_pin_prompt_in_a_randomly_seeded_namespace_asks_for_pythonhashseed(
         capsys, tmp_path, monkeypatch, synthetic_model):
     monkeypatch.delenv("PYTHONHASHSEED", raising=False)
-    store = make_store(tmp_path, model=model_identity(str(synthetic_model)), hash_algo="xxhash")
+    store = make_store(tmp_path, model=model_identity(str(synthetic_model), None), hash_algo="xxhash")
     code, data = run(capsys, "pin", "--prompt", "hello " * 40, "--model", str(synthetic_model),
                      "--storage-path", str(tmp_path))
     assert code == EXIT_USAGE and data["error"] == (

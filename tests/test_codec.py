@@ -6,11 +6,18 @@ import struct
 
 import pytest
 import torch
+from cachedir import flip_byte
 from safetensors.torch import load_file, save_file
 
-from cachedir import flip_byte
-from lmcache_fs.storage.codec import (ALIGNMENT, ChunkFileError, check_checksum, encode_header,
-                              read_chunk_file, read_chunk_header, write_chunk_file)
+from lmcache_fs.storage.codec import (
+    ALIGNMENT,
+    ChunkFileError,
+    check_checksum,
+    encode_header,
+    read_chunk_file,
+    read_chunk_header,
+    write_chunk_file,
+)
 
 META = {"namespace": "m-0123456789abcdef", "key": "ab" * 32}
 

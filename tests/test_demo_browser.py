@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
-import pytest
-
-from demo_helpers import REPO, Launcher, pids_with_env
-
 import launcher as demo_launcher  # frontend/launcher.py (frontend/ is put on sys.path by demo_helpers)
+import pytest
+from demo_helpers import REPO, Launcher, pids_with_env
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 RUN_MARKER = "LMCACHE_FS_DEMO_TEST_RUN"

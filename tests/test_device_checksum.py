@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cachedir import flip_byte
-from lmcache_fs.storage import codec
+
 from lmcache_fs.gpu import device_checksum
-from lmcache_fs.transfer import chunk_reader as gpu_io
-from lmcache_fs.storage.codec import ALIGNMENT, ChunkFileError
 from lmcache_fs.gpu.device_checksum import FIELD, checksum_text, supports, word_sums
+from lmcache_fs.storage import codec
+from lmcache_fs.storage.codec import ALIGNMENT, ChunkFileError
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
 from lmcache_fs.storage.store import ChunkStore
+from lmcache_fs.transfer import chunk_reader as gpu_io
 
 M32 = 0xFFFFFFFF
 
@@ -147,8 +147,8 @@ def test_kernel_matches_the_reference(nbytes, offset):
 @cuda
 def test_saves_from_the_gpu_store_the_device_checksum(store):
     from lmcache_fs.storage.codec import read_chunk_header
-    from lmcache_fs.transfer.device_saver import DeviceChunkSaver
     from lmcache_fs.storage.writer import BackgroundWriter
+    from lmcache_fs.transfer.device_saver import DeviceChunkSaver
 
     writer = BackgroundWriter(store, max_queue=8)
     saver = DeviceChunkSaver(writer, "cuda", max_pending=4)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from engines import EngineProcess
+
 from lmcache_fs.storage.codec import read_chunk_file, read_chunk_header
 from lmcache_fs.storage.layout import TEMP_PREFIX
 

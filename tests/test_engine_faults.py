@@ -18,14 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from engines import EngineProcess
-from lmcache_fs.storage.codec import (ChunkFileError, read_chunk_file, read_chunk_header,
-                              write_chunk_file)
+from mounts import bindfs_view, read_only_view
+
 from lmcache_fs.ops.eviction import Evictor
 from lmcache_fs.ops.inventory import namespace_dirs, scan_chunks, scan_quarantine, scan_temporaries
+from lmcache_fs.storage.codec import (
+    ChunkFileError,
+    read_chunk_file,
+    read_chunk_header,
+    write_chunk_file,
+)
 from lmcache_fs.storage.layout import chunk_file_path
-from mounts import bindfs_view, read_only_view
 
 pytestmark = pytest.mark.engine
 

@@ -7,16 +7,16 @@ import threading
 import time
 
 import pytest
-
 from cachedir import chunk, files_under, load_ok, make_store, prefix_keys, save_prefix, set_mtime
-from lmcache_fs.ops import eviction
+from test_lease import fill_filesystem
+
 from lmcache_fs.config import load_config
+from lmcache_fs.ops import eviction
 from lmcache_fs.ops.eviction import BackgroundEvictor, Evictor, lease_path
 from lmcache_fs.ops.inventory import scan_chunks, total_size
 from lmcache_fs.ops.lease import Lease
 from lmcache_fs.ops.pins import PinStore
 from lmcache_fs.storage.quarantine import quarantine
-from test_lease import fill_filesystem
 
 CHUNK_BYTES = 4096 + 1024  # header page + 1 KiB of data (cachedir.SHAPE)
 

@@ -18,18 +18,18 @@ import time
 
 import pytest
 import torch
-
 import writer_process
 from cachedir import SHAPE, chunk, files_under, load_ok, make_store, prefix_keys, save_prefix
-from lmcache_fs.storage.codec import ChunkFileError, write_chunk_file
+from mounts import read_only_view, tmpfs
+
 from lmcache_fs.config import ConfigError, load_config
 from lmcache_fs.ops.eviction import Evictor
 from lmcache_fs.ops.inventory import scan_chunks, scan_temporaries
+from lmcache_fs.ops.verify import verify_namespace
+from lmcache_fs.storage.codec import ChunkFileError, write_chunk_file
 from lmcache_fs.storage.quarantine import quarantine_dir
 from lmcache_fs.storage.space import FreeSpaceGuard
-from lmcache_fs.ops.verify import verify_namespace
 from lmcache_fs.storage.writer import BackgroundWriter
-from mounts import read_only_view, tmpfs
 
 KILL_TRIALS = int(os.environ.get("LMCACHE_FS_KILL_TRIALS", "300"))
 

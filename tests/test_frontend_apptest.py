@@ -8,14 +8,19 @@ from typing import Iterator
 
 import pytest
 import yaml
-from streamlit.testing.v1 import AppTest
-
-from demo_helpers import FRONTEND, FakeEngine, closed_port_url
-
 from ask import ask_engines  # noqa: E402  (frontend/, put on sys.path by demo_helpers)
 from cache_panel import human_bytes, summarize_cache
-from demo_config import CONFIG_ENV, DemoConfigError, EngineConfig, parse_demo_config, sample_documents
+from demo_config import (
+    CONFIG_ENV,
+    DemoConfigError,
+    EngineConfig,
+    parse_demo_config,
+    sample_documents,
+)
+from demo_helpers import FRONTEND, FakeEngine, closed_port_url
 from engine_client import metric_sum, visible_text
+from streamlit.testing.v1 import AppTest
+
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
 
 FIRST_DOCUMENT = next(iter(sample_documents().values()))

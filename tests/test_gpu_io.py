@@ -14,14 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cachedir import flip_byte
-from lmcache_fs.transfer import chunk_reader as gpu_io
+
 from lmcache_fs.storage.codec import ChunkFileError
-from lmcache_fs.transfer.chunk_reader import (GdsUnavailableError, ChunkReader, ReadBackend, ReadPath,
-                               choose_read_backend)
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
 from lmcache_fs.storage.store import ChunkStore
+from lmcache_fs.transfer import chunk_reader as gpu_io
+from lmcache_fs.transfer.chunk_reader import (
+    ChunkReader,
+    GdsUnavailableError,
+    ReadBackend,
+    ReadPath,
+    choose_read_backend,
+)
 
 SHAPE = (2, 3, 4, 16, 32)  # layers, blocks, heads, tokens, 2*head_size
 NBYTES = 2 * 3 * 4 * 16 * 32 * 2
@@ -340,8 +345,8 @@ def test_gpu_reads_then_scatter_reproduce_the_saved_blocks(store, verify):
 @pytest.mark.gpu
 @cuda
 def test_device_saver_publishes_what_was_on_the_gpu(store):
-    from lmcache_fs.transfer.device_saver import DeviceChunkSaver
     from lmcache_fs.storage.writer import BackgroundWriter
+    from lmcache_fs.transfer.device_saver import DeviceChunkSaver
 
     writer = BackgroundWriter(store, max_queue=8)
     saver = DeviceChunkSaver(writer, "cuda", max_pending=4)

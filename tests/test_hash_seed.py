@@ -7,10 +7,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from lmcache_fs.connector.namespace import check_hash_seed, hash_seed_fingerprint  # noqa: E402
 from vllm.utils.hashing import get_hash_fn_by_name  # noqa: E402
 from vllm.v1.core import kv_cache_utils  # noqa: E402
-
-from lmcache_fs.connector.namespace import check_hash_seed, hash_seed_fingerprint  # noqa: E402
 
 
 @pytest.mark.parametrize("seed", [None, "0", "12345"])

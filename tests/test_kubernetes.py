@@ -16,9 +16,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from lmcache_fs.connector.plugin import CONNECTOR_NAME
 
 from lmcache_fs.config import LMCacheFSConfig, load_config
-from lmcache_fs.connector.plugin import CONNECTOR_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "deploy" / "kubernetes.yaml"

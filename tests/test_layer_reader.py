@@ -7,13 +7,13 @@ import time
 
 import pytest
 import torch
-
 from cachedir import flip_byte
-from lmcache_fs.transfer import layer_reader
-from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
+
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
 from lmcache_fs.storage.quarantine import quarantine_dir
 from lmcache_fs.storage.store import ChunkStore
+from lmcache_fs.transfer import layer_reader
+from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
 
 LAYERS, BLOCKS, PAGE, PER_CHUNK = 4, 64, (2, 16, 32), 4
 KEYS = [f"{i:02x}" * 32 for i in range(6)]

@@ -7,8 +7,9 @@ import torch
 
 pytest.importorskip("vllm")
 
-from lmcache_fs.connector.namespace import (namespace_fields, rank_namespace,  # noqa: E402
-                                            weights_fingerprint)
+from lmcache_fs.connector.namespace import namespace_fields, rank_namespace  # noqa: E402
+
+from lmcache_fs.model_identity import weights_fingerprint  # noqa: E402
 
 
 def _model_folder(path, weights: bytes):

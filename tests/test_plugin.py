@@ -8,12 +8,11 @@ import torch
 
 pytest.importorskip("vllm")
 
+from lmcache_fs.connector import LMCacheFSConnector  # noqa: E402
+from lmcache_fs.connector.plugin import register  # noqa: E402
 from vllm.config import KVTransferConfig  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory  # noqa: E402
 from vllm.plugins import load_general_plugins  # noqa: E402
-
-from lmcache_fs.connector import LMCacheFSConnector  # noqa: E402
-from lmcache_fs.connector.plugin import register  # noqa: E402
 
 
 def test_installed_plugin_registers_the_name():
@@ -53,10 +52,10 @@ def test_full_attention_on_one_stage_is_supported():
 
 
 def test_engines_whose_kv_could_not_be_reused_faithfully_are_refused_with_the_fix():
+    from lmcache_fs.connector.lmcache_fs_connector import check_supported
     from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, SlidingWindowSpec
 
     from lmcache_fs.config import ConfigError
-    from lmcache_fs.connector.lmcache_fs_connector import check_supported
 
     one_stage = SimpleNamespace(pipeline_parallel_size=1)
     cases = [  # (KV cache config, parallel config, what the error names)

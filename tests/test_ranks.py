@@ -10,7 +10,6 @@ pytest.importorskip("vllm")
 
 def _rank(rank: int, init_file: str, flags: list[bool], results) -> None:
     import torch.distributed as dist
-
     from lmcache_fs.connector.ranks import any_rank_of
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

@@ -7,9 +7,10 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from lmcache_fs.connector.scheduler import SchedulerSide  # noqa: E402
+
 from lmcache_fs.storage.index import ChunkIndex  # noqa: E402
 from lmcache_fs.storage.layout import ChunkLayout, Namespace  # noqa: E402
-from lmcache_fs.connector.scheduler import SchedulerSide  # noqa: E402
 
 BLOCK, CHUNK = 16, 64  # 4 blocks per chunk
 

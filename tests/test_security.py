@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cachedir import SHAPE, chunk, files_under, load_ok, make_store, prefix_keys, save_prefix
+
+from lmcache_fs.ops.pins import PinStore
 from lmcache_fs.storage.codec import ChunkFileError, write_chunk_file
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
-from lmcache_fs.ops.pins import PinStore
 from lmcache_fs.storage.store import ChunkStore
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lmcache_fs"

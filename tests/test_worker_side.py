@@ -7,6 +7,7 @@ pytest.importorskip("vllm")
 
 from lmcache_fs.connector.metadata import HitSummary, LMCacheFSMetadata, LoadOp, SaveOp  # noqa: E402
 from lmcache_fs.connector.worker import ReadOptions, WorkerSide  # noqa: E402
+
 from lmcache_fs.storage.layout import ChunkLayout, Namespace  # noqa: E402
 from lmcache_fs.storage.store import ChunkStore  # noqa: E402
 

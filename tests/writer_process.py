@@ -10,7 +10,6 @@ import random
 import time
 
 import torch
-
 from cachedir import make_store, prefix_keys, save_prefix
 
 # Every writer draws from these keys: concurrent writers race on the same names, and

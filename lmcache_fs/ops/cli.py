@@ -20,15 +20,24 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lmcache_fs.config import CONFIG_FILE_ENV, ConfigError, LMCacheFSConfig, load_config
-from lmcache_fs.ops.eviction import BackgroundEvictor, EvictionReport, Evictor, lease_path
-from lmcache_fs.ops.inventory import (NamespaceNotFoundError, find_namespace, namespace_dirs,
-                                  scan_chunks, scan_namespace_temporaries, scan_quarantine,
-                                  scan_temporaries, summarize, total_size)
-from lmcache_fs.storage.layout import BadKeyError, check_key, chunk_file_path, read_manifest
-from lmcache_fs.ops.lease import read_lease
 from lmcache_fs.log import human_bytes, init_logging
+from lmcache_fs.model_identity import model_identity
+from lmcache_fs.ops.eviction import BackgroundEvictor, EvictionReport, Evictor, lease_path
+from lmcache_fs.ops.inventory import (
+    NamespaceNotFoundError,
+    find_namespace,
+    namespace_dirs,
+    scan_chunks,
+    scan_namespace_temporaries,
+    scan_quarantine,
+    scan_temporaries,
+    summarize,
+    total_size,
+)
+from lmcache_fs.ops.lease import read_lease
 from lmcache_fs.ops.pins import PINS_DIR, PinStore
 from lmcache_fs.progress import Progress, track
+from lmcache_fs.storage.layout import BadKeyError, check_key, chunk_file_path, read_manifest
 from lmcache_fs.storage.quarantine import quarantine, quarantine_dir
 from lmcache_fs.storage.space import free_bytes
 
@@ -110,9 +119,9 @@ def cmd_ls(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
 
 def cmd_inspect(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
     """A chunk file's header and metadata, found by path or by key."""
-    from lmcache_fs.storage.codec import ChunkFileError
     from lmcache_fs.ops.inspection import namespace_of, read_header
     from lmcache_fs.ops.verify import check_chunk
+    from lmcache_fs.storage.codec import ChunkFileError
 
     root = Path(cfg.storage_path)
     if os.path.sep in args.target or os.path.lexists(args.target):
@@ -220,11 +229,9 @@ def cmd_gc(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
 
 
 def _prompt_namespaces(args: argparse.Namespace, root: Path) -> list[Path]:
-    from lmcache_fs.connector.prompt_keys import model_identity
-
     if args.namespace:
         return [find_namespace(root, args.namespace)]
-    identity = model_identity(args.model)
+    identity = model_identity(args.model, None)
     return [ns for ns in namespace_dirs(root) if (read_manifest(ns) or {}).get("model") == identity]
 
 
@@ -256,8 +263,8 @@ def _prompt_keys(args: argparse.Namespace, ns: Path) -> list[str]:
 
 def _targets(args: argparse.Namespace, root: Path) -> list[tuple[Path, list[str], bool]]:
     """``(namespace, prefix keys, complete)`` for each namespace the pin/unpin arguments name."""
-    from lmcache_fs.storage.codec import ChunkFileError
     from lmcache_fs.ops.inspection import prefix_keys
+    from lmcache_fs.storage.codec import ChunkFileError
 
     if args.prompt is not None or args.prompt_file:
         if not args.model:

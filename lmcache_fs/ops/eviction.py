@@ -46,10 +46,17 @@ from pathlib import Path
 from typing import Callable
 
 from lmcache_fs.config import LMCacheFSConfig
-from lmcache_fs.ops.inventory import (ChunkEntry, FileEntry, namespace_dirs, scan_chunks,
-                                  scan_quarantine, scan_temporaries, total_size)
-from lmcache_fs.ops.lease import Lease
 from lmcache_fs.log import human_bytes
+from lmcache_fs.ops.inventory import (
+    ChunkEntry,
+    FileEntry,
+    namespace_dirs,
+    scan_chunks,
+    scan_quarantine,
+    scan_temporaries,
+    total_size,
+)
+from lmcache_fs.ops.lease import Lease
 from lmcache_fs.ops.pins import PinStore
 
 logger = logging.getLogger(__name__)

@@ -26,8 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from lmcache_fs.storage.layout import TEMP_PREFIX, is_namespace_name, iter_chunk_files, read_manifest
 from lmcache_fs.ops.pins import PINS_DIR, PinStore
+from lmcache_fs.storage.layout import (
+    TEMP_PREFIX,
+    is_namespace_name,
+    iter_chunk_files,
+    read_manifest,
+)
 from lmcache_fs.storage.quarantine import quarantine_dir
 
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lmcache_fs.storage.layout import check_key
 from lmcache_fs.log import human_bytes
+from lmcache_fs.storage.layout import check_key
 from lmcache_fs.storage.publish import publish
 
 logger = logging.getLogger(__name__)

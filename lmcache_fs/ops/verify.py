@@ -18,9 +18,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from lmcache_fs.storage.codec import ChunkFileError, read_chunk_file
 from lmcache_fs.ops.inspection import read_header
 from lmcache_fs.ops.inventory import expected_chunk_geometry, scan_chunks, scan_irregular
+from lmcache_fs.storage.codec import ChunkFileError, read_chunk_file
 from lmcache_fs.storage.layout import read_manifest
 from lmcache_fs.storage.quarantine import is_bad_entry
 

@@ -53,9 +53,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from lmcache_fs.gpu import device_checksum
-from lmcache_fs.storage.codec import (ChunkFileError, ChunkHeader, check_checksum, check_header,
-                              read_header_fd)
 from lmcache_fs.gpu.threads import device_thread_pool
+from lmcache_fs.storage.codec import (
+    ChunkFileError,
+    ChunkHeader,
+    check_checksum,
+    check_header,
+    read_header_fd,
+)
 from lmcache_fs.storage.store import ChunkStore
 
 logger = logging.getLogger(__name__)

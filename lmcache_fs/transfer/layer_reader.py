@@ -50,11 +50,17 @@ from typing import Sequence
 import torch
 import xxhash
 
-from lmcache_fs.transfer.block_copy import block_ids_on, scatter_layer
-from lmcache_fs.storage.codec import (ChunkFileError, check_header, checksum_text, new_checksum,
-                              open_chunk_file, read_header_fd)
 from lmcache_fs.gpu.threads import device_thread_pool
+from lmcache_fs.storage.codec import (
+    ChunkFileError,
+    check_header,
+    checksum_text,
+    new_checksum,
+    open_chunk_file,
+    read_header_fd,
+)
 from lmcache_fs.storage.store import ChunkStore
+from lmcache_fs.transfer.block_copy import block_ids_on, scatter_layer
 
 logger = logging.getLogger(__name__)
 
