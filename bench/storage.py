@@ -192,7 +192,7 @@ def _metadata(i: int, keys: list[str], tokens: int) -> dict[str, str]:
 
 
 class ChunkStoreTrial(_LocalTrial):
-    """lmcache-fs's real paths: ChunkStore.save -> publish, ChunkStore.load -> read_chunk_file."""
+    """lmcache-fs's real paths: ChunkStore.save -> publish, ChunkStore.load -> open_chunk + read_into + DataCheck."""
 
     def __init__(self, chunks: list[torch.Tensor], directory: Path, threads: int, tokens: int):
         super().__init__(chunks, threads)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from lmcache_fs.ops.inspection import open_chunk_path
+from lmcache_fs.storage.codec import ChunkHeader
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
 from lmcache_fs.storage.store import ChunkStore
 
@@ -74,3 +76,14 @@ def set_mtime(path: str | os.PathLike[str], when: float) -> None:
 def files_under(root: str | os.PathLike[str]) -> list[Path]:
     """Every file and symlink under ``root``, sorted."""
     return sorted(p for p in Path(root).rglob("*") if p.is_file() or p.is_symlink())
+
+
+def read_chunk_file(path: str | os.PathLike[str], out: torch.Tensor,
+                    expect: dict[str, str] | None = None, mac_key: bytes | None = None) -> ChunkHeader:
+    """Read and check the chunk file at ``path`` into ``out`` as a loader would (raises ChunkFileError)."""
+    chunk = open_chunk_path(path, expect, out.dtype, out.shape, mac_key)
+    try:
+        chunk.read_checked(out)
+    finally:
+        chunk.close()
+    return chunk.header

@@ -131,7 +131,7 @@ def test_verify_leaves_a_file_it_cannot_read_in_place(capsys, cache, tmp_path, m
     real_open = os.open
 
     def failing_open(path, *args, **kwargs):
-        if os.fspath(path) == str(unreadable):
+        if os.fspath(path) == unreadable.name:  # the file, opened relative to its directory
             raise OSError(error, os.strerror(error), str(path))
         return real_open(path, *args, **kwargs)
 

@@ -6,16 +6,17 @@ import struct
 
 import pytest
 import torch
-from cachedir import flip_byte
+from cachedir import flip_byte, read_chunk_file
 from safetensors.torch import load_file, save_file
 
+from lmcache_fs.ops.inspection import open_chunk_path, read_header
 from lmcache_fs.storage.codec import (
     ALIGNMENT,
     ChunkFileError,
-    check_checksum,
+    DataCheck,
+    byte_view,
+    check_data,
     encode_header,
-    read_chunk_file,
-    read_chunk_header,
     write_chunk_file,
 )
 
@@ -61,7 +62,7 @@ def test_data_starts_at_4096_for_gds(chunk_file):
 
 def test_header_reader_returns_metadata(chunk_file):
     path, data = chunk_file
-    header = read_chunk_header(path)
+    header = read_header(path)
     assert header.shape == tuple(data.shape) and header.metadata["key"] == META["key"]
 
 
@@ -76,19 +77,55 @@ def test_bit_flip_in_data_fails_the_checksum(chunk_file):
     _expect_miss(path, data, "checksum mismatch")
 
 
-def test_a_caller_that_checks_the_data_itself_gets_every_other_check(chunk_file):
-    # GPU readers check the device checksum after the copy to the GPU instead.
+def test_the_open_checks_the_header_before_any_data_is_read(chunk_file):
+    # Every reader (POSIX, kvikio, layer-wise, verify) starts from this open.
     path, data = chunk_file
-    flip_byte(path, ALIGNMENT + 1000)
-    out = torch.empty_like(data)
-    header = read_chunk_file(path, out, META, check_data=False)
-    with pytest.raises(ChunkFileError, match="checksum mismatch"):
-        check_checksum(header, out)
     with pytest.raises(ChunkFileError, match="metadata key"):
-        read_chunk_file(path, out, {**META, "key": "cd" * 32}, check_data=False)
+        open_chunk_path(path, {**META, "key": "cd" * 32})
     os.truncate(path, ALIGNMENT + 10)
     with pytest.raises(ChunkFileError, match="size"):
-        read_chunk_file(path, out, META, check_data=False)
+        open_chunk_path(path, META)
+
+
+def test_the_data_check_takes_the_data_in_any_pieces(chunk_file):
+    # The layer-wise reader feeds it layer by layer; whole-chunk readers in one piece.
+    path, data = chunk_file
+    header = read_header(path)
+    check = DataCheck(header)
+    raw = byte_view(data)
+    for start in range(0, len(raw), 777):
+        check.update(raw[start:start + 777])
+    check.verify()
+    flipped = data.clone()
+    flipped.view(torch.uint8).view(-1)[1000] ^= 1
+    with pytest.raises(ChunkFileError, match="checksum mismatch"):
+        check_data(header, flipped)
+
+
+def test_a_mac_is_checked_only_with_the_key_and_then_required(tmp_path):
+    data = _chunk()
+    write_chunk_file(tmp_path / "keyed", data, META, mac_key=b"k" * 32)
+    write_chunk_file(tmp_path / "plain", data, META)
+    out = torch.empty_like(data)
+    read_chunk_file(tmp_path / "keyed", out, META, mac_key=b"k" * 32)
+    read_chunk_file(tmp_path / "keyed", out, META)  # a reader without a key checks xxh3 only
+    with pytest.raises(ChunkFileError, match="MAC mismatch"):
+        read_chunk_file(tmp_path / "keyed", out, META, mac_key=b"x" * 32)
+    with pytest.raises(ChunkFileError, match="no MAC"):
+        read_chunk_file(tmp_path / "plain", out, META, mac_key=b"k" * 32)
+
+
+def test_the_mac_covers_the_metadata_too(tmp_path):
+    # A writer without the key cannot relabel a keyed chunk as another key's (same data).
+    data = _chunk()
+    path = tmp_path / "keyed"
+    write_chunk_file(path, data, META, mac_key=b"k" * 32)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(META["key"].encode())
+    raw[at:at + 64] = ("cd" * 32).encode()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ChunkFileError, match="MAC mismatch"):
+        read_chunk_file(path, torch.empty_like(data), {**META, "key": "cd" * 32}, mac_key=b"k" * 32)
 
 
 @pytest.mark.parametrize("keep", [0, 5, 100, ALIGNMENT, ALIGNMENT + 10])
@@ -129,10 +166,13 @@ def test_crafted_headers_are_misses_not_crashes(tmp_path, raw):
     _expect_miss(tmp_path / "c", torch.empty(16), "not an lmcache-fs|not JSON|foreign")
 
 
-def test_a_header_nested_past_every_pythons_recursion_limit_is_a_miss(tmp_path):
-    raw = b"[" * 100_000 + b"]" * 100_000  # a long header: read through its second pread
+@pytest.mark.parametrize("levels", [30_000, 100_000])
+def test_a_header_nested_past_every_pythons_recursion_limit_is_a_miss(tmp_path, levels):
+    # 30k levels fit the 64 KiB header cap (read through a second pread) and fail to
+    # parse; 100k levels are over the cap and never read.
+    raw = b"[" * levels + b"]" * levels
     (tmp_path / "c").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(64))
-    _expect_miss(tmp_path / "c", torch.empty(16), "not JSON")
+    _expect_miss(tmp_path / "c", torch.empty(16), "not JSON" if levels == 30_000 else "implausible")
 
 
 def test_a_header_longer_than_a_page_before_little_data_reads(tmp_path):
@@ -158,7 +198,7 @@ def test_missing_file_and_symlink_are_misses(chunk_file, tmp_path):
     path, data = chunk_file
     _expect_miss(tmp_path / "absent", data, "missing")
     (tmp_path / "link").symlink_to(path)
-    _expect_miss(tmp_path / "link", data, "cannot open")
+    _expect_miss(tmp_path / "link", data, "symlink")
 
 
 def test_non_contiguous_input_is_refused_with_the_fix():

@@ -146,7 +146,7 @@ def test_kernel_matches_the_reference(nbytes, offset):
 @pytest.mark.gpu
 @cuda
 def test_saves_from_the_gpu_store_the_device_checksum(store):
-    from lmcache_fs.storage.codec import read_chunk_header
+    from lmcache_fs.ops.inspection import read_header
     from lmcache_fs.storage.writer import BackgroundWriter
     from lmcache_fs.transfer.device_saver import DeviceChunkSaver
 
@@ -156,7 +156,7 @@ def test_saves_from_the_gpu_store_the_device_checksum(store):
     assert saver.submit("00" * 8, chunk, {})
     saver.flush()
     writer.flush()
-    header = read_chunk_header(store.layout.chunk_path("00" * 8))
+    header = read_header(store.layout.chunk_path("00" * 8))
     assert header.metadata[FIELD] == checksum_text(word_sums(chunk.cpu()))
     saver.close()
     writer.close()

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cachedir import read_chunk_file
 from engines import EngineProcess
 
-from lmcache_fs.storage.codec import read_chunk_file, read_chunk_header
+from lmcache_fs.ops.inspection import read_header
 from lmcache_fs.storage.layout import TEMP_PREFIX
 
 pytestmark = pytest.mark.engine
@@ -131,7 +132,7 @@ def test_corrupted_and_truncated_chunks_are_recomputed_not_loaded(engines, stora
     before = set(_chunk_files(storage))
     engines["a"].generate([prompt])
     _wait_for_chunks(storage, len(before) + PROMPT_LEN // CHUNK)
-    by_index = {int(read_chunk_header(p).metadata["chunk_index"]): p
+    by_index = {int(read_header(p).metadata["chunk_index"]): p
                 for p in _files_of(storage, before)}
     with open(by_index[1], "r+b") as f:  # flip one bit in the data of chunk 1
         f.seek(8192)
@@ -163,7 +164,7 @@ def test_two_engines_storing_the_same_prompts_at_once_leave_only_valid_files(eng
     assert len(new_files) >= len(prompts) * (PROMPT_LEN // CHUNK) - 2  # writers may still finish
     new_files = _wait_for_chunks(storage, len(before) + len(prompts) * (PROMPT_LEN // CHUNK))
     for path in _files_of(storage, before):
-        header = read_chunk_header(path)
+        header = read_header(path)
         out = torch.empty(header.shape, dtype=header.dtype)
         read_chunk_file(path, out, {"key": path.stem})  # raises on any defect
     assert not list(storage.glob("*/??/.tmp.*")), "temporaries left behind"

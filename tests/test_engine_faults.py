@@ -18,17 +18,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from cachedir import read_chunk_file
 from engines import EngineProcess
 from mounts import bindfs_view, read_only_view
 
 from lmcache_fs.ops.eviction import Evictor
-from lmcache_fs.ops.inventory import namespace_dirs, scan_chunks, scan_quarantine, scan_temporaries
-from lmcache_fs.storage.codec import (
-    ChunkFileError,
-    read_chunk_file,
-    read_chunk_header,
-    write_chunk_file,
+from lmcache_fs.ops.inspection import read_header
+from lmcache_fs.ops.inventory import (
+    namespace_dirs,
+    scan_chunks,
+    scan_quarantine,
+    scan_temporaries,
 )
+from lmcache_fs.storage.codec import ChunkFileError, write_chunk_file
 from lmcache_fs.storage.layout import chunk_file_path
 
 pytestmark = pytest.mark.engine
@@ -166,7 +168,7 @@ def _wait_for_valid_chunk(path, what, timeout_s=60):
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            header = read_chunk_header(path)
+            header = read_header(path)
             read_chunk_file(path, torch.empty(header.shape, dtype=header.dtype), {"key": path.stem})
             return
         except (OSError, ChunkFileError) as exc:

@@ -287,14 +287,14 @@ def test_kvikio_reads_with_no_host_hash_finish_on_the_callers_thread(store, monk
 
 def test_an_unexpected_error_in_a_read_is_a_miss_for_that_chunk_only(store, monkeypatch):
     chunks = _save(store, 3)
-    real_load = store.load
+    real_open = store.open_chunk
 
-    def buggy_for_key_1(key, out):
+    def buggy_for_key_1(key, *args):
         if key == _key(1):
             raise ValueError("a bug, not a bad file")
-        return real_load(key, out)
+        return real_open(key, *args)
 
-    monkeypatch.setattr(store, "load", buggy_for_key_1)
+    monkeypatch.setattr(store, "open_chunk", buggy_for_key_1)
     results = {i: c.clone() if isinstance(c, torch.Tensor) else c
                for i, c in _reader(store, BACKENDS[0]).read([_key(i) for i in range(3)])}
     assert torch.equal(results[0], chunks[0]) and torch.equal(results[2], chunks[2])

@@ -12,7 +12,6 @@ from cachedir import flip_byte
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
 from lmcache_fs.storage.quarantine import quarantine_dir
 from lmcache_fs.storage.store import ChunkStore
-from lmcache_fs.transfer import layer_reader
 from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
 
 LAYERS, BLOCKS, PAGE, PER_CHUNK = 4, 64, (2, 16, 32), 4
@@ -40,8 +39,8 @@ def _chunks(store, n):
 
 
 def _data_offset(path):
-    from lmcache_fs.storage.codec import read_chunk_header
-    return read_chunk_header(path).data_offset
+    from lmcache_fs.ops.inspection import read_header
+    return read_header(path).data_offset
 
 
 PAGE_BYTES = 2 * PAGE[0] * PAGE[1] * PAGE[2]
@@ -135,21 +134,6 @@ def test_a_bad_file_is_a_miss_and_the_others_load(tmp_path, damage, strided):
     if damage != "missing":
         assert not path.exists(), "a bad file must be quarantined"
         assert any(quarantine_dir(tmp_path).iterdir())
-    reader.close()
-
-
-@pytest.mark.parametrize("strided", [False, True], ids=["into-pages", "through-staging"])
-def test_chunks_beyond_the_open_files_limit_are_opened_per_layer(tmp_path, monkeypatch, strided):
-    monkeypatch.setattr(layer_reader, "MAX_OPEN_PER_THREAD", 2)
-    store = _store(tmp_path)
-    chunks = _chunks(store, 5)
-    caches = _caches(strided=strided)
-    reader = LayerwiseReader(store, caches, PER_CHUNK, threads=1, staging_bytes=1)
-    jobs = [LayerLoadJob(k, 0, tuple(range(4 * i, 4 * i + 4))) for i, k in enumerate(KEYS[:5])]
-    load = reader.start(jobs)
-    load.wait_layer(LAYERS - 1)
-    assert load.finish() == [None] * 5
-    assert all(torch.equal(caches[2][4 * i + 1], chunks[i][2, 1]) for i in range(5))
     reader.close()
 
 

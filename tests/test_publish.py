@@ -58,7 +58,7 @@ def test_mode_is_applied_exactly_whatever_the_umask(tmp_path):
 
 
 def test_without_hard_links_replace_still_publishes_once(tmp_path, monkeypatch):
-    def no_link(src, dst):
+    def no_link(src, dst, **dir_fds):
         raise OSError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_link)

@@ -9,11 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from cachedir import SHAPE, chunk, files_under, load_ok, make_store, prefix_keys, save_prefix
+from cachedir import (
+    SHAPE,
+    chunk,
+    files_under,
+    load_ok,
+    make_store,
+    prefix_keys,
+    save_prefix,
+)
 
 from lmcache_fs.ops.pins import PinStore
 from lmcache_fs.storage.codec import ChunkFileError, write_chunk_file
-from lmcache_fs.storage.layout import ChunkLayout, Namespace
+from lmcache_fs.storage.layout import TEMP_PREFIX, ChunkLayout, Namespace
 from lmcache_fs.storage.store import ChunkStore
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lmcache_fs"
@@ -48,7 +56,7 @@ def test_a_valid_chunk_behind_a_symlink_is_not_read(tmp_path, store):
     path = store.layout.chunk_path(key)
     path.parent.mkdir(parents=True)
     os.symlink(_outside_copy(tmp_path, store, key), path)
-    with pytest.raises(ChunkFileError, match="cannot open"):
+    with pytest.raises(ChunkFileError, match="a symlink, not read through"):
         load_ok(store, key)
 
 
@@ -76,18 +84,17 @@ def test_a_symlinked_directory_is_neither_read_nor_written_through(tmp_path, lev
 def test_a_directory_that_cannot_be_checked_is_a_miss_and_nothing_is_quarantined(store, monkeypatch):
     [key] = prefix_keys("p", 1)
     save_prefix(store, [key])
-    path = store.layout.chunk_path(key)
-    real_lstat = os.lstat
+    real_open = os.open
 
     def stale_fan_out(p, *args, **kwargs):
-        if Path(p) == path.parent:
+        if os.fspath(p) == key[:2]:
             raise OSError(116, "Stale file handle")  # ESTALE: what NFS says after a server restart
-        return real_lstat(p, *args, **kwargs)
+        return real_open(p, *args, **kwargs)
 
-    monkeypatch.setattr(os, "lstat", stale_fan_out)
-    with pytest.raises(ChunkFileError, match="cannot check .*Stale file handle"):
+    monkeypatch.setattr(os, "open", stale_fan_out)
+    with pytest.raises(ChunkFileError, match="cannot open its directory: Stale file handle"):
         load_ok(store, key)
-    monkeypatch.setattr(os, "lstat", real_lstat)
+    monkeypatch.setattr(os, "open", real_open)
     assert load_ok(store, key)  # still there, unharmed
 
 
@@ -147,19 +154,56 @@ def test_a_header_promising_another_shape_is_refused(tmp_path, store):
         store.load(key, torch.empty(SHAPE, dtype=torch.bfloat16))
 
 
-def test_a_reader_with_its_own_io_gets_the_same_checks_quarantine_and_touch(tmp_path, store):
-    """The kvikio/GDS path reads files itself: the store still vets paths and records outcomes."""
+def test_every_reader_opens_through_the_store_and_finishes_there(tmp_path, store):
+    """Readers with their own I/O (kvikio, layer-wise) get the same checks, quarantine and touch."""
     key, other = prefix_keys("p", 2)
     save_prefix(store, [key])
-    path = store.path_for_read(key)
+    path = store.layout.chunk_path(key)
     os.utime(path, (0, 0))
-    store.loaded(key, path)
+    store.finish(store.open_chunk(key))
     assert path.stat().st_mtime > 0  # used now, for eviction on every node
-    path.write_bytes(b"garbage")
-    store.load_failed(path, ChunkFileError("checksum mismatch: the data is corrupt"))
+    chunk = store.open_chunk(key)
+    store.finish(chunk, ChunkFileError("checksum mismatch: the data is corrupt"))
     assert not path.exists()  # quarantined
     fanout = store.layout.chunk_path(other).parent
     fanout.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(tmp_path, fanout)
     with pytest.raises(ChunkFileError, match="symlink or not a directory"):
-        store.path_for_read(other)
+        store.open_chunk(other)
+
+
+def test_a_bad_file_replaced_by_a_good_copy_meanwhile_is_not_quarantined(store):
+    # The loader found its copy bad, but eviction removed it and a writer published a
+    # good one under the same name before the loader finished: only the bad copy may go.
+    key = prefix_keys("p", 1)[0]
+    save_prefix(store, [key])
+    chunk = store.open_chunk(key)
+    store.layout.chunk_path(key).unlink()
+    save_prefix(store, [key])
+    store.finish(chunk, ChunkFileError("checksum mismatch: the data is corrupt"))
+    assert load_ok(store, key)
+
+
+def test_a_fan_out_directory_swapped_for_a_link_mid_store_is_never_written_through(
+        tmp_path, store, monkeypatch):
+    # The race of issue #17: checked, then swapped, then written. Directories are
+    # held open by descriptor, so the write lands in the directory that was opened.
+    import lmcache_fs.storage.publish as publish_module
+
+    key = prefix_keys("p", 1)[0]
+    fanout = store.layout.chunk_path(key).parent
+    fanout.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    real_open = os.open
+
+    def swap_then_open(path, *args, **kwargs):
+        if os.path.basename(os.fspath(path)).startswith(TEMP_PREFIX) and not fanout.is_symlink():
+            os.rename(fanout, tmp_path / "moved")  # after the checks, before the temporary
+            os.symlink(outside, fanout)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(publish_module.os, "open", swap_then_open)
+    assert store.save(key, chunk(key), {})
+    assert list(outside.iterdir()) == []  # nothing written through the link
+    assert (tmp_path / "moved" / f"{key}.safetensors").exists()

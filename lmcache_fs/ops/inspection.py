@@ -1,21 +1,52 @@
-"""Read chunk headers for operators' tools, never through a symlink.
+"""Open chunk files by path for operators' tools, never through a symlink.
 
-The loader reads whole chunks (:func:`lmcache_fs.storage.codec.read_chunk_file`);
-tools such as ``lmcache-fs inspect`` and ``pin`` only need a header, and
-follow ``parent_key`` links to find the chunks a prefix is made of.
+Engines open chunks by key (:meth:`lmcache_fs.storage.store.ChunkStore.open_chunk`);
+tools such as ``lmcache-fs inspect``, ``verify`` and ``pin`` start from a path
+(also a quarantined file's) and go through the same open
+(:func:`~lmcache_fs.storage.store.open_chunk_at`); ``pin`` follows
+``parent_key`` links to find the chunks a prefix is made of.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
+from typing import Mapping, Sequence
 
-from lmcache_fs.storage.codec import ALIGNMENT, ChunkFileError, ChunkHeader, parse_header
+import torch
+
+from lmcache_fs.storage.codec import ChunkFileError, ChunkHeader
 from lmcache_fs.storage.layout import BadKeyError, chunk_file_path
 from lmcache_fs.storage.quarantine import QUARANTINE_DIR
+from lmcache_fs.storage.store import OpenChunk, open_chunk_at
 
 _MAX_CHAIN = 100_000  # chunks in one prefix; a cycle in planted files must not loop forever
+
+
+def open_chunk_path(path: str | os.PathLike[str], expect: Mapping[str, str] | None = None,
+                    dtype: torch.dtype | None = None, shape: Sequence[int] | None = None,
+                    mac_key: bytes | None = None) -> OpenChunk:
+    """Open the chunk file at ``path`` (never through a symlink at ``path``), header checked.
+
+    Close it with ``.close()``.
+
+    Raises:
+        ChunkFileError: as :func:`~lmcache_fs.storage.store.open_chunk_at`,
+            or its directory cannot be opened.
+    """
+    path = Path(path)
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError as exc:
+        raise ChunkFileError("missing") from exc
+    except OSError as exc:
+        raise ChunkFileError(f"cannot open its directory: {exc.strerror}") from exc
+    try:
+        return open_chunk_at(dir_fd, path.name, key=path.name.split(".", 1)[0], expect=expect,
+                             dtype=dtype, shape=shape, mac_key=mac_key)
+    except ChunkFileError:
+        os.close(dir_fd)
+        raise
 
 
 def read_header(path: str | os.PathLike[str]) -> ChunkHeader:
@@ -24,23 +55,9 @@ def read_header(path: str | os.PathLike[str]) -> ChunkHeader:
     Raises:
         ChunkFileError: missing, a symlink or directory, or not an lmcache-fs chunk.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError as exc:
-        raise ChunkFileError("missing") from exc
-    except OSError as exc:
-        raise ChunkFileError(f"cannot open: {exc.strerror}") from exc
-    try:
-        head = os.pread(fd, ALIGNMENT, 0)
-        if len(head) >= 8:
-            (hlen,) = struct.unpack_from("<Q", head)
-            if len(head) < 8 + hlen <= 8 + (1 << 20):
-                head = os.pread(fd, 8 + hlen, 0)
-    except OSError as exc:
-        raise ChunkFileError(f"read failed: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
-    return parse_header(head)
+    chunk = open_chunk_path(path)
+    chunk.close()
+    return chunk.header
 
 
 def prefix_keys(namespace_dir: str | os.PathLike[str], key: str) -> tuple[list[str], bool]:

@@ -18,9 +18,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from lmcache_fs.ops.inspection import read_header
+from lmcache_fs.ops.inspection import open_chunk_path
 from lmcache_fs.ops.inventory import expected_chunk_geometry, scan_chunks, scan_irregular
-from lmcache_fs.storage.codec import ChunkFileError, read_chunk_file
+from lmcache_fs.storage.codec import ChunkFileError, ChunkHeader
 from lmcache_fs.storage.layout import read_manifest
 from lmcache_fs.storage.quarantine import is_bad_entry
 
@@ -36,40 +36,46 @@ class Finding:
     merely could not be read (see :func:`lmcache_fs.storage.quarantine.is_bad_entry`)."""
 
 
-class ReadBuffers:
-    """One reusable read buffer per (shape, dtype): verifying a million files allocates a few."""
+class ReadBuffer:
+    """One reusable read buffer, grown to the largest chunk seen: verifying a million
+    files (or planted headers of many shapes) allocates a few times at most."""
 
     def __init__(self) -> None:
-        self._by_geometry: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        self._bytes = torch.empty(0, dtype=torch.uint8)
 
-    def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        buf = self._by_geometry.get((shape, dtype))
-        if buf is None:
-            buf = self._by_geometry[(shape, dtype)] = torch.empty(shape, dtype=dtype)
-        return buf
+    def view(self, header: ChunkHeader) -> torch.Tensor:
+        """A tensor of the header's dtype and shape over the buffer's first bytes."""
+        if self._bytes.numel() < header.nbytes:
+            self._bytes = torch.empty(header.nbytes, dtype=torch.uint8)
+        return self._bytes[:header.nbytes].view(header.dtype).view(header.shape)
 
 
 def check_chunk(path: str | os.PathLike[str], namespace: str, key: str,
                 geometry: tuple[tuple[int, ...], str] | None = None,
-                buffers: ReadBuffers | None = None) -> Finding | None:
+                buffer: ReadBuffer | None = None, mac_key: bytes | None = None) -> Finding | None:
     """What is wrong with one chunk file, or None if the loader would accept it.
 
     Args:
         path: the chunk file.
         namespace, key: what its metadata must say.
         geometry: the shape and dtype name the namespace expects, if known.
-        buffers: read buffers to reuse across calls.
+        buffer: a read buffer to reuse across calls.
+        mac_key: the integrity key, to check MACs too.
     """
-    buffers = buffers or ReadBuffers()
+    buffer = buffer or ReadBuffer()
+    dtype, shape = None, None
+    if geometry is not None:
+        shape, dtype_name = geometry
+        dtype = getattr(torch, dtype_name, None)
+        dtype = dtype if isinstance(dtype, torch.dtype) else None
     try:
-        header = read_header(path)
-        if geometry is not None:
-            shape, dtype_name = geometry
-            if header.shape != shape or str(header.dtype).removeprefix("torch.") != dtype_name:
-                return Finding(str(path), f"holds {header.dtype} {list(header.shape)}, the "
-                                          f"namespace expects {dtype_name} {list(shape)}")
-        read_chunk_file(path, buffers.get(header.shape, header.dtype),
-                        {"namespace": namespace, "key": key})
+        # The header's size is checked against the file's before anything is
+        # allocated: a planted header cannot make verify allocate more.
+        chunk = open_chunk_path(path, {"namespace": namespace, "key": key}, dtype, shape, mac_key)
+        try:
+            chunk.read_checked(buffer.view(chunk.header))
+        finally:
+            chunk.close()
     except ChunkFileError as exc:
         return Finding(str(path), str(exc), is_bad_entry(exc))
     return None
@@ -81,21 +87,23 @@ def count_entries(namespace_dir: str | os.PathLike[str]) -> int:
 
 
 def verify_namespace(namespace_dir: str | os.PathLike[str],
-                     on_checked: Callable[[], None] = lambda: None) -> Iterator[Finding]:
+                     on_checked: Callable[[], None] = lambda: None,
+                     mac_key: bytes | None = None) -> Iterator[Finding]:
     """Yield a :class:`Finding` for each bad entry of a namespace.
 
     Args:
         namespace_dir: the namespace directory.
         on_checked: called after each chunk file (progress).
+        mac_key: the integrity key, to check MACs too.
     """
     directory = Path(namespace_dir)
     geometry = expected_chunk_geometry(read_manifest(directory) or {})
     for entry in scan_irregular(directory):
         yield Finding(entry.path, "a symlink, directory or file where the cache expects "
                                   "something else: never read through")
-    buffers = ReadBuffers()
+    buffer = ReadBuffer()
     for chunk in scan_chunks(directory):
-        finding = check_chunk(chunk.path, directory.name, chunk.key, geometry, buffers)
+        finding = check_chunk(chunk.path, directory.name, chunk.key, geometry, buffer, mac_key)
         on_checked()
         if finding is not None and finding.problem != "missing":  # "missing": evicted mid-verify
             yield finding

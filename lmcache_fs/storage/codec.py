@@ -10,26 +10,31 @@ directories or the index. Any safetensors reader can open the file:
 The header's ``__metadata__`` (strings only, as safetensors requires) carries
 the format name and version, the caller's fields (namespace, key, parent key,
 chunk index, tokens; GPU writers add a ``device_checksum``, see
-:mod:`lmcache_fs.gpu.device_checksum`) and an xxh3-64 checksum of the data.
-Aligned data lets O_DIRECT and GPUDirect Storage read it in place.
+:mod:`lmcache_fs.gpu.device_checksum`), an xxh3-64 checksum of the data and,
+where the writer holds an integrity key, a keyed BLAKE2b MAC of the metadata
+and the data (:class:`DataCheck`). Aligned data lets GPUDirect Storage (which
+needs 4096-aligned offsets) read it in place.
 
-Reading is one ``preadv`` into a caller-owned buffer (never a memory map: too
-slow for many small cold files), then checks in this order: size, header,
-expected metadata, dtype and shape, checksum. Any failure raises
-:class:`ChunkFileError`, which callers treat as a cache miss.
+This module is the format only: :func:`read_header` parses a header from an
+open descriptor and :func:`check_header` / :class:`DataCheck` hold every check
+a reader makes. Opening a chunk safely (directories by descriptor, never
+through a symlink) is :meth:`lmcache_fs.storage.store.ChunkStore.open_chunk`.
 
 Example:
     >>> import torch, tempfile, os
     >>> t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     >>> p = os.path.join(tempfile.mkdtemp(), "c.safetensors")
     >>> write_chunk_file(p, t, {"key": "ab"})
-    >>> out = torch.empty_like(t)
-    >>> read_chunk_file(p, out, {"key": "ab"}).metadata["key"]
+    >>> fd = os.open(p, os.O_RDONLY)
+    >>> read_header(fd).metadata["key"]
     'ab'
+    >>> os.close(fd)
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import struct
@@ -43,7 +48,9 @@ ALIGNMENT = 4096
 FORMAT_NAME = "lmcache-fs"
 FORMAT_VERSION = "1"
 TENSOR_NAME = "kv"
-_MAX_HEADER = 1 << 20  # a real header is < 2 KiB; anything larger is not ours
+MAX_HEADER_BYTES = 64 << 10  # a real header is < 2 KiB; anything larger is not ours
+CHECKSUM_FIELD = "checksum"
+MAC_FIELD = "mac"
 
 _DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float32: "F32",
@@ -77,24 +84,74 @@ class ChunkHeader:
 
 
 _CHECKSUM_PREFIX = "xxh3_64:"
+_MAC_PREFIX = "blake2b-256:"
+_MAC_PERSON = b"lmcache-fs-mac"
 
 
 def checksum(data: torch.Tensor) -> str:
     """xxh3-64 of a contiguous CPU tensor's bytes, as ``"xxh3_64:<hex>"``."""
-    return _CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(_byte_view(data))
+    return _CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(byte_view(data))
 
 
-def new_checksum() -> xxhash.xxh3_64:
-    """A streaming xxh3-64: ``update()`` it with the data in file order, in any pieces."""
-    return xxhash.xxh3_64()
+def _new_mac(key: bytes, metadata: Mapping[str, str], dtype: str, shape: Sequence[int]):
+    """A keyed BLAKE2b fed with everything a header says, before the data is fed to it."""
+    mac = hashlib.blake2b(key=key, digest_size=32, person=_MAC_PERSON)
+    signed = {k: v for k, v in metadata.items() if k != MAC_FIELD}
+    mac.update(json.dumps([signed, dtype, list(shape)], sort_keys=True,
+                          separators=(",", ":")).encode())
+    return mac
 
 
-def checksum_text(streamed: xxhash.xxh3_64) -> str:
-    """What :func:`checksum` would say of the bytes fed to ``streamed``."""
-    return _CHECKSUM_PREFIX + streamed.hexdigest()
+class DataCheck:
+    """The one check of a chunk's data that every reader makes: feed it the data, then verify.
+
+    The data goes in file order, in any pieces (whole-chunk readers feed one
+    buffer; the layer-wise reader feeds each layer as it lands). It checks
+    the header's xxh3-64 and, with ``mac_key``, the MAC, which a file must
+    then carry: one without it, or with a MAC made with another key, fails.
+    (GPU readers may check the device checksum instead of xxh3, see
+    :mod:`lmcache_fs.transfer.chunk_reader`; never instead of the MAC.)
+    """
+
+    def __init__(self, header: "ChunkHeader", mac_key: bytes | None = None):
+        self._expected = header.metadata.get(CHECKSUM_FIELD)
+        self._xxh3 = xxhash.xxh3_64()
+        self._mac = None
+        self._expected_mac = None
+        if mac_key is not None:
+            self._expected_mac = header.metadata.get(MAC_FIELD)
+            self._mac = _new_mac(mac_key, header.metadata, _DTYPE_TO_ST[header.dtype], header.shape)
+
+    def update(self, data: memoryview | bytes, *, checksum: bool = True) -> None:
+        """Feed the next bytes of the data; ``checksum=False`` feeds only the MAC."""
+        if checksum:
+            self._xxh3.update(data)
+        if self._mac is not None:
+            self._mac.update(data)
+
+    def verify(self, *, checksum: bool = True) -> None:
+        """Raise :class:`ChunkFileError` unless the data fed matches the header.
+
+        ``checksum=False``: the caller checked the data another way (the device
+        checksum); only the MAC, if keyed, is checked here.
+        """
+        if checksum and self._expected != _CHECKSUM_PREFIX + self._xxh3.hexdigest():
+            raise ChunkFileError("checksum mismatch: the data is corrupt")
+        if self._mac is not None:
+            if self._expected_mac is None:
+                raise ChunkFileError("no MAC: not written by a holder of the integrity key")
+            if not hmac.compare_digest(self._expected_mac, _MAC_PREFIX + self._mac.hexdigest()):
+                raise ChunkFileError("MAC mismatch: written with another key, or altered")
 
 
-def _byte_view(data: torch.Tensor) -> memoryview:
+def check_data(header: "ChunkHeader", data: torch.Tensor, mac_key: bytes | None = None) -> None:
+    """:class:`DataCheck` over a whole contiguous CPU tensor (raises :class:`ChunkFileError`)."""
+    check = DataCheck(header, mac_key)
+    check.update(byte_view(data))
+    check.verify()
+
+
+def byte_view(data: torch.Tensor) -> memoryview:
     # numpy has no bfloat16/float8: view the bytes as uint8 first (no copy).
     return memoryview(data.reshape(-1).view(torch.uint8).numpy())
 
@@ -109,8 +166,11 @@ def _check_tensor(data: torch.Tensor) -> None:
                          f"cannot name; supported: {sorted(str(d) for d in _DTYPE_TO_ST)}")
 
 
-def encode_header(data: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
+def encode_header(data: torch.Tensor, metadata: Mapping[str, str],
+                  mac_key: bytes | None = None) -> bytes:
     """The 8-byte length plus padded JSON header for ``data`` (a multiple of 4096 bytes).
+
+    With ``mac_key`` the header also carries the MAC that :class:`DataCheck` checks.
 
     Raises:
         ValueError: the tensor is not a contiguous CPU tensor of a known dtype,
@@ -121,7 +181,11 @@ def encode_header(data: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
         if not isinstance(v, str):
             raise ValueError(f"metadata[{k!r}] must be a str (safetensors rule), got {type(v).__name__}")
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **metadata,
-            "checksum": checksum(data)}
+            CHECKSUM_FIELD: checksum(data)}
+    if mac_key is not None:
+        mac = _new_mac(mac_key, meta, _DTYPE_TO_ST[data.dtype], data.shape)
+        mac.update(byte_view(data))
+        meta[MAC_FIELD] = _MAC_PREFIX + mac.hexdigest()
     nbytes = data.numel() * data.element_size()
     header = {"__metadata__": meta,
               TENSOR_NAME: {"dtype": _DTYPE_TO_ST[data.dtype], "shape": list(data.shape),
@@ -131,10 +195,11 @@ def encode_header(data: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
     return struct.pack("<Q", total - 8) + raw + b" " * (total - 8 - len(raw))
 
 
-def write_chunk_to_fd(fd: int, data: torch.Tensor, metadata: Mapping[str, str]) -> int:
+def write_chunk_to_fd(fd: int, data: torch.Tensor, metadata: Mapping[str, str],
+                      mac_key: bytes | None = None) -> int:
     """Write header and data to an open file descriptor; returns bytes written."""
-    header = encode_header(data, metadata)
-    body = _byte_view(data)
+    header = encode_header(data, metadata, mac_key)
+    body = byte_view(data)
     total = len(header) + len(body)
     written = os.writev(fd, [header, body])
     while written < total:  # a short write is legal for large buffers
@@ -146,11 +211,11 @@ def write_chunk_to_fd(fd: int, data: torch.Tensor, metadata: Mapping[str, str]) 
 
 
 def write_chunk_file(path: str | os.PathLike[str], data: torch.Tensor,
-                     metadata: Mapping[str, str]) -> None:
+                     metadata: Mapping[str, str], mac_key: bytes | None = None) -> None:
     """Write a chunk file at ``path`` in place (callers that share a directory publish instead)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        write_chunk_to_fd(fd, data, metadata)
+        write_chunk_to_fd(fd, data, metadata, mac_key)
     finally:
         os.close(fd)
 
@@ -160,7 +225,7 @@ def parse_header(blob: bytes) -> ChunkHeader:
     if len(blob) < 8:
         raise ChunkFileError("truncated: shorter than the 8-byte header length")
     (hlen,) = struct.unpack_from("<Q", blob)
-    if hlen > _MAX_HEADER:
+    if hlen > MAX_HEADER_BYTES:
         raise ChunkFileError(f"header length {hlen} is implausible: not an lmcache-fs chunk")
     if len(blob) < 8 + hlen:
         raise ChunkFileError("truncated inside the header")
@@ -189,103 +254,38 @@ def parse_header(blob: bytes) -> ChunkHeader:
     return ChunkHeader(dtype, shape, 8 + hlen, nbytes, {str(k): str(v) for k, v in meta.items()})
 
 
-def read_chunk_header(path: str | os.PathLike[str]) -> ChunkHeader:
-    """Read and parse only the header of a chunk file (for inspection tools)."""
-    with open(path, "rb") as f:
-        head = f.read(ALIGNMENT)
-        if len(head) >= 8:
-            (hlen,) = struct.unpack_from("<Q", head)
-            if 8 + hlen > len(head) and hlen <= _MAX_HEADER:
-                head += f.read(8 + hlen - len(head))
+def read_header(fd: int) -> ChunkHeader:
+    """Read and parse the header of the chunk file open at ``fd`` (one ``pread`` unless long).
+
+    Raises:
+        ChunkFileError: truncated, foreign, or a header over
+            :data:`MAX_HEADER_BYTES` (never read: a planted length cannot make
+            a reader allocate more).
+        OSError: the read failed.
+    """
+    head = os.pread(fd, ALIGNMENT, 0)
+    if len(head) >= 8:
+        (hlen,) = struct.unpack_from("<Q", head)
+        if len(head) < 8 + hlen <= 8 + MAX_HEADER_BYTES:
+            head = os.pread(fd, 8 + hlen, 0)
     return parse_header(head)
 
 
-def open_chunk_file(path: str | os.PathLike[str]) -> int:
-    """Open a chunk file for reading, never through a symlink; returns the descriptor.
-
-    Raises:
-        ChunkFileError: missing, a symlink, a directory, unreadable.
-    """
-    try:
-        return os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError as exc:
-        raise ChunkFileError("missing") from exc
-    except OSError as exc:  # ELOOP (a symlink), ESTALE, EACCES, EISDIR, ...
-        raise ChunkFileError(f"cannot open: {exc.strerror}") from exc
-
-
-def read_header_fd(fd: int, path: str | os.PathLike[str]) -> ChunkHeader:
-    """The header through an open descriptor (one pread); longer than a page: through ``path``."""
-    try:
-        return parse_header(os.pread(fd, ALIGNMENT, 0))
-    except ChunkFileError:
-        return read_chunk_header(path)  # raises again if the header is bad, not just long
-
-
-def check_header(header: ChunkHeader, file_size: int, dtype: torch.dtype,
-                 shape: Sequence[int], expect: Mapping[str, str]) -> None:
+def check_header(header: ChunkHeader, file_size: int, dtype: torch.dtype | None,
+                 shape: Sequence[int] | None, expect: Mapping[str, str]) -> None:
     """Raise :class:`ChunkFileError` unless a chunk's header fits what the caller expects.
 
-    Every reader (POSIX here, kvikio in :mod:`lmcache_fs.transfer.chunk_reader`) runs these
-    checks before any byte of the file reaches the KV cache.
+    :meth:`lmcache_fs.storage.store.ChunkStore.open_chunk` runs these checks
+    before any reader moves a byte of the file; ``dtype``/``shape`` None
+    accept what the header says (operators' tools that know no geometry).
     """
     if file_size != header.data_offset + header.nbytes:
         raise ChunkFileError(f"size {file_size} bytes, header promises "
                              f"{header.data_offset + header.nbytes}")
-    if header.dtype != dtype or header.shape != tuple(shape):
+    if ((dtype is not None and header.dtype != dtype)
+            or (shape is not None and header.shape != tuple(shape))):
         raise ChunkFileError(f"holds {header.dtype} {list(header.shape)}, "
-                             f"expected {dtype} {list(shape)}")
+                             f"expected {dtype} {list(shape or header.shape)}")
     for k, v in expect.items():
         if header.metadata.get(k) != v:
             raise ChunkFileError(f"metadata {k}={header.metadata.get(k)!r}, expected {v!r}")
-
-
-def read_chunk_file(path: str | os.PathLike[str], out: torch.Tensor,
-                    expect: Mapping[str, str], *, check_data: bool = True) -> ChunkHeader:
-    """Read a chunk file into ``out`` and verify it completely.
-
-    Args:
-        path: the chunk file.
-        out: a contiguous CPU tensor with the expected dtype and shape; filled
-            in place. Its contents are undefined if this raises.
-        expect: metadata fields that must match exactly (namespace, key, ...).
-        check_data: False leaves the data's checksum to the caller (GPU
-            readers check the device checksum after the copy to the GPU, or
-            call :func:`check_checksum`); everything else is still checked.
-
-    Raises:
-        ChunkFileError: missing, vanished mid-read, truncated, foreign, of
-            another namespace/key/shape/dtype, or failing its checksum.
-    """
-    _check_tensor(out)
-    body = _byte_view(out)
-    head = bytearray(ALIGNMENT)
-    fd = open_chunk_file(path)
-    try:
-        size = os.fstat(fd).st_size
-        got = os.preadv(fd, [head, body], 0)
-        head_bytes = bytes(head[:got])  # a file shorter than a page leaves the rest unread
-        if len(head_bytes) >= 8:
-            (hlen,) = struct.unpack_from("<Q", head_bytes)
-            if 8 + hlen > ALIGNMENT and hlen <= _MAX_HEADER:
-                head_bytes = os.pread(fd, 8 + hlen, 0)  # a header longer than one page
-        header = parse_header(head_bytes)
-        if header.data_offset != ALIGNMENT:
-            # A header longer than one page: read the data where it really starts.
-            got = header.data_offset + os.preadv(fd, [body], header.data_offset)
-    except OSError as exc:  # ESTALE/ENOENT on NFS when deleted mid-read
-        raise ChunkFileError(f"read failed: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
-    check_header(header, size, out.dtype, out.shape, expect)
-    if got != header.data_offset + header.nbytes:
-        raise ChunkFileError(f"short read: {got} of {size} bytes")
-    if check_data:
-        check_checksum(header, out)
-    return header
-
-
-def check_checksum(header: ChunkHeader, data: torch.Tensor) -> None:
-    """Raise :class:`ChunkFileError` unless ``data`` (on the host) has the header's xxh3-64."""
-    if header.metadata.get("checksum") != checksum(data):
-        raise ChunkFileError("checksum mismatch: the data is corrupt")

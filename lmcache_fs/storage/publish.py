@@ -32,9 +32,9 @@ _HOST = socket.gethostname().replace("/", "_").replace(".", "_")[:32] or "host"
 _NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
 
 
-def temp_name(final: Path) -> Path:
-    """A temporary path beside ``final`` that no other process can choose."""
-    return final.parent / f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.{secrets.token_hex(6)}.{final.name}"
+def temp_name(final_name: str) -> str:
+    """A temporary name beside ``final_name`` that no other process can choose."""
+    return f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.{secrets.token_hex(6)}.{final_name}"
 
 
 def publish(final: str | os.PathLike[str], write: Callable[[int], object],
@@ -54,15 +54,28 @@ def publish(final: str | os.PathLike[str], write: Callable[[int], object],
         OSError: from writing (ENOSPC, EDQUOT, EIO...); the temporary is removed.
     """
     final = Path(final)
-    tmp = temp_name(final)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
-        fd = os.open(tmp, flags, mode)
+        dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
         # The directory's first file. Creating it only then spares every other
         # store a mkdir that fails with EEXIST: one round trip each on NFS.
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, flags, mode)
+        dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return publish_at(dir_fd, final.name, write, mode)
+    finally:
+        os.close(dir_fd)
+
+
+def publish_at(dir_fd: int, name: str, write: Callable[[int], object], mode: int = 0o644) -> bool:
+    """:func:`publish` into the directory open at ``dir_fd``: no path is resolved by name.
+
+    The temporary is created with ``O_EXCL | O_NOFOLLOW`` and linked, and
+    removed, relative to ``dir_fd``, so a directory swapped for a symlink
+    after it was opened cannot redirect the write.
+    """
+    tmp = temp_name(name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
     try:
         try:
             os.fchmod(fd, mode)  # exact bits, whatever the process umask
@@ -70,19 +83,21 @@ def publish(final: str | os.PathLike[str], write: Callable[[int], object],
         finally:
             os.close(fd)
         try:
-            os.link(tmp, final)
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
             return True
         except FileExistsError:
             return False
         except OSError as exc:
             if exc.errno not in _NO_LINK_ERRNOS:
                 raise
-            if final.exists():
+            try:
+                os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
                 return False
-            os.replace(tmp, final)
-            return True
+            except FileNotFoundError:
+                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                return True
     finally:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except FileNotFoundError:
             pass

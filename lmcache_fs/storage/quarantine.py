@@ -20,7 +20,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # the codec imports torch; operators' commands that only list files do not need it
     from lmcache_fs.storage.codec import ChunkFileError
@@ -60,13 +60,28 @@ def quarantine(root: str | os.PathLike[str], path: str | os.PathLike[str], reaso
         The quarantined path, or None if nothing was moved.
     """
     root, path = Path(root), Path(path)
-    relative = "__".join(path.relative_to(root).parts)
+    return _move(root, path.relative_to(root).parts, lambda target: os.rename(path, target), reason)
+
+
+def quarantine_at(root: str | os.PathLike[str], dir_fd: int, name: str,
+                  parts: tuple[str, ...], reason: str) -> Path | None:
+    """:func:`quarantine` of entry ``name`` of the directory open at ``dir_fd``.
+
+    ``parts`` is the entry's path below ``root`` (its quarantined name); the
+    entry itself is renamed relative to ``dir_fd``, never looked up by path.
+    """
+    return _move(Path(root), parts, lambda target: os.rename(name, target, src_dir_fd=dir_fd), reason)
+
+
+def _move(root: Path, parts: tuple[str, ...], rename: Callable[[Path], None],
+          reason: str) -> Path | None:
+    relative = "__".join(parts)
     target = quarantine_dir(root) / f"{relative}.{int(time.time())}.{secrets.token_hex(4)}"
     try:
         target.parent.mkdir(exist_ok=True)
-        os.rename(path, target)
+        rename(target)
     except OSError as exc:
-        logger.debug("could not quarantine %s (%s)", path, exc.strerror)
+        logger.debug("could not quarantine %s (%s)", "/".join(parts), exc.strerror)
         return None
-    logger.warning("quarantined %s (%s) as %s", path, reason, target.name)
+    logger.warning("quarantined %s (%s) as %s", root.joinpath(*parts), reason, target.name)
     return target

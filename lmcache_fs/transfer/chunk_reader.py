@@ -11,8 +11,8 @@ Three read paths, chosen once per process by :func:`choose_read_backend`:
     bounce buffers into the same GPU slot (what kvikio does where GDS is not
     supported: containers without ``/run/udev``, overlayfs, NFS over TCP).
 ``posix``
-    the codec's own reader (one ``preadv``) into a pinned host slot, then a
-    host-to-device copy (checked on the GPU where the file has a device
+    one ``preadv`` into a pinned host slot (a plain host slot on a CPU
+    device), then on CUDA a host-to-device copy (checked on the GPU where the file has a device
     checksum, else hashed on the host first). Always available; the fallback
     whenever kvikio or CUDA is missing.
 
@@ -27,9 +27,14 @@ kernels) they are copied back into a pinned host slot on the side stream and
 hashed with xxh3 there, which bounds page-cache reads by host hashing (see
 ``bench/results/gpu_path.md``). Bytes that land on the host (``posix``) are
 checked the same way after their copy to the GPU, or hashed on the host
-before it. ``verify=False`` skips the data checksum for the kvikio paths
-only, trusting the filesystem for the data; header, size, namespace and key
-are still checked. The default verifies.
+before it. A store with an integrity key checks every chunk on the host
+(xxh3 and the MAC; a GPU cannot compute the MAC). ``verify=False`` skips the
+data check for the kvikio paths only, trusting the filesystem for the data;
+header, size, namespace and key are still checked. The default verifies.
+
+Every read starts from :meth:`ChunkStore.open_chunk` and ends with
+:meth:`ChunkStore.finish` (kvikio reopens the open file through
+``/proc/self/fd``, never the chunk's path).
 
 Failure of any one chunk (missing, vanished mid-read, truncated, foreign,
 corrupt, an I/O error) is reported as a :class:`ChunkFileError` for that chunk,
@@ -46,22 +51,15 @@ import os
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from lmcache_fs.gpu import device_checksum
 from lmcache_fs.gpu.threads import device_thread_pool
-from lmcache_fs.storage.codec import (
-    ChunkFileError,
-    ChunkHeader,
-    check_checksum,
-    check_header,
-    read_header_fd,
-)
-from lmcache_fs.storage.store import ChunkStore
+from lmcache_fs.storage.codec import ChunkFileError, byte_view
+from lmcache_fs.storage.store import ChunkStore, OpenChunk
 
 logger = logging.getLogger(__name__)
 
@@ -188,51 +186,25 @@ def _as_chunk_errors() -> Iterator[None]:
 
 @dataclass
 class KvikioRead:
-    """A chunk whose header passed its checks and whose data kvikio is reading into ``out``."""
+    """A chunk whose header passed its checks and whose data kvikio is reading into a slot."""
 
-    file: Any  # kvikio.CuFile, open until finish()
+    chunk: OpenChunk
+    file: Any  # kvikio.CuFile, open until wait()
     io: Any  # kvikio.IOFuture of the data read
-    header: ChunkHeader
-    out: torch.Tensor
 
-    def finish(self, host: torch.Tensor | None, stream: torch.cuda.Stream | None,
-               checker: device_checksum.SlotChecker | None = None) -> ChunkHeader:
-        """Wait for the data and close the file; with ``host``, verify the data.
-
-        ``host`` is a contiguous CPU tensor like ``out``; ``host=None`` skips
-        verification. If the file has a device checksum and ``checker`` is
-        given, ``out`` is verified on the GPU. Otherwise ``out`` is copied into
-        ``host`` on ``stream`` (a side stream, so that the engine's stream
-        neither waits nor is waited for) and its xxh3 checked there.
+    def wait(self) -> None:
+        """Wait for the data and close kvikio's file (the chunk stays open).
 
         Raises:
-            ChunkFileError: the read failed or fell short, or the data is corrupt.
+            ChunkFileError: the read failed or fell short.
         """
         try:
             with _as_chunk_errors():
                 got = self.io.get()
         finally:
             self.file.close()
-        if got != self.header.nbytes:
-            raise ChunkFileError(f"short read: {got} of {self.header.nbytes} data bytes")
-        if host is None:
-            return self.header
-        expected = self.header.metadata.get(device_checksum.FIELD)
-        # kvikio's get() returned after its copies finished: the kernel sees the data.
-        on_device = (checker.checksum_of(self.out)
-                     if checker is not None and expected is not None else None)
-        if on_device is not None:
-            if on_device != expected:
-                raise ChunkFileError("device checksum mismatch: the data is corrupt")
-            return self.header
-        if stream is None:
-            host.copy_(self.out)
-        else:
-            with torch.cuda.stream(stream):
-                host.copy_(self.out, non_blocking=True)
-            stream.synchronize()
-        check_checksum(self.header, host)
-        return self.header
+        if got != self.chunk.header.nbytes:
+            raise ChunkFileError(f"short read: {got} of {self.chunk.header.nbytes} data bytes")
 
 
 class DeviceBytes:
@@ -250,37 +222,29 @@ class DeviceBytes:
             "data": (tensor.data_ptr(), False), "strides": None, "version": 3}
 
 
-def start_read_kvikio(kvikio: ModuleType, path: str | os.PathLike[str], out: torch.Tensor,
-                      expect: Mapping[str, str], target: object | None = None) -> KvikioRead:
-    """Check a chunk file's header on the host, then start reading its data into ``out``.
+def start_read_kvikio(kvikio: ModuleType, chunk: OpenChunk, out: torch.Tensor,
+                      target: object | None = None) -> KvikioRead:
+    """Start reading an open chunk's data into ``out`` with kvikio; returns at once.
 
-    The first half of :func:`lmcache_fs.storage.codec.read_chunk_file` for a GPU
-    ``out`` (contiguous; on the host only for a CPU stand-in of kvikio): the
-    data is read from its 4096-aligned offset by kvikio's own threads, without
-    the GIL, while the caller goes on. :meth:`KvikioRead.finish` is the second.
-    ``target`` is what kvikio reads into (default: ``out``'s bytes), e.g. a
-    :class:`DeviceBytes` of ``out``.
+    kvikio opens files by name, so it is given ``/proc/self/fd/N``: the very
+    file the store opened (no symlink or swapped directory can intervene).
+    The data is read from its 4096-aligned offset by kvikio's own threads,
+    without the GIL, while the caller goes on. ``target`` is what kvikio
+    reads into (default: ``out``'s bytes), e.g. a :class:`DeviceBytes` of ``out``.
 
     Raises:
-        ChunkFileError: missing, unreadable, truncated, foreign or of another
-            dtype or shape (nothing is left open).
+        ChunkFileError: kvikio could not open or start reading the file.
     """
     with _as_chunk_errors():
-        f = kvikio.CuFile(path, "r")
+        f = kvikio.CuFile(chunk.proc_path, "r")
     try:
         with _as_chunk_errors():
-            opened = os.fstat(f.fileno())
-            # kvikio opens through a symlink; the POSIX reader (O_NOFOLLOW) never does.
-            if not os.path.samestat(opened, os.lstat(path)):
-                raise ChunkFileError("cannot open: a symlink, not read through")
-            header = read_header_fd(f.fileno(), path)
-            check_header(header, opened.st_size, out.dtype, out.shape, expect)
             io = f.pread(out.view(-1).view(torch.uint8) if target is None else target,
-                         header.nbytes, header.data_offset)
+                         chunk.header.nbytes, chunk.header.data_offset)
     except BaseException:
         f.close()
         raise
-    return KvikioRead(f, io, header, out)
+    return KvikioRead(chunk, f, io)
 
 
 class _RunWhenAsked:
@@ -335,7 +299,7 @@ class ChunkReader:
         self.store = store
         self.device = torch.device(device)
         self.backend = backend
-        self.verify = verify or backend.path is ReadPath.POSIX
+        self.verify = verify or backend.path is ReadPath.POSIX or store.mac_key is not None
         nbytes = dtype.itemsize
         for d in chunk_shape:
             nbytes *= d
@@ -368,29 +332,53 @@ class ChunkReader:
             backend.kvikio.memory_register(self._device_buffer)
         self._pool = device_thread_pool(self.slots, "lmcache-fs-read", self.device)
 
+    def _open(self, key: str) -> OpenChunk:
+        return self.store.open_chunk(key, self._device[0].dtype, self._device[0].shape)
+
     def _read_posix(self, key: str, slot: int, in_use: torch.cuda.Event | None) -> None:
         if in_use is not None:
             in_use.synchronize()  # the consumer's work on this slot has finished
         self._uploaded[slot] = False
-        if not self._checkers:
-            self.store.load(key, self._host[slot])  # verifies everything on the host
-            return
-        # With a device checksum the host only reads: the copy to the GPU and
-        # the check run on the slot's stream, and no host hash is computed.
-        header = self.store.load(key, self._host[slot], check_data=False)
-        expected = header.metadata.get(device_checksum.FIELD)
+        chunk = self._open(key)
         try:
-            got = (self._checkers[slot].checksum_of(self._device[slot],
-                                                    upload_from=self._host[slot])
-                   if expected is not None else None)
-            if got is None:
-                check_checksum(header, self._host[slot])
-            elif got != expected:
-                raise ChunkFileError("device checksum mismatch: the data is corrupt")
-            self._uploaded[slot] = expected is not None
+            chunk.read_into(self._host[slot])
+            self._uploaded[slot] = self._verify(slot, chunk, on_host=True)
         except ChunkFileError as exc:
-            self.store.load_failed(self.store.layout.chunk_path(key), exc)
+            self.store.finish(chunk, exc)  # quarantine what is proven bad
             raise
+        self.store.finish(chunk)  # mtime: recently used, for eviction on every node
+
+    def _verify(self, slot: int, chunk: OpenChunk, *, on_host: bool) -> bool:
+        """Check the data in ``slot`` (``on_host``: read into the host slot, else the device slot).
+
+        On the GPU with the file's device checksum where the kernels can (a
+        host slot is uploaded for it), else on the host with the store's data
+        check (a device slot is copied back on the slot's side stream first).
+
+        Returns:
+            Whether a host slot's data is now on the device too.
+
+        Raises:
+            ChunkFileError: the data is corrupt (or fails the MAC).
+        """
+        expected = chunk.header.metadata.get(device_checksum.FIELD)
+        uploaded = False
+        if self._checkers and expected is not None and not chunk.keyed:
+            got = self._checkers[slot].checksum_of(
+                self._device[slot], upload_from=self._host[slot] if on_host else None)
+            uploaded = on_host
+            if got is not None:
+                if got != expected:
+                    raise ChunkFileError("device checksum mismatch: the data is corrupt")
+                return uploaded
+        if not on_host and self._streams:  # (a CPU device's slots are the host slots)
+            with torch.cuda.stream(self._streams[slot]):
+                self._host[slot].copy_(self._device[slot], non_blocking=True)
+            self._streams[slot].synchronize()
+        check = chunk.data_check()
+        check.update(byte_view(self._host[slot]))
+        check.verify()
+        return uploaded
 
     def _start(self, key: str, slot: int) -> Future[Any] | _RunWhenAsked:
         """Begin reading ``key`` into ``slot``; the future completes once it is there, verified."""
@@ -399,31 +387,37 @@ class ChunkReader:
             return self._pool.submit(self._read_posix, key, slot, in_use)
         if in_use is not None:
             in_use.synchronize()  # kvikio writes into the slot as soon as the read starts
-        path = None
         try:
-            path = self.store.path_for_read(key)  # no symlinked directory on the way
-            read = start_read_kvikio(self.backend.kvikio, path, self._device[slot],
-                                     self.store.identity(key), self._targets[slot])
+            chunk = self._open(key)
         except ChunkFileError as exc:
-            if path is not None:
-                self.store.load_failed(path, exc)
             failed: Future[Any] = Future()
             failed.set_exception(exc)
             return failed
-        if self.verify and not (self._checkers and device_checksum.FIELD in read.header.metadata):
-            return self._pool.submit(self._finish_kvikio, read, key, path, slot)
-        return _RunWhenAsked(functools.partial(self._finish_kvikio, read, key, path, slot))
+        try:
+            read = start_read_kvikio(self.backend.kvikio, chunk, self._device[slot],
+                                     self._targets[slot])
+        except ChunkFileError as exc:
+            self.store.finish(chunk, exc)
+            failed = Future()
+            failed.set_exception(exc)
+            return failed
+        on_device = (self._checkers and device_checksum.FIELD in chunk.header.metadata
+                     and not chunk.keyed)
+        if self.verify and not on_device:
+            return self._pool.submit(self._finish_kvikio, read, slot)
+        return _RunWhenAsked(functools.partial(self._finish_kvikio, read, slot))
 
-    def _finish_kvikio(self, read: KvikioRead, key: str, path: Path, slot: int) -> None:
+    def _finish_kvikio(self, read: KvikioRead, slot: int) -> None:
         """Wait for and verify a kvikio read; keep the store's books like a POSIX load does."""
         try:
-            read.finish(self._host[slot] if self.verify else None,
-                        self._streams[slot] if self._streams else None,
-                        self._checkers[slot] if self._checkers else None)
+            read.wait()
+            if self.verify:
+                # kvikio's get() returned after its copies finished: the kernel sees the data.
+                self._verify(slot, read.chunk, on_host=False)
         except ChunkFileError as exc:
-            self.store.load_failed(path, exc)  # quarantine what is proven bad
+            self.store.finish(read.chunk, exc)  # quarantine what is proven bad
             raise
-        self.store.loaded(key, path)  # mtime: recently used, for eviction on every node
+        self.store.finish(read.chunk)  # mtime: recently used, for eviction on every node
 
     def _to_device(self, slot: int) -> torch.Tensor:
         """The slot's chunk on the device (POSIX on CUDA: queue the H2D copy now, if not done)."""

@@ -5,9 +5,11 @@ A chunk file's data is layer-major (``[layers, blocks, *page]``, see
 of the file. :meth:`LayerwiseReader.start` reads layer 0 of every chunk of the
 step, then layer 1, and so on, in background threads; the forward pass calls
 :meth:`LayerwiseLoad.wait_layer` before each attention layer and waits only
-until that layer has arrived. Each chunk and layer is one ``preadv``, hashed as
-it lands: xxh3 streams, so a file's checksum is known once its last layer is
-read.
+until that layer has arrived. Each chunk and layer is one ``preadv``, fed to
+the chunk's data check as it lands (xxh3, and the MAC where the store is
+keyed, both stream), so a file's check is known once its last layer is read.
+Every chunk is opened once by :meth:`ChunkStore.open_chunk` (header checked
+before any byte moves) and handed back to :meth:`ChunkStore.finish`.
 
 Where the bytes go:
 
@@ -39,35 +41,20 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import xxhash
 
 from lmcache_fs.gpu.threads import device_thread_pool
-from lmcache_fs.storage.codec import (
-    ChunkFileError,
-    check_header,
-    checksum_text,
-    new_checksum,
-    open_chunk_file,
-    read_header_fd,
-)
-from lmcache_fs.storage.store import ChunkStore
+from lmcache_fs.storage.codec import ChunkFileError, DataCheck, byte_view
+from lmcache_fs.storage.store import ChunkStore, OpenChunk
 from lmcache_fs.transfer.block_copy import block_ids_on, scatter_layer
 
 logger = logging.getLogger(__name__)
-
-# Files one read thread keeps open from its first layer to its last; any more
-# chunks (a huge step) are opened again for each layer (their checksum still
-# covers every layer, so a file replaced in between is a miss, never mixed).
-MAX_OPEN_PER_THREAD = 256
 
 
 @dataclass(frozen=True)
@@ -80,20 +67,12 @@ class LayerLoadJob:
 
 
 @dataclass
-class _OpenChunk:
-    """One chunk being read: its file, where its data starts, its running checksum."""
+class _Reading:
+    """One chunk being read: the open file and its data check, fed layer by layer."""
 
     index: int
-    path: Path
-    fd: int | None  # None: opened again for each layer
-    data_offset: int
-    expected: str
-    hasher: xxhash.xxh3_64 = field(default_factory=new_checksum)
-
-
-def _byte_view(t: torch.Tensor) -> memoryview:
-    """A flat byte view of a contiguous CPU tensor (no copy)."""
-    return memoryview(t.view(-1).view(torch.uint8).numpy())
+    chunk: OpenChunk
+    check: DataCheck
 
 
 class _IntoPages:
@@ -104,7 +83,7 @@ class _IntoPages:
     def __init__(self, layers: Sequence[torch.Tensor], page_bytes: int):
         self.page_bytes = page_bytes
         # One flat byte view per layer: page b is [b * page_bytes, (b + 1) * page_bytes).
-        self._layer_bytes = [_byte_view(kv) for kv in layers]
+        self._layer_bytes = [byte_view(kv) for kv in layers]
 
     def group_of(self, index: int) -> int:
         return 0
@@ -162,7 +141,7 @@ class _ThroughStaging:
         units = len(layers) * self.units_per_layer
         self.ring = max(2, min(units, ring_bytes // slot_bytes))
         self._host = torch.empty((self.ring, slot_bytes), dtype=torch.uint8, pin_memory=on_gpu)
-        self._host_bytes = [_byte_view(slot) for slot in self._host]
+        self._host_bytes = [byte_view(slot) for slot in self._host]
         self._device = (torch.empty_like(self._host, device=device) if on_gpu else self._host)
         self._page_shape = tuple(layers[0].shape[1:])
         self._committed = 0  # units 0 .. committed-1 are queued for the device
@@ -259,46 +238,16 @@ class LayerwiseReader:
 
     # -- run in the pool threads ----------------------------------------------
 
-    def open_chunk(self, index: int, path: Path, job: LayerLoadJob) -> _OpenChunk:
-        """Open ``job``'s file and check its header: size, dtype, shape, namespace, key.
-
-        Raises:
-            ChunkFileError: the file is missing, truncated or foreign.
-        """
-        fd = open_chunk_file(path)
-        try:
-            header = read_header_fd(fd, path)
-            check_header(header, os.fstat(fd).st_size, self.dtype, self.chunk_shape,
-                         self.store.identity(job.key))
-        except OSError as exc:
-            os.close(fd)
-            raise ChunkFileError(f"read failed: {exc.strerror}") from exc
-        except BaseException:
-            os.close(fd)
-            raise
-        return _OpenChunk(index, path, fd, header.data_offset,
-                          header.metadata.get("checksum", ""))
-
-    def read_layer(self, chunk: _OpenChunk, layer: int, buffers: list[memoryview]) -> None:
-        """Read layer ``layer`` of ``chunk`` into ``buffers`` (one per block) and hash it.
+    def read_layer(self, reading: _Reading, layer: int, buffers: list[memoryview]) -> None:
+        """Read layer ``layer`` of a chunk into ``buffers`` (one per block) and check it.
 
         Raises:
             ChunkFileError: the read failed or fell short.
         """
-        expected = self.blocks_per_chunk * self.page_bytes
-        offset = chunk.data_offset + layer * expected
-        fd = chunk.fd if chunk.fd is not None else open_chunk_file(chunk.path)
-        try:
-            got = os.preadv(fd, buffers, offset)
-        except OSError as exc:  # ESTALE/EIO on NFS, a file deleted mid-read
-            raise ChunkFileError(f"read failed: {exc.strerror}") from exc
-        finally:
-            if chunk.fd is None:
-                os.close(fd)
-        if got != expected:
-            raise ChunkFileError(f"short read: {got} of {expected} bytes of layer {layer}")
+        layer_bytes = self.blocks_per_chunk * self.page_bytes
+        reading.chunk.read_at(buffers, layer * layer_bytes)
         for buffer in buffers:
-            chunk.hasher.update(buffer)
+            reading.check.update(buffer)
 
 
 class LayerwiseLoad:
@@ -365,60 +314,48 @@ class LayerwiseLoad:
 
     def _read_chunks(self, thread: int, indices: list[int]) -> None:
         reader = self.reader
-        chunks: list[_OpenChunk] = []
+        readings: list[_Reading] = []
         try:
             for i in indices:
-                path = None
                 try:
-                    path = reader.store.path_for_read(self.jobs[i].key)
-                    chunk = reader.open_chunk(i, path, self.jobs[i])
-                except ChunkFileError as exc:
-                    self._failed(i, path, exc)
+                    chunk = reader.store.open_chunk(self.jobs[i].key, reader.dtype,
+                                                    reader.chunk_shape)
+                except ChunkFileError as exc:  # the store quarantined what is proven bad
+                    self.errors[i] = exc
                     continue
-                if len(chunks) >= MAX_OPEN_PER_THREAD and chunk.fd is not None:
-                    os.close(chunk.fd)
-                    chunk.fd = None
-                chunks.append(chunk)
+                readings.append(_Reading(i, chunk, chunk.data_check()))
             # Pages of a chunk that are not loaded (before first_block, after the
-            # last block id) are read here, only to be hashed.
+            # last block id) are read here, only to be checked.
             page = reader.page_bytes
-            scratch = _byte_view(torch.empty(reader.blocks_per_chunk * page, dtype=torch.uint8))
+            scratch = byte_view(torch.empty(reader.blocks_per_chunk * page, dtype=torch.uint8))
             scratch_pages = [scratch[b * page:(b + 1) * page]
                              for b in range(reader.blocks_per_chunk)]
             destination = self.destination
-            groups: list[list[_OpenChunk]] = [[] for _ in range(destination.units_per_layer)]
-            for chunk in chunks:
-                groups[destination.group_of(chunk.index)].append(chunk)
+            groups: list[list[_Reading]] = [[] for _ in range(destination.units_per_layer)]
+            for reading in readings:
+                groups[destination.group_of(reading.index)].append(reading)
             for unit in range(self._units):
                 layer, group = divmod(unit, destination.units_per_layer)
                 destination.before_reading(unit)
-                for chunk in groups[group]:
-                    if self.errors[chunk.index] is not None:
+                for reading in groups[group]:
+                    if self.errors[reading.index] is not None:
                         continue
-                    job = self.jobs[chunk.index]
-                    buffers = destination.buffers(unit, chunk.index, job, scratch_pages)
+                    job = self.jobs[reading.index]
+                    buffers = destination.buffers(unit, reading.index, job, scratch_pages)
                     try:
-                        reader.read_layer(chunk, layer, buffers)
+                        reader.read_layer(reading, layer, buffers)
                     except ChunkFileError as exc:
-                        self._failed(chunk.index, chunk.path, exc)
+                        self.errors[reading.index] = exc
                 self._unit_read(thread, unit + 1)
-            for chunk in chunks:
-                if self.errors[chunk.index] is not None:
-                    continue
-                if checksum_text(chunk.hasher) != chunk.expected:
-                    self._failed(chunk.index, chunk.path,
-                                 ChunkFileError("checksum mismatch: the data is corrupt"))
-                else:
-                    reader.store.loaded(self.jobs[chunk.index].key, chunk.path)
+            for reading in readings:
+                if self.errors[reading.index] is None:
+                    try:
+                        reading.check.verify()
+                    except ChunkFileError as exc:
+                        self.errors[reading.index] = exc
         finally:
-            for chunk in chunks:
-                if chunk.fd is not None:
-                    os.close(chunk.fd)
-
-    def _failed(self, index: int, path: Path | None, exc: ChunkFileError) -> None:
-        self.errors[index] = exc
-        if path is not None:
-            self.reader.store.load_failed(path, exc)  # quarantine what is proven bad
+            for reading in readings:  # a hit marks the chunk used; a proven-bad one is quarantined
+                reader.store.finish(reading.chunk, self.errors[reading.index])
 
     def _unit_read(self, thread: int, units: int) -> None:
         with self._read:
