@@ -27,6 +27,7 @@ from lmcache_fs.config import ConfigError, LMCacheFSConfig, load_config
 from lmcache_fs.log import init_logging
 from lmcache_fs.ops.eviction import BackgroundEvictor, start_background_evictor
 from lmcache_fs.storage.index import ChunkIndex
+from lmcache_fs.storage.integrity import key_id
 from lmcache_fs.storage.layout import ChunkLayout
 from lmcache_fs.storage.space import FreeSpaceGuard
 from lmcache_fs.storage.store import ChunkStore
@@ -122,6 +123,9 @@ class LMCacheFSConnector(KVConnectorBase_V1):
         self.config.check_block_size(block_size)
         self.config.check_block_size(hash_block_size)
         fields = namespace_fields(vllm_config, kv_cache_config, self.config.chunk_size)
+        mac_key = self.config.integrity_key()
+        if mac_key is not None:  # engines with different keys never share chunks
+            fields["integrity_key_id"] = key_id(mac_key)
         parallel = vllm_config.parallel_config
 
         self._scheduler: SchedulerSide | None = None
@@ -154,7 +158,7 @@ class LMCacheFSConnector(KVConnectorBase_V1):
                 layout.write_manifest()
             cfg = self.config
             self._worker = WorkerSide(
-                ChunkStore(layout, cfg.file_mode), group.layer_names,
+                ChunkStore(layout, cfg.file_mode, mac_key=mac_key), group.layer_names,
                 cfg.chunk_size // block_size, block_size, cfg.save_queue_size, can_save,
                 ReadOptions(cfg.use_gds, cfg.staging_buffer_mb << 20, cfg.verify_device_reads,
                             cfg.layerwise_load),

@@ -103,6 +103,10 @@ class LMCacheFSConfig:
     kvikio/GDS). ``auto``: layer by layer on CPU engines, whole chunks on CUDA (layer-wise
     CUDA loads have not yet been measured on a GPU)."""
 
+    integrity_key_file: str = ""
+    """A file holding a secret (16+ random bytes, not world-readable): chunks carry a keyed
+    MAC, and only chunks written by holders of the same key are loaded. Empty: no MAC."""
+
     def __post_init__(self) -> None:
         if not self.storage_path:
             raise ConfigError(_STORAGE_PATH_REQUIRED)
@@ -148,6 +152,21 @@ class LMCacheFSConfig:
             raise ConfigError(
                 f"chunk_size {self.chunk_size} is not a multiple of the engine's block size "
                 f"{block_size}: set chunk_size to e.g. {max(1, round(self.chunk_size / block_size)) * block_size}")
+
+    def integrity_key(self) -> bytes | None:
+        """The MAC key from ``integrity_key_file``, or None without one.
+
+        Raises:
+            ConfigError: the file is unusable (the message names the fix).
+        """
+        if not self.integrity_key_file:
+            return None
+        from lmcache_fs.storage.integrity import IntegrityKeyError, read_key_file
+
+        try:
+            return read_key_file(self.integrity_key_file)
+        except IntegrityKeyError as exc:
+            raise ConfigError(str(exc)) from exc
 
     def check_storage_path(self, writable: bool = True) -> Path:
         """Create the directory if needed; raise a clear error if it cannot be used."""

@@ -342,3 +342,26 @@ def test_progress_is_drawn_on_a_terminal_only():
             progress.advance(2)
     assert "verify  2/2  100%" in shown.getvalue() and hidden.getvalue() == ""
 
+
+
+def test_verify_survives_a_planted_header_declaring_a_huge_tensor(capsys, tmp_path):
+    # Issue #17: in a namespace without a manifest (no known geometry), verify used to
+    # allocate the header's declared shape before checking the file's size: a 4 KiB file
+    # declaring [2**44] bytes crashed it. The size is now checked first.
+    import json
+    import struct
+
+    from lmcache_fs.storage.layout import ChunkLayout, Namespace
+
+    layout = ChunkLayout(tmp_path, Namespace({"model": "no-manifest"}))
+    key = prefix_keys("huge", 1)[0]
+    path = layout.chunk_path(key)
+    path.parent.mkdir(parents=True)
+    header = json.dumps({"__metadata__": {"format": "lmcache-fs", "format_version": "1",
+                                          "namespace": layout.namespace.name, "key": key},
+                         "kv": {"dtype": "U8", "shape": [2 ** 44],
+                                "data_offsets": [0, 2 ** 44]}}).encode()
+    path.write_bytes(struct.pack("<Q", 4088) + header.ljust(4088))
+    code, data = run(capsys, "verify", "--storage-path", str(tmp_path))
+    assert code == EXIT_PROBLEMS
+    assert [(b["path"], "size" in b["problem"]) for b in data["bad"]] == [(str(path), True)]

@@ -144,7 +144,8 @@ def cmd_inspect(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
             ns_dir = namespace_of(path)
             key = header.metadata.get("key", "")
             info["pinned_by"] = [p.name for p in PinStore(ns_dir).pins_holding(key)] if key else []
-            if args.verify and (finding := check_chunk(path, ns_dir.name, key)) is not None:
+            if args.verify and (finding := check_chunk(path, ns_dir.name, key,
+                                                       mac_key=cfg.integrity_key())) is not None:
                 info["problem"] = finding.problem
             elif args.verify:
                 info["verified"] = "data and checksum ok"
@@ -173,7 +174,7 @@ def cmd_verify(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
     bad, unreadable, checked = [], [], 0
     for ns in _namespaces(root, args.namespace):
         with Progress(f"verify {ns.name}", count_entries(ns)) as progress:
-            for finding in verify_namespace(ns, progress.advance):
+            for finding in verify_namespace(ns, progress.advance, cfg.integrity_key()):
                 entry = {"path": finding.path, "problem": finding.problem}
                 if not finding.damaged:
                     unreadable.append(entry)
