@@ -44,9 +44,11 @@ from typing import Mapping, Sequence
 import torch
 import xxhash
 
+from lmcache_fs.storage.layout import FORMAT_VERSION as NAMESPACE_FORMAT_VERSION
+
 ALIGNMENT = 4096
 FORMAT_NAME = "lmcache-fs"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = str(NAMESPACE_FORMAT_VERSION)  # the header's field is a string (safetensors)
 TENSOR_NAME = "kv"
 MAX_HEADER_BYTES = 64 << 10  # a real header is < 2 KiB; anything larger is not ours
 CHECKSUM_FIELD = "checksum"

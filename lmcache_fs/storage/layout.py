@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Union
 
 FORMAT_VERSION = 1
+"""The chunk file format's version: a namespace field and each header's ``format_version``."""
 CHUNK_SUFFIX = ".safetensors"
 MANIFEST_NAME = "namespace.json"
 TEMP_PREFIX = ".tmp."
