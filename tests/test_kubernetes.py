@@ -1,14 +1,12 @@
-"""deploy/kubernetes.yaml: valid Kubernetes, and settings lmcache-fs itself accepts.
+"""deploy/kubernetes.yaml: the chart's default rendering, valid Kubernetes, settings lmcache-fs accepts.
 
-No cluster here: every resource is validated offline against Kubernetes'
-own OpenAPI schemas (kubernetes-validate, strict: an unknown or misspelt
-field fails), and the connector's settings are loaded by lmcache-fs' own
-config loader, exactly as the pods would load them.
+No cluster here: every resource is validated offline against Kubernetes' own OpenAPI
+schemas (strict), the connector's settings are loaded by lmcache-fs' own config loader
+exactly as the pods load them, and the gc service's command line by the `lmcache-fs` parser.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -16,114 +14,170 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from kube import (
+    KUBERNETES_VERSION,
+    Object,
+    all_of,
+    claim_mount,
+    container,
+    env,
+    find,
+    gc_command,
+    mount,
+    pod_labels,
+    selects,
+    service_ports,
+    settings_loaded_by,
+    transfer_config,
+    validate_strictly,
+    volumes,
+)
 from lmcache_fs.connector.plugin import CONNECTOR_NAME
 
-from lmcache_fs.config import LMCacheFSConfig, load_config
+from deploy.render_manifest import MANIFEST, manifest
 
 REPO = Path(__file__).resolve().parent.parent
-MANIFEST = REPO / "deploy" / "kubernetes.yaml"
-KUBERNETES_VERSION = "1.30.0"  # oldest release still common in clusters; newer ones accept it too
-_TRANSFER = "--kv-transfer-config="
 
 
-def resources() -> dict[str, dict[str, Any]]:
-    """The manifest's resources by kind (each kind appears once)."""
-    docs = [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d]
-    by_kind = {d["kind"]: d for d in docs}
-    assert len(by_kind) == len(docs), "one resource of each kind expected"
-    return by_kind
+def resources() -> list[Object]:
+    return [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d]
 
 
-def engine() -> dict[str, Any]:
-    (container,) = resources()["Deployment"]["spec"]["template"]["spec"]["containers"]
-    return container
+def engines() -> Object:
+    return find(resources(), "Deployment", "lmcache-fs")
 
 
-def pod_volumes() -> dict[str, dict[str, Any]]:
-    return {v["name"]: v for v in resources()["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+def gc() -> Object:
+    return find(resources(), "Deployment", "lmcache-fs-gc")
 
 
-def mount_path(volume: str) -> str:
-    (path,) = [m["mountPath"] for m in engine()["volumeMounts"] if m["name"] == volume]
-    return path
+def vllm() -> Object:
+    return container(engines(), "vllm")
 
 
-def transfer_config() -> dict[str, Any]:
-    (arg,) = [a for a in engine()["command"] if a.startswith(_TRANSFER)]
-    return json.loads(arg[len(_TRANSFER):])
+def test_the_manifest_is_the_chart_rendered_with_its_defaults() -> None:
+    # Guards against editing the chart (or the manifest) and not the other.
+    assert MANIFEST.read_text() == manifest(), \
+        "deploy/kubernetes.yaml is stale: run .venv/bin/python deploy/render_manifest.py"
 
 
-def connector_config(tmp_path: Path) -> LMCacheFSConfig:
-    """What a pod's connector loads: the ConfigMap's file, then kv_connector_extra_config."""
-    env = {e["name"]: e.get("value") for e in engine()["env"]}
-    file_in_pod = Path(env["LMCACHE_CONFIG_FILE"])
-    assert str(file_in_pod.parent) == mount_path("config")
-    assert pod_volumes()["config"]["configMap"]["name"] == resources()["ConfigMap"]["metadata"]["name"]
-    local = tmp_path / file_in_pod.name
-    local.write_text(resources()["ConfigMap"]["data"][file_in_pod.name])
-    return load_config(transfer_config().get("kv_connector_extra_config"), str(local))
-
-
-@pytest.mark.parametrize("kind", ["ConfigMap", "PersistentVolumeClaim", "Deployment", "Service"])
-def test_each_resource_validates_strictly_against_the_kubernetes_schema(kind: str) -> None:
-    kubernetes_validate.validate(resources()[kind], KUBERNETES_VERSION, strict=True)
+@pytest.mark.parametrize("index", range(8))
+def test_each_resource_validates_strictly_against_the_kubernetes_schema(index: int) -> None:
+    assert len(resources()) == 8, [(r["kind"], r["metadata"]["name"]) for r in resources()]
+    validate_strictly(resources()[index])
 
 
 def test_a_misspelt_field_would_be_caught() -> None:
-    deployment = resources()["Deployment"]
+    deployment = engines()
     deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError, match="readinesProbe"):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
 
 
-def test_the_replicas_run_the_connector_with_settings_lmcache_fs_accepts(tmp_path: Path) -> None:
-    transfer = transfer_config()
-    assert transfer["kv_connector"] == CONNECTOR_NAME
-    assert transfer["kv_role"] == "kv_both"
-    config = connector_config(tmp_path)
-    assert config.storage_path == mount_path("kv")
-    assert config.max_disk_size_gb > 0, "a shared volume needs one budget for all replicas"
-    assert engine()["command"][:2] == ["vllm", "serve"]
-    assert resources()["Deployment"]["spec"]["replicas"] >= 2
+def test_the_replicas_run_vllm_serve_with_the_connector_whatever_the_images_entrypoint() -> None:
+    # An explicit command works whether the image keeps vLLM's entrypoint or clears it.
+    assert vllm()["command"] == ["vllm", "serve"]
+    transfer = transfer_config(vllm()["args"])
+    assert transfer == {"kv_connector": CONNECTOR_NAME, "kv_role": "kv_both"}
+    assert engines()["spec"]["replicas"] >= 2
 
 
-def test_every_replica_mounts_one_read_write_many_claim(tmp_path: Path) -> None:
-    claim = resources()["PersistentVolumeClaim"]
+def test_the_replicas_and_the_gc_service_load_the_same_settings(tmp_path: Path) -> None:
+    engine_cfg = settings_loaded_by(engines(), vllm(), resources(), tmp_path)
+    gc_cfg = settings_loaded_by(gc(), container(gc(), "gc"), resources(), tmp_path)
+    assert engine_cfg == gc_cfg
+    assert engine_cfg.max_disk_size_gb > 0, "a shared volume needs one budget for all replicas"
+    assert engine_cfg.storage_path == mount(vllm(), "kv")["mountPath"]
+
+
+def test_every_replica_and_the_gc_service_mount_one_read_write_many_claim(tmp_path: Path) -> None:
+    claim = find(resources(), "PersistentVolumeClaim", "lmcache-fs-kv")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
-    assert pod_volumes()["kv"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    name = claim["metadata"]["name"]
+    config = settings_loaded_by(engines(), vllm(), resources(), tmp_path)
+    assert claim_mount(engines(), vllm(), name)["mountPath"] == config.storage_path
+    assert claim_mount(gc(), container(gc(), "gc"), name)["mountPath"] == config.storage_path
     # The claim holds the budget plus the free-space floor the stores keep.
     size = re.fullmatch(r"(\d+)Gi", claim["spec"]["resources"]["requests"]["storage"])
     assert size, "the storage request is written in Gi"
-    config = connector_config(tmp_path)
     assert int(size.group(1)) * 2**30 >= (config.max_disk_size_gb + config.min_free_disk_gb) * 1e9
 
 
-def test_pods_get_a_gpu_shared_memory_and_health_probes() -> None:
-    container = engine()
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert pod_volumes()["shm"]["emptyDir"]["medium"] == "Memory"
-    assert mount_path("shm") == "/dev/shm"
-    port = re.search(r"--port=(\d+)", " ".join(container["command"]))
-    assert port and container["ports"][0]["containerPort"] == int(port.group(1))
-    for probe in ("startupProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/health", "port": container["ports"][0]["name"]}
+def test_the_weights_are_cached_once_on_a_shared_claim() -> None:
+    claim = find(resources(), "PersistentVolumeClaim", "lmcache-fs-weights")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    weights = claim_mount(engines(), vllm(), claim["metadata"]["name"])
+    assert env(vllm())["HF_HOME"]["value"] == weights["mountPath"]
+
+
+def test_engines_request_resources_a_gpu_shared_memory_and_health_probes() -> None:
+    c = vllm()
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"cpu", "memory"} <= c["resources"]["requests"].keys()
+    assert volumes(engines())["shm"]["emptyDir"]["medium"] == "Memory"
+    assert mount(c, "shm")["mountPath"] == "/dev/shm"
+    port = re.search(r"--port=(\d+)", " ".join(c["args"]))
+    assert port and c["ports"][0]["containerPort"] == int(port.group(1))
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": c["ports"][0]["name"]}
+    # Liveness must not kill a pod still downloading its model: the startup probe waits long.
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 1200
+
+
+def test_the_gc_service_is_one_daemon_with_probes_on_its_metrics_port() -> None:
+    deployment = gc()
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    c = container(deployment, "gc")
+    args = gc_command(c)
+    (port,) = c["ports"]
+    assert args.metrics_port == port["containerPort"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": port["name"]}
+    assert {"cpu", "memory"} <= c["resources"]["requests"].keys()
+    assert c["image"] == vllm()["image"], "one image for the engines and the gc service"
+
+
+def test_a_disruption_budget_lets_drains_take_one_replica_at_a_time() -> None:
+    budget = find(resources(), "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 1
+    selector = budget["spec"]["selector"]["matchLabels"]
+    assert selects(selector, pod_labels(engines()))
+    assert not selects(selector, pod_labels(gc())), "a budget on the single gc pod blocks drains"
+
+
+@pytest.mark.parametrize("name", ["lmcache-fs", "lmcache-fs-gc"])
+def test_services_reach_their_pods_and_pods_ask_to_be_scraped(name: str) -> None:
+    deployment, service = find(resources(), "Deployment", name), find(resources(), "Service", name)
+    assert selects(service["spec"]["selector"], pod_labels(deployment))
+    assert selects(deployment["spec"]["selector"]["matchLabels"], pod_labels(deployment))
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == c["ports"][0]["name"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(c["ports"][0]["containerPort"])
+    assert annotations["prometheus.io/path"] == "/metrics"
+    # The other deployment's pods are not behind this service.
+    others = [d for d in all_of(resources(), "Deployment") if d["metadata"]["name"] != name]
+    assert not any(selects(service["spec"]["selector"], pod_labels(d)) for d in others)
 
 
 def test_the_token_comes_from_a_secret_never_the_manifest() -> None:
-    (token,) = [e for e in engine()["env"] if e["name"] == "HF_TOKEN"]
+    token = env(vllm())["HF_TOKEN"]
     assert "value" not in token and token["valueFrom"]["secretKeyRef"]["name"]
+    assert "HF_TOKEN" not in env(container(gc(), "gc")), "the gc service needs no token"
 
 
-def test_the_service_reaches_the_replicas() -> None:
-    deployment, service = resources()["Deployment"], resources()["Service"]
-    labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert service["spec"]["selector"].items() <= labels.items()
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert service["spec"]["ports"][0]["targetPort"] == engine()["ports"][0]["name"]
+def test_settings_change_restarts_the_pods() -> None:
+    # A ConfigMap edit alone never reaches running pods: the checksum annotation rolls them.
+    for deployment in (engines(), gc()):
+        assert deployment["spec"]["template"]["metadata"]["annotations"]["checksum/settings"]
 
 
 def test_it_serves_the_model_the_compose_demo_serves() -> None:
-    model = engine()["command"][2]
-    env = dict(line.split("=", 1) for line in (REPO / ".env").read_text().splitlines()
-               if line.strip() and not line.startswith("#"))
-    assert model == env["MODEL"]
+    model = vllm()["args"][0]
+    dotenv: dict[str, Any] = dict(line.split("=", 1) for line in (REPO / ".env").read_text().splitlines()
+                                  if line.strip() and not line.startswith("#"))
+    assert model == dotenv["MODEL"]
+    assert service_ports(find(resources(), "Service", "lmcache-fs"))["http"]["port"] == 8000
