@@ -8,6 +8,7 @@ strictly against Kubernetes' schemas.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,18 @@ def test_read_only_replicas_say_so_to_the_connector() -> None:
     assert engines["spec"]["replicas"] == 4
     (arg,) = [a for a in container(engines, "vllm")["args"] if a.startswith("--kv-transfer-config=")]
     assert json.loads(arg.split("=", 1)[1])["kv_role"] == "kv_consumer"
+
+
+@pytest.mark.parametrize(("values", "named"), [
+    ({"engine": {"replica": 3}}, "'replica' not allowed"),
+    ({"engine": {"kvRole": "both"}}, "kvRole"),
+    ({"cache": {"size": "500GB"}}, "/cache/size"),
+    ({"gc": {"metricsPort": "9400"}}, "/gc/metricsPort"),
+])
+def test_a_misspelt_or_wrong_value_is_refused_naming_it(values: dict[str, Any], named: str) -> None:
+    # values.schema.json: without it Helm ignores an unknown key and renders the default.
+    with pytest.raises(helm_python.HelmValuesError, match=re.escape(named)):
+        render(CHART, values, "kv")
 
 
 def test_a_storage_path_in_settings_is_refused_with_the_fix() -> None:
