@@ -24,6 +24,7 @@ from kube import (
     pod_labels,
     selects,
     service_ports,
+    settings_loaded_by,
     validate_all_strictly,
     volumes,
 )
@@ -43,6 +44,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "service monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}}}},
     "no gc, no budget": {"gc": {"enabled": False}, "engine": {"podDisruptionBudget": {"enabled": False}}},
     "read-only replicas": {"engine": {"kvRole": "kv_consumer", "replicas": 4}},
+    "integrity key": {"integrityKey": {"existingSecret": "lmcache-fs-integrity"}},
 }
 
 
@@ -138,10 +140,27 @@ def test_a_misspelt_or_wrong_value_is_refused_naming_it(values: dict[str, Any], 
         render(CHART, values, "kv")
 
 
-def test_a_storage_path_in_settings_is_refused_with_the_fix() -> None:
-    # The chart mounts the claim itself; a second storage_path would point the pods elsewhere.
-    with pytest.raises(helm_python.HelmError, match="set cache.mountPath"):
-        render(CHART, {"settings": {"storage_path": "/elsewhere"}}, "kv")
+@pytest.mark.parametrize(("setting", "fix"), [("storage_path", "set cache.mountPath"),
+                                              ("integrity_key_file", "set integrityKey.existingSecret")])
+def test_a_path_the_chart_mounts_itself_is_refused_in_settings_with_the_fix(setting: str, fix: str) -> None:
+    # The chart mounts these itself; a second path would point the pods at nothing.
+    with pytest.raises(helm_python.HelmError, match=fix):
+        render(CHART, {"settings": {setting: "/elsewhere"}}, "kv")
+
+
+def test_the_integrity_key_reaches_every_pod_from_a_secret_only_its_owner_reads(tmp_path: Path) -> None:
+    objs = rendered(OPTIONS["integrity key"])
+    key_files = set()
+    for name, container_name in (("kv-lmcache-fs", "vllm"), ("kv-lmcache-fs-gc", "gc")):
+        deployment = find(objs, "Deployment", name)
+        c = container(deployment, container_name)
+        key_file = Path(settings_loaded_by(deployment, c, objs, tmp_path).integrity_key_file)
+        (volume,) = [m["name"] for m in c["volumeMounts"] if m["mountPath"] == str(key_file.parent)]
+        secret = volumes(deployment)[volume]["secret"]
+        assert secret["secretName"] == "lmcache-fs-integrity"
+        assert secret["defaultMode"] & 0o077 == 0, "lmcache-fs refuses a key file others can read"
+        key_files.add(key_file)
+    assert [f.name for f in key_files] == ["integrity.key"], "one key, the same for every pod"
 
 
 def test_resource_names_follow_the_release_without_doubling_the_chart_name() -> None:

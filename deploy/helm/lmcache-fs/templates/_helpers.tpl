@@ -45,12 +45,21 @@ app.kubernetes.io/component: {{ index . 1 }}
   value: {{ include "lmcache-fs.settingsFile" . }}
 {{- end -}}
 
+{{- define "lmcache-fs.integrityDir" -}}
+/etc/lmcache-fs-integrity
+{{- end -}}
+
 {{- define "lmcache-fs.sharedMounts" -}}
 - name: kv
   mountPath: {{ .Values.cache.mountPath }}
 - name: settings
   mountPath: {{ include "lmcache-fs.settingsFile" . | dir }}
   readOnly: true
+{{- if .Values.integrityKey.existingSecret }}
+- name: integrity-key
+  mountPath: {{ include "lmcache-fs.integrityDir" . }}
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "lmcache-fs.sharedVolumes" -}}
@@ -60,6 +69,12 @@ app.kubernetes.io/component: {{ index . 1 }}
 - name: settings
   configMap:
     name: {{ include "lmcache-fs.fullname" . }}-settings
+{{- with .Values.integrityKey.existingSecret }}
+- name: integrity-key
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0400     # lmcache-fs refuses a key file others can read
+{{- end }}
 {{- end -}}
 
 {{/* Prometheus annotations for a pod serving /metrics on the given port: (list $ PORT). */}}
