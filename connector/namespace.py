@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HASH_SEED_MARKER_PREFIX = "hashseed-"
+_SEED_MARKER_RE = re.compile(rf"^{HASH_SEED_MARKER_PREFIX}([0-9a-f]{{12}})$")
 
 
 def _settings_hash(value: object) -> str:
@@ -116,12 +118,12 @@ def check_hash_seed(directory: Path, hash_algo: str) -> None:
             "hash seed: this engine can never share chunks with another. Set PYTHONHASHSEED to "
             "one value on every instance, or use the default sha256.", hash_algo)
         return
-    marker = directory / f"{HASH_SEED_MARKER_PREFIX}{fingerprint}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        marker.touch(exist_ok=True)
-        others = sorted(p.name[len(HASH_SEED_MARKER_PREFIX):] for p in directory.iterdir()
-                        if p.name.startswith(HASH_SEED_MARKER_PREFIX) and p != marker)
+        _leave_marker(directory / f"{HASH_SEED_MARKER_PREFIX}{fingerprint}")
+        # Only names of our own shape are compared and logged: anyone may create files here.
+        others = sorted({m.group(1) for m in map(_SEED_MARKER_RE.match, os.listdir(directory))
+                         if m and m.group(1) != fingerprint})
     except OSError:  # a read-only replica cannot leave its marker: nothing to compare
         return
     if others:
@@ -131,3 +133,15 @@ def check_hash_seed(directory: Path, hash_algo: str) -> None:
             "instance (or unset it everywhere), then restart them. PYTHONHASHSEED here is %s.",
             directory, ", ".join(others), fingerprint,
             "set" if os.environ.get("PYTHONHASHSEED") is not None else "unset")
+
+
+def _leave_marker(marker: Path) -> None:
+    """Create the empty file ``marker`` if no entry has its name, never following a symlink.
+
+    ``O_CREAT | O_EXCL | O_NOFOLLOW``: a symlink planted at the name stays a
+    dangling or foreign link, and nothing outside the cache is created or touched.
+    """
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+    except FileExistsError:
+        pass  # ours from an earlier start, another instance's with the same seed, or planted

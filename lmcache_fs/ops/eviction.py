@@ -326,6 +326,10 @@ class BackgroundEvictor:
             except OSError as exc:  # e.g. the share is briefly unreachable: try next interval
                 logger.warning("eviction pass on %s failed (%s); retrying in %.0f s",
                                self.evictor.root, exc.strerror or exc, self.interval_s)
+            except Exception:  # a dead thread would stop eviction for good
+                logger.exception("eviction pass on %s failed unexpectedly; retrying in %.0f s "
+                                 "(please report this with the traceback)",
+                                 self.evictor.root, self.interval_s)
             self._stop.wait(self.interval_s)
         self.evictor.close()
 

@@ -53,12 +53,14 @@ from typing import Callable
 
 from lmcache_fs.storage.layout import TEMP_PREFIX
 from lmcache_fs.storage.publish import publish
+from lmcache_fs.storage.untrusted import parse_json_object, read_capped
 
 logger = logging.getLogger(__name__)
 
 # A Linux host name is at most 64 bytes, so every record fits: renewals then
 # rewrite exactly the bytes the file already has.
 _RECORD_BYTES = 256
+_MAX_LEASE_FILE = 4096  # a page: more than any record, and what a renewal reads
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
@@ -79,20 +81,25 @@ class LeaseRecord:
 
 
 def read_lease(path: str | os.PathLike[str]) -> LeaseRecord | None:
-    """The record in a lease file, or None if there is none or it is unreadable."""
-    try:
-        return _parse(Path(path).read_bytes())
-    except OSError:
-        return None
+    """The record in a lease file, or None if there is none or it is unreadable.
+
+    Anyone who can write the cache directory can plant the lease file, so it
+    is read up to ``_MAX_LEASE_FILE`` bytes, without following a symlink, and
+    any content that is not a lease record reads as None.
+    """
+    data = read_capped(path, _MAX_LEASE_FILE)
+    return None if data is None else _parse(data)
 
 
 def _parse(text: bytes) -> LeaseRecord | None:
-    try:
-        data = json.loads(text)
-        return LeaseRecord(str(data["host"]), int(data["pid"]), str(data["token"]),
-                           float(data["expires_at"]))
-    except (ValueError, KeyError, TypeError):
+    data = parse_json_object(text, _MAX_LEASE_FILE, max_depth=1)
+    if data is None:
         return None
+    host, pid, token, expires_at = (data.get(k) for k in ("host", "pid", "token", "expires_at"))
+    if not (isinstance(host, str) and isinstance(token, str) and type(pid) is int
+            and type(expires_at) in (int, float)):
+        return None
+    return LeaseRecord(host, pid, token, float(expires_at))
 
 
 class Lease:
@@ -198,14 +205,16 @@ class Lease:
     def _rewrite_own_record(self, expires_at: float) -> bool:
         """Write a new expiry over our record in place; False if the lease file is not ours."""
         try:
-            fd = os.open(self.path, os.O_RDWR)
-        except FileNotFoundError:
-            return False
+            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP):  # gone, or a planted symlink: not ours
+                return False
+            raise
         try:
             # The token is checked in the file we opened: if a taker moves it
             # aside meanwhile, our write lands in the moved file, where the
             # taker's expiry check sees it and puts it back.
-            current = _parse(os.pread(fd, 4096, 0))  # a page: more than any record
+            current = _parse(os.pread(fd, _MAX_LEASE_FILE, 0))
             if current is None or current.token != self._token:
                 return False
             os.pwrite(fd, self._encoded(expires_at), 0)

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Sequence
 
 from lmcache_fs.log import human_bytes
-from lmcache_fs.storage.layout import check_key
+from lmcache_fs.storage.layout import BadKeyError, check_key
 from lmcache_fs.storage.publish import publish
+from lmcache_fs.storage.untrusted import parse_json_object, read_capped
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ PIN_SUFFIX = ".json"
 # 3.9M tokens at chunk_size 16. pin() refuses more, so no pin is written that
 # eviction would not read.
 _MAX_PIN_FILE = 16 << 20
-_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 @dataclass(frozen=True)
@@ -136,18 +136,24 @@ class PinStore:
 
 
 def _read_pin(path: Path) -> Pin | None:
-    try:
-        # No symlinks: a pin file is always a real file. read(n) loops until n
-        # bytes or EOF, so a large pin is read whole.
-        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | _NO_FOLLOW)) as file:
-            text = file.read(_MAX_PIN_FILE + 1)
-        if len(text) > _MAX_PIN_FILE:
-            return None  # pin() writes none this big: planted or damaged
-        data = json.loads(text)
-        keys = tuple(check_key(k) for k in data["keys"])
-        if not keys or path.name != keys[-1] + PIN_SUFFIX:
-            return None
-        return Pin(keys, str(data.get("note", "")), float(data.get("pinned_at", 0.0)),
-                   str(data.get("host", "")))
-    except (OSError, ValueError, KeyError, TypeError):
+    """The pin in ``path``, or None if it is not a well-formed pin file of that name.
+
+    Pin files are writable by anyone who can write the cache directory: read
+    without following a symlink, capped in size and nesting, typed strictly.
+    """
+    data = read_capped(path, _MAX_PIN_FILE)  # pin() writes none bigger: planted or damaged
+    record = None if data is None else parse_json_object(data, _MAX_PIN_FILE, max_depth=2)
+    if record is None:
         return None
+    keys, note = record.get("keys"), record.get("note", "")
+    pinned_at, host = record.get("pinned_at", 0.0), record.get("host", "")
+    if not (isinstance(keys, list) and keys and isinstance(note, str) and isinstance(host, str)
+            and type(pinned_at) in (int, float)):
+        return None
+    try:
+        checked = tuple(check_key(k) for k in keys)
+    except BadKeyError:
+        return None
+    if path.name != checked[-1] + PIN_SUFFIX:
+        return None
+    return Pin(checked, note, float(pinned_at), host)

@@ -29,11 +29,14 @@ import re
 from pathlib import Path
 from typing import Iterator, Mapping, Union
 
+from lmcache_fs.storage.untrusted import parse_json_object, read_capped
+
 FORMAT_VERSION = 1
 """The chunk file format's version: a namespace field and each header's ``format_version``."""
 CHUNK_SUFFIX = ".safetensors"
 MANIFEST_NAME = "namespace.json"
 TEMP_PREFIX = ".tmp."
+MAX_MANIFEST_BYTES = 64 << 10  # a manifest is a few hundred bytes; larger ones were planted
 
 _KEY_RE = re.compile(r"^[0-9a-f]{16,128}$")
 _NAMESPACE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,80}-[0-9a-f]{16}$")
@@ -98,15 +101,18 @@ class ChunkLayout:
         """:meth:`chunk_path` as a string, for hot paths (a stat per lookup: no Path objects)."""
         return chunk_file_name(self._directory_str, key)
 
-    def write_manifest(self) -> None:
-        """Create the namespace directory and its readable ``namespace.json`` once."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        manifest = self.directory / MANIFEST_NAME
-        if manifest.exists():
-            return
-        tmp = self.directory / f"{TEMP_PREFIX}{os.getpid()}.{MANIFEST_NAME}"
-        tmp.write_text(json.dumps(self.namespace.fields, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, manifest)
+    def write_manifest(self, mode: int = 0o644) -> None:
+        """Create the namespace directory and its readable ``namespace.json`` once.
+
+        Published like a chunk (a unique ``O_EXCL | O_NOFOLLOW`` temporary,
+        then a link that fails if the name exists): a symlink planted at the
+        manifest's or at a temporary's name never redirects the write, and
+        whatever holds the name already (first writer wins) stays.
+        """
+        from lmcache_fs.storage.publish import publish  # publish imports this module
+
+        text = (json.dumps(self.namespace.fields, indent=2, sort_keys=True) + "\n").encode()
+        publish(self.directory / MANIFEST_NAME, lambda fd: os.write(fd, text), mode)
 
     def iter_chunk_files(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
         """Yield ``(key, entry)`` for every published chunk file (temporaries skipped)."""
@@ -153,9 +159,14 @@ def iter_chunk_files(directory: str | os.PathLike[str]) -> Iterator[tuple[str, o
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, FieldValue] | None:
-    """The fields of a namespace directory, or None if it has no readable manifest."""
-    try:
-        data = json.loads((Path(directory) / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
+    """The fields of a namespace directory, or None if it has no well-formed manifest.
+
+    Anyone who can write the cache directory can plant ``namespace.json``: it
+    is read without following a symlink, up to ``MAX_MANIFEST_BYTES``, and
+    only a flat object of strings, numbers and booleans is a manifest.
+    """
+    data = read_capped(Path(directory) / MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    fields = None if data is None else parse_json_object(data, MAX_MANIFEST_BYTES, max_depth=1)
+    if fields is None or not all(isinstance(v, (str, int, float, bool)) for v in fields.values()):
         return None
-    return data if isinstance(data, dict) else None
+    return fields
