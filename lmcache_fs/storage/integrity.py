@@ -3,7 +3,7 @@
 xxh3 and the device checksum catch accidents (torn writes, bit rot, stale or
 foreign files), not someone who can write the shared directory: such a writer
 can publish a file with a valid key, namespace and checksum but arbitrary KV.
-With ``integrity_key_file`` set, every chunk carries a keyed BLAKE2b MAC over
+With ``integrity_key_file`` set, every chunk carries a HMAC-SHA256 over
 its metadata and data (:class:`lmcache_fs.storage.codec.DataCheck`): only
 holders of the key can write chunks the others load, and a file with a missing
 or wrong MAC is a miss and is quarantined. The key's id is part of the
