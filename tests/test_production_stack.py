@@ -1,21 +1,27 @@
-"""deploy/production-stack/values-lmcache-fs.yaml: production-stack's own chart, rendered with it.
+"""deploy/production-stack/values-lmcache-fs.yaml: what production-stack's chart deploys with it.
 
-The vllm-stack chart (vendored in tests/vendor/vllm-stack, see SOURCE.md there) is
-rendered offline by Helm's own engine with our values file; every object is validated
-strictly against Kubernetes' schemas, the values against the chart's values.schema.json
-(which the chart's .helmignore keeps Helm itself from reading), and the engines'
-settings are loaded by lmcache-fs' own loader.
+No copy of the vllm-stack chart lives in this repository: deploy/production-stack/
+vllm-stack-rendered.yaml holds the chart rendered with our values (by Helm's own engine,
+see deploy/render_manifest.py), and records the digest of the values file it came from.
+These tests validate that rendering strictly against Kubernetes' schemas, load the
+engines' and the gc service's settings with lmcache-fs' own loader, and parse the gc's
+command line with `lmcache-fs`' parser. With VLLM_STACK_CHART naming a checkout of the
+chart's helm/ folder, they also re-render it and check our values against the chart's
+values.schema.json.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 from kube import (
     Object,
     all_of,
@@ -24,7 +30,6 @@ from kube import (
     env,
     find,
     gc_command,
-    load_yaml,
     pod_labels,
     selects,
     service_ports,
@@ -34,46 +39,45 @@ from kube import (
 )
 from lmcache_fs.connector.plugin import CONNECTOR_NAME
 
-from deploy.render_manifest import objects, render
+from deploy.render_manifest import (
+    STACK_RENDERED,
+    STACK_VALUES,
+    objects,
+    render,
+    stack_manifest,
+    stack_values,
+    values_digest,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-CHART = REPO / "tests" / "vendor" / "vllm-stack"
-VALUES = REPO / "deploy" / "production-stack" / "values-lmcache-fs.yaml"
 SHARED_MOUNT = "/data/shared-pvc-storage"  # where the chart mounts sharedPvcStorage in engines
+CHART = os.environ.get("VLLM_STACK_CHART")
+needs_chart = pytest.mark.skipif(
+    not CHART, reason="re-rendering needs production-stack's chart: set VLLM_STACK_CHART to its helm/ folder")
 
 
-def values(service_monitor: bool = False) -> dict[str, Any]:
-    loaded = load_yaml(VALUES)
-    loaded["servingEngineSpec"]["serviceMonitor"]["enabled"] = service_monitor
-    return loaded
+def rendered() -> list[Object]:
+    return [d for d in yaml.safe_load_all(STACK_RENDERED.read_text()) if d]
 
 
-def rendered(release: str = "vllm", service_monitor: bool = False) -> list[Object]:
-    return objects(render(CHART, values(service_monitor), release))
+def engines(objs: list[Object]) -> Object:
+    return find(objs, "Deployment", "vllm-mistral-deployment-vllm")
 
 
-def engines(objs: list[Object], release: str = "vllm") -> Object:
-    return find(objs, "Deployment", f"{release}-mistral-deployment-vllm")
+def gc(objs: list[Object]) -> Object:
+    return find(objs, "Deployment", "vllm-lmcache-fs-gc")
 
 
-def gc(objs: list[Object], release: str = "vllm") -> Object:
-    return find(objs, "Deployment", f"{release}-lmcache-fs-gc")
+def test_the_rendering_is_of_the_current_values_file() -> None:
+    # Guards against editing the values and not re-rendering (which needs the chart).
+    recorded = re.search(r"^# values sha256: (\w+)$", STACK_RENDERED.read_text(), re.MULTILINE)
+    assert recorded and recorded.group(1) == values_digest(), \
+        "vllm-stack-rendered.yaml is stale: re-render it (see deploy/render_manifest.py)"
 
 
-def test_the_values_pass_the_charts_own_schema() -> None:
-    schema = json.loads((CHART / "values.schema.json").read_text())
-    jsonschema.validate(values(), schema)
-    wrong = copy.deepcopy(values())
-    wrong["servingEngineSpec"]["modelSpec"][0]["vllmConfig"]["enablePrefixCaching"] = "yes"
-    with pytest.raises(jsonschema.ValidationError, match="enablePrefixCaching|'yes'"):
-        jsonschema.validate(wrong, schema)
-
-
-@pytest.mark.parametrize("service_monitor", [False, True], ids=["plain", "service monitors"])
-def test_the_chart_renders_valid_kubernetes_with_them(service_monitor: bool) -> None:
-    objs = rendered(service_monitor=service_monitor)
+def test_every_object_validates_strictly_against_the_kubernetes_schema() -> None:
+    objs = rendered()
     validate_all_strictly(objs)
-    assert len(all_of(objs, "ServiceMonitor")) == (2 if service_monitor else 0)
+    assert len(all_of(objs, "ServiceMonitor")) == 2
 
 
 def test_the_engines_run_lmcache_fs_not_lmcache() -> None:
@@ -85,6 +89,7 @@ def test_the_engines_run_lmcache_fs_not_lmcache() -> None:
     assert not [name for name in env(vllm) if name.startswith("LMCACHE_") and name != "LMCACHE_CONFIG_FILE"]
     assert "--enable-prefix-caching" in vllm["command"]
     assert vllm["image"] == "REGISTRY/lmcache-fs:latest"
+    assert engines(rendered())["spec"]["replicas"] >= 2
 
 
 def test_the_engines_keep_the_cache_and_the_weights_on_the_shared_claim(tmp_path: Path) -> None:
@@ -101,6 +106,9 @@ def test_the_engines_keep_the_cache_and_the_weights_on_the_shared_claim(tmp_path
     assert env(vllm)["HF_HOME"]["value"] == shared, "the weights are downloaded once, to the claim"
     size = int(claim["spec"]["resources"]["requests"]["storage"].removesuffix("Gi"))
     assert size * 2**30 > (config.max_disk_size_gb + config.min_free_disk_gb) * 1e9
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert vllm[probe]["httpGet"]["path"] == "/health"
+    assert {"cpu", "memory", "nvidia.com/gpu"} <= vllm["resources"]["requests"].keys()
 
 
 def test_the_gc_service_works_on_the_engines_directory(tmp_path: Path) -> None:
@@ -122,12 +130,15 @@ def test_the_gc_service_works_on_the_engines_directory(tmp_path: Path) -> None:
     assert selects(service["spec"]["selector"], pod_labels(deployment))
 
 
-def test_a_release_of_any_name_finds_its_settings_and_claim(tmp_path: Path) -> None:
-    # extraVolumes are not templated by the chart: the settings must not depend on the release.
-    objs = rendered(release="prod")
-    for deployment, name in ((engines(objs, "prod"), "vllm"), (gc(objs, "prod"), "gc")):
-        settings_loaded_by(deployment, container(deployment, name), objs, tmp_path)
-        claim_mount(deployment, container(deployment, name), "prod-shared-pvc-storage-claim")
+def test_the_settings_configmap_name_does_not_depend_on_the_release() -> None:
+    # The chart passes extraVolumes to the pods untemplated: a name with the release in it
+    # would only work for one release name.
+    values = yaml.safe_load(STACK_VALUES.read_text())
+    (model,) = values["servingEngineSpec"]["modelSpec"]
+    (volume,) = [v for v in model["extraVolumes"] if "configMap" in v]
+    (config_map,) = [o for o in values["extraObjects"] if isinstance(o, dict) and o["kind"] == "ConfigMap"]
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    assert "{{" not in config_map["metadata"]["name"]
 
 
 def test_a_disruption_budget_covers_the_engines() -> None:
@@ -138,7 +149,7 @@ def test_a_disruption_budget_covers_the_engines() -> None:
 
 
 def test_the_service_monitors_scrape_the_engines_and_the_gc_service() -> None:
-    objs = rendered(service_monitor=True)
+    objs = rendered()
     scraped = set()
     for monitor in all_of(objs, "ServiceMonitor"):
         # kube-prometheus-stack as the chart configures it selects monitors by this label.
@@ -148,3 +159,32 @@ def test_the_service_monitors_scrape_the_engines_and_the_gc_service() -> None:
                 scraped |= {(service["metadata"]["name"], e["port"]) for e in monitor["spec"]["endpoints"]
                             if e["port"] in service_ports(service)}
     assert scraped == {("vllm-mistral-engine-service", "service-port"), ("vllm-lmcache-fs-gc", "metrics")}
+
+
+@needs_chart
+def test_the_rendering_is_what_the_chart_gives_today() -> None:
+    assert STACK_RENDERED.read_text() == stack_manifest(Path(CHART)), \
+        "re-render: .venv/bin/python deploy/render_manifest.py --vllm-stack $VLLM_STACK_CHART"
+
+
+@needs_chart
+def test_the_values_pass_the_charts_own_schema() -> None:
+    # The chart's .helmignore hides values.schema.json from Helm itself: check it here.
+    schema = json.loads((Path(CHART) / "values.schema.json").read_text())
+    jsonschema.validate(stack_values(service_monitor=False), schema)
+    wrong: dict[str, Any] = copy.deepcopy(stack_values(service_monitor=False))
+    wrong["servingEngineSpec"]["modelSpec"][0]["vllmConfig"]["enablePrefixCaching"] = "yes"
+    with pytest.raises(jsonschema.ValidationError, match="'yes'"):
+        jsonschema.validate(wrong, schema)
+
+
+@needs_chart
+def test_without_service_monitors_nothing_needs_the_prometheus_operator() -> None:
+    objs = objects(render(Path(CHART), stack_values(service_monitor=False), "prod"))
+    assert not all_of(objs, "ServiceMonitor")
+    validate_all_strictly(objs)
+    # Another release name: the engines and the gc still find their claim and settings.
+    for deployment in all_of(objs, "Deployment"):
+        for c in deployment["spec"]["template"]["spec"]["containers"]:
+            if c["name"] in ("vllm", "gc"):
+                claim_mount(deployment, c, "prod-shared-pvc-storage-claim")
