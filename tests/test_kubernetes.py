@@ -7,12 +7,19 @@ exactly as the pods load them, and the gc service's command line by the `lmcache
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import requests
 import yaml
 from kube import (
     KUBERNETES_VERSION,
@@ -136,6 +143,52 @@ def test_the_gc_service_is_one_daemon_with_probes_on_its_metrics_port() -> None:
         assert c[probe]["httpGet"] == {"path": "/health", "port": port["name"]}
     assert {"cpu", "memory"} <= c["resources"]["requests"].keys()
     assert c["image"] == vllm()["image"], "one image for the engines and the gc service"
+
+
+def _listening_on_all_interfaces(port: int) -> bool:
+    """Whether a socket listens on 0.0.0.0 (or ::) at `port`: kubelet probes the pod's IP."""
+    for table, any_address in (("/proc/net/tcp", "00000000"), ("/proc/net/tcp6", "0" * 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and local == f"{any_address}:{port:04X}":  # 0A: LISTEN
+                return True
+    return False
+
+
+def test_the_gc_container_as_rendered_answers_its_probes_and_stops_on_sigterm(tmp_path: Path) -> None:
+    # The pod, here: the claim is a folder, the ConfigMap a file, the port a free one.
+    c = container(gc(), "gc")
+    config_map = find(resources(), "ConfigMap", volumes(gc())["settings"]["configMap"]["name"])
+    settings = yaml.safe_load(config_map["data"]["lmcache-fs.yaml"])
+    (tmp_path / "kv").mkdir()
+    settings_file = tmp_path / "lmcache-fs.yaml"
+    settings_file.write_text(yaml.safe_dump({**settings, "storage_path": str(tmp_path / "kv")}))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [f"--metrics-port={port}" if a.startswith("--metrics-port") else a for a in c["args"]]
+    command = [str(Path(sys.executable).parent / c["command"][0]), *args]
+    daemon = subprocess.Popen(command, env={**os.environ, "LMCACHE_CONFIG_FILE": str(settings_file)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        paths = {c[p]["httpGet"]["path"] for p in ("livenessProbe", "readinessProbe")} | {"/metrics"}
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answers = {p: requests.get(f"http://127.0.0.1:{port}{p}", timeout=2).status_code for p in paths}
+                break
+            except requests.ConnectionError:
+                assert daemon.poll() is None, daemon.communicate()[0]
+                assert time.monotonic() < deadline, "the gc daemon never listened"
+                time.sleep(0.2)
+        assert answers == dict.fromkeys(paths, 200)
+        assert _listening_on_all_interfaces(port), "probes come to the pod's IP, not to localhost"
+        daemon.send_signal(signal.SIGTERM)  # what Kubernetes sends before it kills the pod
+        assert daemon.wait(timeout=15) == 0, daemon.communicate()[0]
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
 
 
 def test_a_disruption_budget_lets_drains_take_one_replica_at_a_time() -> None:
