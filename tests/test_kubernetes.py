@@ -131,6 +131,12 @@ def test_engines_request_resources_a_gpu_shared_memory_and_health_probes() -> No
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 1200
 
 
+def test_an_update_needs_no_spare_gpu() -> None:
+    # A surge pod would wait for a free GPU, and the rollout with it.
+    rolling = engines()["spec"]["strategy"]["rollingUpdate"]
+    assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (0, 1)
+
+
 def test_the_gc_service_is_one_daemon_with_probes_on_its_metrics_port() -> None:
     deployment = gc()
     assert deployment["spec"]["replicas"] == 1
