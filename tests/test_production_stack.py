@@ -141,6 +141,11 @@ def test_the_settings_configmap_name_does_not_depend_on_the_release() -> None:
     assert "{{" not in config_map["metadata"]["name"]
 
 
+def test_an_update_needs_no_spare_gpu() -> None:
+    rolling = engines(rendered())["spec"]["strategy"]["rollingUpdate"]
+    assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (0, 1)
+
+
 def test_a_disruption_budget_covers_the_engines() -> None:
     objs = rendered()
     budget = find(objs, "PodDisruptionBudget")
