@@ -46,3 +46,5 @@ class LMCacheFSMetadata(KVConnectorMetadata):
     hits: dict[str, HitSummary] = field(default_factory=dict)
     failed_load_steps: int = 0
     """Steps with failed loads that the scheduler had heard of when it built this one."""
+    released_saves: list[str] = field(default_factory=list)
+    """Keys of saves held back after a failed load that rest only on sound blocks: publish them."""

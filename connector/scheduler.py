@@ -68,6 +68,9 @@ class SchedulerSide:
         # blocks): these counters tell it, and the saves of the last steps are planned again.
         self._failed_load_steps = 0
         self._recent_saves: deque[list[SaveOp]] = deque(maxlen=2)  # async scheduling: 2 steps
+        self._released: list[str] = []  # held-back saves found sound, for the next metadata
+        # Requests that finished with saves among the recent ones: their block ids.
+        self._finished_blocks: dict[str, list[int]] = {}
 
     # -- keys ---------------------------------------------------------------
 
@@ -131,8 +134,9 @@ class SchedulerSide:
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> LMCacheFSMetadata:
         """This step's loads (planned at allocation) and saves (chunks this step completes)."""
         meta = LMCacheFSMetadata(loads=self._pending_loads, hits=self._pending_hits,
-                                 failed_load_steps=self._failed_load_steps)
-        self._pending_loads, self._pending_hits = [], {}
+                                 failed_load_steps=self._failed_load_steps,
+                                 released_saves=self._released)
+        self._pending_loads, self._pending_hits, self._released = [], {}, []
         if not self.can_save:
             return meta
         scheduled = scheduler_output.num_scheduled_tokens
@@ -153,6 +157,9 @@ class SchedulerSide:
                 tracked.block_ids.extend(new_ids[0])
             self._plan_saves(tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
         self._recent_saves.append(meta.saves)
+        if self._finished_blocks:  # keep only those whose saves are still recent
+            recent = {op.req_id for saves in self._recent_saves for op in saves}
+            self._finished_blocks = {r: b for r, b in self._finished_blocks.items() if r in recent}
         return meta
 
     def forget(self, namespace: str | None, key: str) -> None:
@@ -176,9 +183,12 @@ class SchedulerSide:
         holds a failed block but was not reset (it shares the block with one that
         recomputes it, and had already computed past it, as async scheduling
         allows) keeps KV computed over blocks without KV: none of its later chunks
-        is stored. The workers withheld every save since the failure (see
-        ``WorkerSide.save``); the others are planned again (those already stored
-        are found on disk).
+        is stored. The workers held back every save since the failure (see
+        ``WorkerSide.save``): those of requests that hold no failed block rest
+        on sound KV and are released in the next step's metadata, including
+        those of requests that finished meanwhile (their blocks are freed, the
+        workers hold a copy); the others are dropped, and planned again where
+        the request recomputes them.
         """
         if not block_ids:
             return
@@ -188,11 +198,17 @@ class SchedulerSide:
                 self.forget(None, self._loading.pop(block))
         for saves in self._recent_saves:
             for op in saves:
+                blocks = self._blocks_of(op.req_id)
+                upto = (op.chunk_index + 1) * self.blocks_per_chunk
+                if blocks is not None and block_ids.isdisjoint(blocks[:upto]):
+                    self._released.append(op.key)  # sound: stored from the workers' copy
+                    continue
                 self._save_requested.pop(op.key, None)
                 tracked = self._tracked.get(op.req_id)
                 if tracked is not None:
                     tracked.next_chunk = min(tracked.next_chunk, op.chunk_index)
         self._recent_saves.clear()
+        self._finished_blocks.clear()
         for tracked in self._tracked.values():
             first_bad = next((i for i, b in enumerate(tracked.block_ids) if b in block_ids), None)
             if first_bad is None:
@@ -202,10 +218,22 @@ class SchedulerSide:
             else:
                 tracked.next_chunk = _NEVER
 
+    def _blocks_of(self, req_id: str) -> list[int] | None:
+        """The block ids of a tracked request, or of one that finished in the last steps."""
+        tracked = self._tracked.get(req_id)
+        return tracked.block_ids if tracked is not None else self._finished_blocks.get(req_id)
+
     def request_finished(self, request: "Request") -> None:
-        """Forget the request (saves were issued in the step that computed them)."""
-        self._tracked.pop(request.request_id, None)
+        """Forget the request (saves were issued in the step that computed them).
+
+        Its block ids are kept while saves of it from the last steps may be
+        held back by the workers (see :meth:`loads_failed`).
+        """
+        tracked = self._tracked.pop(request.request_id, None)
         self._local_tokens.pop(request.request_id, None)
+        if tracked is not None and any(op.req_id == request.request_id
+                                       for saves in self._recent_saves for op in saves):
+            self._finished_blocks[request.request_id] = tracked.block_ids
 
     # -- stores -------------------------------------------------------------
 

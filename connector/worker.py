@@ -97,7 +97,10 @@ class WorkerSide:
         self._failed_blocks: set[int] = set()
         self._step_failed = False  # a load of this step failed on this rank
         self._failed_load_steps = 0  # steps in which a load failed on some rank
-        self._withheld_saves = 0
+        self._withheld_saves = 0  # saves dropped after a failed load (counted as skipped)
+        # Chunks gathered in steps that may rest on a failed load: (failure number, op, copy).
+        self._held: list[tuple[int, SaveOp, torch.Tensor]] = []
+        self._max_held = save_queue_size
         self.stats = LMCacheFSStats()
         self._writer_reported = (0, 0, 0)
 
@@ -229,35 +232,65 @@ class WorkerSide:
     def save(self, meta: LMCacheFSMetadata) -> None:
         """Copy each completed chunk out of the paged cache and queue it for writing.
 
-        Not after a failed load: KV computed in that step (and, with async
-        scheduling, in the next one, planned before the failure was known) may
-        rest on blocks that hold no valid KV, on any request that uses them
-        (prefix-cache sharing included), on any rank (layers past the first
-        mix all heads). vLLM recomputes those requests once the scheduler hears
-        of the failure; until a step built after that, every save is withheld,
-        and the scheduler plans them again.
+        Not straight after a failed load: KV computed in that step (and, with
+        async scheduling, in the next one, planned before the failure was
+        known) may rest on blocks that hold no valid KV, on any request that
+        uses them (prefix-cache sharing included), on any rank (layers past the
+        first mix all heads). Until a step built after the scheduler heard of
+        the failure, every save is gathered but held back; that step's metadata
+        says which held chunks rest only on sound blocks (``released_saves``):
+        those are published, the rest dropped (the scheduler plans the chunks
+        of recomputed requests again). The chunk is copied when it is computed,
+        so a request that finishes in a withheld step, whose blocks vLLM frees
+        at once, still gets its chunks stored.
         """
         self.finish_load()  # the step is over: no read may still write into the cache
         if self.writer is None:
             return
         if meta.loads and self.any_rank(self._step_failed):  # every rank calls it, or none
             self._failed_load_steps += 1
+        self._resolve_held(meta)
         if not meta.saves:
             return
         if meta.failed_load_steps < self._failed_load_steps:
-            self._withheld_saves += len(meta.saves)
-            logger.info("withholding %d stores: a load failed and vLLM has not yet recomputed "
-                        "what rests on it", len(meta.saves))
+            self._hold(meta.saves)
             return
         for op in meta.saves:
-            self._save_one(op)
+            self._submit(op, self._gather(op))
 
-    def _save_one(self, op: SaveOp) -> None:
-        assert self.writer is not None
+    def _hold(self, saves: Sequence[SaveOp]) -> None:
+        """Gather chunks of a step that may rest on a failed load, until the scheduler's verdict."""
+        room = max(0, self._max_held - len(self._held))
+        for op in saves[:room]:
+            self._held.append((self._failed_load_steps, op, self._gather(op)))
+        self._withheld_saves += max(0, len(saves) - room)
+        logger.info("holding back %d stores until the scheduler has heard of a failed load",
+                    len(saves))
+
+    def _resolve_held(self, meta: LMCacheFSMetadata) -> None:
+        """Publish the held chunks ``meta`` releases, drop the others it has a verdict on."""
+        if not self._held:
+            return
+        released = set(meta.released_saves)
+        waiting = []
+        for failure, op, chunk in self._held:
+            if failure > meta.failed_load_steps:
+                waiting.append((failure, op, chunk))  # no verdict yet
+            elif op.key in released:
+                self._submit(op, chunk)
+            else:
+                self._withheld_saves += 1
+        self._held = waiting
+
+    def _gather(self, op: SaveOp) -> torch.Tensor:
+        """A fresh copy of the chunk's blocks (the engine may reuse them next step)."""
         device = self.layers[0].device
-        ids = block_ids_on(op.block_ids, device)
         chunk = torch.empty(self._chunk_shape, dtype=self.layers[0].dtype, device=device)
-        gather_blocks(self.layers, ids, chunk)
+        gather_blocks(self.layers, block_ids_on(op.block_ids, device), chunk)
+        return chunk
+
+    def _submit(self, op: SaveOp, chunk: torch.Tensor) -> None:
+        assert self.writer is not None
         metadata = {"parent_key": op.parent_key, "chunk_index": str(op.chunk_index),
                     "num_tokens": str(len(op.block_ids) * self.block_size)}
         if self.saver is not None:
