@@ -79,7 +79,7 @@ def test_a_request_that_finishes_in_the_withheld_step_still_gets_its_chunks_stor
 
 
 def test_saves_resting_on_a_failed_block_are_dropped_and_planned_again(tmp_path):
-    scheduler, worker, (a, b), (keys_a, _) = _first_step(tmp_path)
+    scheduler, worker, (a, _), (keys_a, _) = _first_step(tmp_path)
     failed = worker.take_failed_blocks()
     a.num_computed_tokens = 0
     scheduler.loads_failed(failed)
