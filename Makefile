@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # for two-"node" tests, and docker-compose's offline config check.
 SYSTEM_PACKAGES := chromium bindfs fuse3 docker-compose
 
-.PHONY: install system-deps test test-fast demo bench clean
+.PHONY: install system-deps test test-fast demo bench clean soak fuzz-long
 
 install: $(STAMP)
 
@@ -37,6 +37,15 @@ test: install system-deps
 
 test-fast: install
 	$(PY) -m pytest -q -rs -m "not engine" tests
+
+# Outside `make test`: two engines on one small-budget directory for ~10 minutes, one
+# SIGKILLed and restarted, answers checked against a plain engine (bench/results/soak.json).
+soak: install
+	$(PY) -m bench.soak
+
+# The parser fuzzing of `make test` with 25 times the examples (about 150,000).
+fuzz-long: install
+	LMCACHE_FS_FUZZ_SCALE=25 $(PY) -m pytest -q -s tests/test_fuzz_parsers.py
 
 demo: install
 	$(PY) frontend/launcher.py

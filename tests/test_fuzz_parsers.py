@@ -1,0 +1,255 @@
+"""Fuzzing every parser of a file that others can write: thousands of mutated and truncated files.
+
+Leases, pins, namespace manifests and chunk files all live in the shared
+directory, where anyone with write access can plant any bytes. Starting from
+valid files, hypothesis flips bits, truncates, inserts and overwrites bytes,
+swaps JSON values for values of other types and nests them; each result must
+read as a miss or a clean error:
+
+- ``read_lease`` / a pin store / ``read_manifest``: None / skipped, or a record
+  of the right types (never an exception);
+- ``ChunkStore.load`` (the engine's read path): ``ChunkFileError``, or the
+  exact bytes that were stored (a mutation of header padding can leave a
+  valid file), never other data; ``verify.check_chunk``: a finding or None.
+
+A bounded run is part of the tests (about 20 s here); ``make fuzz-long`` runs
+``LMCACHE_FS_FUZZ_SCALE`` (default there 25) times as many examples.
+"""
+
+import json
+import os
+import struct
+import tempfile
+
+import pytest
+import torch
+from cachedir import SHAPE, chunk, make_store
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lmcache_fs.ops.lease import LeaseRecord, read_lease
+from lmcache_fs.ops.pins import PINS_DIR, Pin, PinStore
+from lmcache_fs.ops.verify import Finding, check_chunk
+from lmcache_fs.storage.codec import ChunkFileError
+from lmcache_fs.storage.layout import MANIFEST_NAME, check_key, read_manifest
+from lmcache_fs.storage.store import ChunkStore
+
+SCALE = float(os.environ.get("LMCACHE_FS_FUZZ_SCALE", "1"))
+COUNTS: dict[str, int] = {}  # examples run per target, printed at the end (-s)
+
+
+def fuzz(examples: int):
+    """Hypothesis settings for one target: ``examples`` times the scale, no deadline, no database."""
+    return settings(max_examples=max(1, int(examples * SCALE)), deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.function_scoped_fixture])
+
+
+def _count(target: str) -> None:
+    COUNTS[target] = COUNTS.get(target, 0) + 1
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """One directory for the module, reused by every example (examples share no fixture run)."""
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_counts():
+    yield
+    print("\nfuzz examples run: " + ", ".join(f"{k} {v}" for k, v in sorted(COUNTS.items())))
+
+
+# -- mutations ----------------------------------------------------------------------------
+
+def _apply(data: bytes, ops: list) -> bytes:
+    out = bytearray(data)
+    for op, where, value in ops:
+        at = where % (len(out) + 1)
+        if op == "flip" and out:
+            out[at % len(out)] ^= 1 << (value[0] % 8) if value else 1
+        elif op == "truncate":
+            del out[at:]
+        elif op == "insert":
+            out[at:at] = value
+        elif op == "overwrite":
+            out[at:at + len(value)] = value
+    return bytes(out)
+
+
+def mutated(valid: bytes, hot: int | None = None) -> st.SearchStrategy[bytes]:
+    """``valid`` with up to four flips, truncations, insertions or overwrites.
+
+    ``hot``: most positions fall in the first ``hot`` bytes (a chunk's header),
+    where a mutation changes meaning rather than only data.
+    """
+    where = st.integers(0, len(valid))
+    if hot is not None:
+        where = st.one_of(st.integers(0, hot), where)
+    op = st.tuples(st.sampled_from(["flip", "truncate", "insert", "overwrite"]), where,
+                   st.binary(min_size=0, max_size=16))
+    return st.lists(op, min_size=1, max_size=4).map(lambda ops: _apply(valid, ops))
+
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
+                    st.text(max_size=20))
+JSON_VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=20)
+
+
+def _json_bytes(value: object) -> bytes:
+    return json.dumps(value, allow_nan=True).encode()
+
+
+def fields_swapped(valid: dict) -> st.SearchStrategy[bytes]:
+    """``valid`` with some of its values replaced by any JSON (wrong types, nesting, NaN)."""
+    keys = sorted(valid)
+    return st.dictionaries(st.sampled_from(keys), JSON_VALUES, max_size=len(keys)).map(
+        lambda swap: _json_bytes({**valid, **swap}))
+
+
+def deep(opener: str, closer: str) -> st.SearchStrategy[bytes]:
+    return st.integers(1, 200_000).map(lambda n: (opener * n + closer * n).encode())
+
+
+def planted(valid: bytes, fields: dict) -> st.SearchStrategy[bytes]:
+    return st.one_of(mutated(valid), fields_swapped(fields), st.binary(max_size=512),
+                     JSON_VALUES.map(_json_bytes), deep("[", "]"), deep('{"a":', "}"))
+
+
+# -- leases -------------------------------------------------------------------------------
+
+LEASE = {"host": "node-1", "pid": 4242, "token": "0123456789abcdef", "expires_at": 1.7e9}
+LEASE_BYTES = json.dumps(LEASE).encode().ljust(256)
+
+
+@fuzz(1500)
+@given(content=planted(LEASE_BYTES, LEASE))
+def test_a_planted_lease_file_is_no_lease_or_a_well_typed_one(scratch, content):
+    _count("lease")
+    path = scratch / "eviction.lease"
+    path.write_bytes(content)
+    record = read_lease(path)
+    assert record is None or (isinstance(record, LeaseRecord) and isinstance(record.host, str)
+                              and type(record.pid) is int and isinstance(record.token, str)
+                              and isinstance(record.expires_at, float))
+
+
+# -- pins ---------------------------------------------------------------------------------
+
+PIN_KEYS = ["aa" * 32, "bb" * 32]
+PIN = {"keys": PIN_KEYS, "note": "system prompt", "pinned_at": 1.7e9, "host": "node-1"}
+
+
+@fuzz(1000)
+@given(content=planted(json.dumps(PIN, indent=1).encode(), PIN))
+def test_a_planted_pin_file_is_skipped_or_pins_valid_keys(scratch, content):
+    _count("pin")
+    namespace = scratch
+    (namespace / PINS_DIR).mkdir(exist_ok=True)
+    (namespace / PINS_DIR / f"{PIN_KEYS[-1]}.json").write_bytes(content)
+    for pin in PinStore(namespace).pins():
+        assert isinstance(pin, Pin) and all(check_key(k) == k for k in pin.keys)
+        assert isinstance(pin.note, str) and isinstance(pin.pinned_at, float)
+
+
+# -- manifests ----------------------------------------------------------------------------
+
+MANIFEST = {"model": "tiny@0123456789ab", "num_layers": 2, "block_size": 16, "dtype": "bfloat16",
+            "hash_algo": "sha256", "format_version": 1}
+
+
+@fuzz(1000)
+@given(content=planted(json.dumps(MANIFEST, indent=2).encode(), MANIFEST))
+def test_a_planted_manifest_is_none_or_flat_fields(scratch, content):
+    _count("manifest")
+    namespace = scratch
+    (namespace / MANIFEST_NAME).write_bytes(content)
+    fields = read_manifest(namespace)
+    assert fields is None or all(isinstance(v, (str, int, float, bool)) for v in fields.values())
+
+
+# -- chunk files: through the engine's read path and through verify ----------------------
+
+KEY = "cd" * 32
+META = {"parent_key": "", "chunk_index": "0", "num_tokens": "16"}
+
+
+def _store_with_one_chunk(root) -> ChunkStore:
+    store = make_store(root)
+    store.save(KEY, chunk(KEY), META)
+    return store
+
+
+with tempfile.TemporaryDirectory() as _tmp:  # the strategies start from a real chunk file
+    VALID_CHUNK = _store_with_one_chunk(_tmp).layout.chunk_path(KEY).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def chunk_store(tmp_path_factory):
+    return _store_with_one_chunk(tmp_path_factory.mktemp("fuzz-chunks"))
+
+
+def _header_fields(raw: bytes) -> dict:
+    (length,) = struct.unpack_from("<Q", raw)
+    return json.loads(raw[8:8 + length])
+
+
+def header_swapped(raw: bytes) -> st.SearchStrategy[bytes]:
+    """The chunk with its header JSON re-encoded after swapping values (nested ones too)."""
+    header = _header_fields(raw)
+    (length,) = struct.unpack_from("<Q", raw)
+    data = raw[8 + length:]
+
+    def rebuild(swap):
+        tensor, meta = dict(header["kv"]), dict(header["__metadata__"])
+        tensor.update(swap.get("kv", {}))
+        meta.update(swap.get("meta", {}))
+        text = _json_bytes({"__metadata__": meta, "kv": tensor, **swap.get("top", {})})
+        return struct.pack("<Q", len(text)) + text + data
+
+    return st.fixed_dictionaries({}, optional={
+        "kv": st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets"]), JSON_VALUES),
+        "meta": st.dictionaries(st.sampled_from(sorted(header["__metadata__"])), JSON_VALUES),
+        "top": st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=2)}).map(rebuild)
+
+
+def chunk_contents(raw: bytes) -> st.SearchStrategy[bytes]:
+    (length,) = struct.unpack_from("<Q", raw)
+    return st.one_of(mutated(raw, hot=8 + length), header_swapped(raw),
+                     st.integers(0, len(raw)).map(lambda n: raw[:n]))
+
+
+@fuzz(1500)
+@given(content=chunk_contents(VALID_CHUNK))
+def test_a_planted_chunk_file_is_a_clean_miss_or_the_stored_bytes(chunk_store, content):
+    _count("chunk load")
+    _plant(chunk_store.layout.chunk_path(KEY), content)
+    out = torch.empty(SHAPE, dtype=torch.bfloat16)
+    try:
+        chunk_store.load(KEY, out)
+    except ChunkFileError:
+        return  # a miss: the engine recomputes
+    assert torch.equal(out.view(torch.uint8), chunk(KEY).view(torch.uint8))  # never other data
+
+
+@fuzz(1000)
+@given(content=chunk_contents(VALID_CHUNK))
+def test_verify_reports_a_planted_chunk_file_or_accepts_the_stored_bytes(chunk_store, content):
+    _count("chunk verify")
+    path = chunk_store.layout.chunk_path(KEY)
+    _plant(path, content)
+    finding = check_chunk(path, chunk_store.layout.namespace.name, KEY, (SHAPE, "bfloat16"))
+    assert finding is None or isinstance(finding, Finding)
+
+
+def _plant(path, content: bytes) -> None:
+    """Put ``content`` at the chunk's name (a load may have quarantined the last one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".fuzz")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
