@@ -16,7 +16,7 @@ from cachedir import make_store, prefix_keys, save_prefix, set_mtime
 
 from lmcache_fs.config import load_config
 from lmcache_fs.ops import eviction
-from lmcache_fs.ops.eviction import BackgroundEvictor, Evictor, lease_path
+from lmcache_fs.ops.eviction import lease_path
 from lmcache_fs.ops.inventory import scan_chunks, total_size
 from lmcache_fs.ops.lease import Lease, read_lease
 from lmcache_fs.ops.pins import PINS_DIR, PinStore
@@ -208,21 +208,24 @@ def _wait_until_within(store, budget):
 
 def test_the_background_evictor_survives_an_unexpected_error_and_logs_it(tmp_path, monkeypatch,
                                                                           caplog):
-    calls = []
+    store = make_store(tmp_path)
+    _over_budget(tmp_path, store)
+    real, calls = eviction.namespace_dirs, []
 
-    def broken_then_fine():
-        calls.append(1)
+    def broken_once(root):
+        calls.append(root)
         if len(calls) == 1:
-            raise RecursionError("maximum recursion depth exceeded")
-        return eviction.EvictionReport(ran=True)
+            raise RecursionError("maximum recursion depth exceeded")  # not an OSError
+        return real(root)
 
-    evictor = Evictor(tmp_path, max_bytes=0)
-    monkeypatch.setattr(evictor, "run_pass", broken_then_fine)
+    monkeypatch.setattr(eviction, "namespace_dirs", broken_once)
+    budget = 4 * CHUNK_BYTES
+    cfg = load_config({"storage_path": str(tmp_path), "max_disk_size_gb": budget / 1e9,
+                       "eviction_interval_s": 0.05})
     with caplog.at_level(logging.ERROR):
-        daemon = BackgroundEvictor(evictor, interval_s=0.01).start()
-        deadline = time.time() + 5
-        while len(calls) < 3 and time.time() < deadline:
-            time.sleep(0.01)
-        daemon.stop()
-    assert len(calls) >= 3
+        daemon = eviction.start_background_evictor(cfg)
+        try:
+            _wait_until_within(store, budget)  # a later pass of the same thread evicted
+        finally:
+            daemon.stop()
     assert "failed unexpectedly" in caplog.text and "RecursionError" in caplog.text
