@@ -57,6 +57,8 @@ from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
 PHASES = ("store", "store + fsync", "warm load", "cold load")
 BASELINE = "raw pwrite/preadv, 1 thread"
 CONNECTOR_PATH = "lmcache-fs LayerwiseReader, 1 thread (connector's CPU path)"
+CONNECTOR_PATH_MAC = "the same, with integrity_key_file (HMAC-SHA256)"
+BENCH_MAC_KEY = bytes(range(32))
 BLOCK_TOKENS = 128  # vLLM's CPU block size: a chunk of 256 tokens is 2 pages per layer
 LMCACHE_PATHS = {"local_disk": "LMCache LocalDiskBackend (4 threads)",
                  "fs_connector": "LMCache fs:// FSConnector (asyncio)",
@@ -194,11 +196,12 @@ def _metadata(i: int, keys: list[str], tokens: int) -> dict[str, str]:
 class ChunkStoreTrial(_LocalTrial):
     """lmcache-fs's real paths: ChunkStore.save -> publish, ChunkStore.load -> open_chunk + read_into + DataCheck."""
 
-    def __init__(self, chunks: list[torch.Tensor], directory: Path, threads: int, tokens: int):
+    def __init__(self, chunks: list[torch.Tensor], directory: Path, threads: int, tokens: int,
+                 mac_key: bytes | None = None):
         super().__init__(chunks, threads)
         layout = ChunkLayout(directory, Namespace({"model": "bench/storage", "tokens": tokens}))
         layout.write_manifest()
-        self.store_ = ChunkStore(layout)
+        self.store_ = ChunkStore(layout, mac_key=mac_key)
         self.keys = _chunk_keys(len(chunks))
         self.meta = [_metadata(i, self.keys, tokens) for i in range(len(chunks))]
 
@@ -223,10 +226,12 @@ class LayerwiseTrial(ChunkStoreTrial):
 
     CACHED_CHUNKS = 16  # chunk i lands in the pages of slot i % 16: a cache, not a copy of the pass
 
-    def __init__(self, chunks: list[torch.Tensor], directory: Path, tokens: int):
+    def __init__(self, chunks: list[torch.Tensor], directory: Path, tokens: int,
+                 mac_key: bytes | None = None):
         layers, per_chunk = chunks[0].shape[0], tokens // min(BLOCK_TOKENS, tokens)
         # The same bytes, shaped as the connector stores them: [layers, blocks, page].
-        super().__init__([c.view(layers, per_chunk, -1) for c in chunks], directory, 1, tokens)
+        super().__init__([c.view(layers, per_chunk, -1) for c in chunks], directory, 1, tokens,
+                         mac_key)
         page = self.chunks[0].shape[2]
         self.outs = []
         self.cache = [torch.zeros(self.CACHED_CHUNKS * per_chunk, page, dtype=chunks[0].dtype)
@@ -438,6 +443,7 @@ def _competitors(case: Case, chunks: list[torch.Tensor],
         BASELINE: lambda d: RawTrial(chunks, d, 1),
         "raw pwrite/preadv, 4 threads": lambda d: RawTrial(chunks, d, 4),
         CONNECTOR_PATH: lambda d: LayerwiseTrial(chunks, d, tokens),
+        CONNECTOR_PATH_MAC: lambda d: LayerwiseTrial(chunks, d, tokens, BENCH_MAC_KEY),
         "lmcache-fs ChunkReader on CPU, 16 in flight (CUDA's path)":
             lambda d: WholeChunkTrial(chunks, d, tokens),
         "lmcache-fs ChunkStore, 1 thread": lambda d: ChunkStoreTrial(chunks, d, 1, tokens),
