@@ -63,9 +63,10 @@ class SchedulerSide:
         # block's entry is replaced when it is loaded into again, and failures only ever
         # name blocks of loads, so finished requests need no clean-up.
         self._loading: dict[int, str] = {}
-        # A worker withholds the saves of every step it runs between a failed load and the
+        # A worker holds back the saves of every step it runs between a failed load and the
         # step built after the failure was reported here (their KV may rest on the failed
-        # blocks): these counters tell it, and the saves of the last steps are planned again.
+        # blocks): these counters tell it, and the saves of the last steps are then released
+        # (sound) or planned again (recomputed).
         self._failed_load_steps = 0
         self._recent_saves: deque[list[SaveOp]] = deque(maxlen=2)  # async scheduling: 2 steps
         self._released: list[str] = []  # held-back saves found sound, for the next metadata
