@@ -9,6 +9,7 @@ UTF-8) must read as "no record", never stop eviction or an engine's start.
 import json
 import logging
 import os
+import shutil
 import time
 
 import pytest
@@ -75,6 +76,16 @@ def test_a_symlink_planted_at_the_temporary_name_is_never_written_through(tmp_pa
     manifest = directory / MANIFEST_NAME
     assert not manifest.is_symlink()
     assert read_manifest(directory) == store.layout.namespace.fields
+
+
+def test_a_symlink_planted_at_the_namespace_directory_is_never_written_through(tmp_path, outside):
+    root = tmp_path / "cache"
+    store = make_store(root)
+    layout = store.layout
+    shutil.rmtree(layout.directory)
+    layout.directory.symlink_to(outside.parent, target_is_directory=True)
+    layout.write_manifest()
+    assert sorted(p.name for p in outside.parent.iterdir()) == ["victim.txt"]
 
 
 def test_a_symlink_planted_at_the_hash_seed_marker_is_never_followed(tmp_path, outside):

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Iterator, Mapping, Union
 
 from lmcache_fs.storage.untrusted import parse_json_object, read_capped
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 """The chunk file format's version: a namespace field and each header's ``format_version``."""
@@ -105,14 +108,35 @@ class ChunkLayout:
         """Create the namespace directory and its readable ``namespace.json`` once.
 
         Published like a chunk (a unique ``O_EXCL | O_NOFOLLOW`` temporary,
-        then a link that fails if the name exists): a symlink planted at the
-        manifest's or at a temporary's name never redirects the write, and
-        whatever holds the name already (first writer wins) stays.
+        then a link that fails if the name exists) into the namespace
+        directory opened with ``O_NOFOLLOW``: a symlink planted at the
+        manifest's name, a temporary's name or the namespace directory's name
+        never redirects the write, and whatever holds the manifest's name
+        already (first writer wins) stays.
         """
-        from lmcache_fs.storage.publish import publish  # publish imports this module
+        from lmcache_fs.storage.publish import publish_at  # publish imports this module
 
+        self.root.mkdir(parents=True, exist_ok=True)
+        root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                os.mkdir(self.namespace.name, dir_fd=root_fd)
+            except FileExistsError:
+                pass
+            try:
+                dir_fd = os.open(self.namespace.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                 dir_fd=root_fd)
+            except OSError as exc:  # ELOOP, ENOTDIR: a symlink or a file planted at its name
+                logger.warning("%s is not a real directory (%s): its namespace.json is not "
+                               "written", self.directory, exc.strerror)
+                return
+        finally:
+            os.close(root_fd)
         text = (json.dumps(self.namespace.fields, indent=2, sort_keys=True) + "\n").encode()
-        publish(self.directory / MANIFEST_NAME, lambda fd: os.write(fd, text), mode)
+        try:
+            publish_at(dir_fd, MANIFEST_NAME, lambda fd: os.write(fd, text), mode)
+        finally:
+            os.close(dir_fd)
 
     def iter_chunk_files(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
         """Yield ``(key, entry)`` for every published chunk file (temporaries skipped)."""
