@@ -156,6 +156,12 @@ def test_a_lease_symlinked_to_an_endless_device_is_not_read(tmp_path):
     assert read_lease(path) is None
 
 
+def test_a_lease_that_is_a_fifo_is_not_waited_on(tmp_path):
+    path = tmp_path / "eviction.lease"
+    os.mkfifo(path)  # no writer: a blocking open or read would hang the evictor
+    assert read_lease(path) is None
+
+
 def test_a_planted_deep_lease_is_taken_over_once_a_ttl_old(tmp_path):
     path = tmp_path / "eviction.lease"
     path.write_bytes(DEEP)
