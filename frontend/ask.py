@@ -17,7 +17,8 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Union
 
 from demo_config import EngineConfig
 from engine_client import (
@@ -63,7 +64,7 @@ class _Done:
 _Event = Union[StreamEvent, _Hits, _Done]
 
 
-def _ask_one(engine: EngineConfig, context: str, question: str, max_tokens: int,
+def _ask_one(engine: EngineConfig, messages: list[dict[str, str]], max_tokens: int,
              events: "queue.Queue[tuple[str, _Event]]") -> None:
     """Worker thread: stream one engine's answer and its cache-hit deltas into ``events``."""
     def put(event: _Event) -> None:
@@ -76,7 +77,7 @@ def _ask_one(engine: EngineConfig, context: str, question: str, max_tokens: int,
         except EngineError:
             before = None  # answers still count without hit figures
         failed = False
-        for event in stream_answer(engine, model, build_messages(context, question), max_tokens):
+        for event in stream_answer(engine, model, messages, max_tokens):
             put(event)
             failed = failed or isinstance(event, Failed)
         if before is not None and not failed:
@@ -107,15 +108,18 @@ def _apply(answer: EngineAnswer, event: _Event) -> None:
 
 
 def ask_engines(engines: Sequence[EngineConfig], context: str, question: str, max_tokens: int,
-                sequential: bool, on_update: Callable[[EngineAnswer], None]) -> list[EngineAnswer]:
+                sequential: bool, on_update: Callable[[EngineAnswer], None],
+                earlier: Sequence[tuple[str, str]] = ()) -> list[EngineAnswer]:
     """Ask every engine; return their answers once all are done.
 
     Args:
+        earlier: (question, answer) exchanges before ``question``: a follow-up turn.
         sequential: one engine at a time, in order (fair timings when engines
             share CPU cores); otherwise all at once.
         on_update: called in the caller's thread after each change to an answer.
     """
     answers = {e.label: EngineAnswer(e) for e in engines}
+    messages = build_messages(context, question, earlier)
     events: queue.Queue[tuple[str, _Event]] = queue.Queue()
     pending = list(engines)
     running = 0
@@ -123,7 +127,7 @@ def ask_engines(engines: Sequence[EngineConfig], context: str, question: str, ma
     def start_next() -> None:
         nonlocal running
         engine = pending.pop(0)
-        threading.Thread(target=_ask_one, args=(engine, context, question, max_tokens, events),
+        threading.Thread(target=_ask_one, args=(engine, messages, max_tokens, events),
                          name=f"ask-{engine.label}", daemon=True).start()
         running += 1
 

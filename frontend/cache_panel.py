@@ -84,15 +84,3 @@ def wait_for_new_chunks(root: str | os.PathLike[str], before: int, timeout_s: fl
             break
         time.sleep(0.2)
     return count - before
-
-
-def human_bytes(n: int) -> str:
-    """``1536`` -> ``'1.5 KiB'``."""
-    if n < 1024:
-        return f"{n} B"
-    value = n / 1024
-    for unit in ("KiB", "MiB"):
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"

@@ -114,7 +114,34 @@ def write_demo_config(path: str | os.PathLike[str], config: DemoConfig) -> None:
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+@dataclass(frozen=True)
+class SampleQuestion:
+    question: str
+    answer: str
+    """What a correct reply contains (the answer stands in the document)."""
+
+
+@dataclass(frozen=True)
+class SampleDocument:
+    """A bundled long-context document, where it comes from and questions about it."""
+
+    title: str
+    text: str
+    source: str
+    license: str
+    questions: tuple[SampleQuestion, ...]
+
+
+def document_catalog(directory: Path = DOCUMENTS_DIR) -> list[SampleDocument]:
+    """The bundled documents in the order of ``catalog.yaml``."""
+    entries = yaml.safe_load((directory / "catalog.yaml").read_text())
+    return [SampleDocument(str(e["title"]), (directory / e["file"]).read_text(), str(e["source"]),
+                           str(e["license"]),
+                           tuple(SampleQuestion(str(q["question"]), str(q["answer"]))
+                                 for q in e["questions"]))
+            for e in entries]
+
+
 def sample_documents(directory: Path = DOCUMENTS_DIR) -> dict[str, str]:
-    """The bundled long-context documents, title (from the file name) to text."""
-    return {p.stem.replace("-", " ").capitalize(): p.read_text()
-            for p in sorted(directory.glob("*.txt"))}
+    """The bundled long-context documents, title to text."""
+    return {d.title: d.text for d in document_catalog(directory)}

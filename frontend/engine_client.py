@@ -11,20 +11,20 @@ Example:
 
 from __future__ import annotations
 
-import json
-import re
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Union
+from typing import Union
 
+import openai
 import requests
 from demo_config import EngineConfig
+from prometheus_client.parser import text_string_to_metric_families
 
 HEALTH_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 10.0
 STREAM_TIMEOUT_S = 600.0
 
-_SAMPLE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 # Control characters (bar newline and tab) shown as Unicode control pictures:
 # the synthetic model's answers are mostly bytes like \x01 that would print as nothing.
 _CONTROL_PICTURES = {c: 0x2400 + c for c in range(0x20) if chr(c) not in "\n\t"} | {0x7F: 0x2421}
@@ -156,13 +156,9 @@ def count_tokens(engine: EngineConfig, model: str, text: str,
 
 
 def metric_sum(metrics_text: str, name: str) -> float:
-    """Sum of every sample of metric ``name`` (all label sets) in Prometheus text."""
-    total = 0.0
-    for line in metrics_text.splitlines():
-        match = _SAMPLE_RE.match(line)
-        if match and match.group(1) == name:
-            total += float(match.group(3))
-    return total
+    """Sum of every sample named ``name`` (all label sets) in Prometheus text."""
+    return sum(sample.value for family in text_string_to_metric_families(metrics_text)
+               for sample in family.samples if sample.name == name)
 
 
 def cache_counters(engine: EngineConfig, timeout: float = REQUEST_TIMEOUT_S) -> CacheCounters:
@@ -172,17 +168,34 @@ def cache_counters(engine: EngineConfig, timeout: float = REQUEST_TIMEOUT_S) -> 
                          metric_sum(text, "vllm:external_prefix_cache_hits_total"))
 
 
-def build_messages(context: str, question: str) -> list[dict[str, str]]:
-    """One user message, context first: every question on a context shares its prefix.
+def build_messages(context: str, question: str,
+                   earlier: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
+    """A chat on ``context``: context first, so every question on it shares its prefix.
 
-    (A system message would be simpler, but Mistral-Instruct's template rejects one.)
+    The context and the first question form one user message (a system message
+    would be simpler, but Mistral-Instruct's template rejects one). Each
+    ``earlier`` (question, answer) exchange comes before ``question``, so a
+    follow-up turn's prompt begins with the whole earlier turn.
     """
-    return [{"role": "user", "content": f"{context}\n\nQuestion: {question}"}]
+    questions = [q for q, _ in earlier] + [question]
+    messages = [{"role": "user", "content": f"{context}\n\nQuestion: {questions[0]}"}]
+    for (_, answer), follow_up in zip(earlier, questions[1:]):
+        messages += [{"role": "assistant", "content": answer},
+                     {"role": "user", "content": follow_up}]
+    return messages
+
+
+def _status_message(exc: openai.APIStatusError) -> str:
+    """The error text a vLLM server put in its JSON body, else the client's summary."""
+    body = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else exc.body
+    if isinstance(body, dict):
+        return str(body.get("message") or body.get("detail") or body)
+    return str(body or exc.message)
 
 
 def stream_answer(engine: EngineConfig, model: str, messages: list[dict[str, str]],
                   max_tokens: int, timeout: float = STREAM_TIMEOUT_S) -> Iterator[StreamEvent]:
-    """Stream a greedy chat completion; TTFT is taken at the first streamed token.
+    """Stream a greedy chat completion (OpenAI's client); TTFT is taken at the first token.
 
     vLLM sends its first chunk (the ``role`` chunk) together with the first
     generated token, so the first chunk carrying ``choices`` marks the first
@@ -192,52 +205,45 @@ def stream_answer(engine: EngineConfig, model: str, messages: list[dict[str, str
         ``FirstToken`` once, ``Delta`` for each piece of text, then exactly one
         ``Finished`` or ``Failed`` (an error before or during the stream).
     """
-    body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens,
-                            "temperature": 0.0, "stream": True,
-                            "stream_options": {"include_usage": True}}
+    client = openai.OpenAI(base_url=engine.url + "/v1", api_key="not-needed", max_retries=0,
+                           timeout=openai.Timeout(timeout, connect=REQUEST_TIMEOUT_S))
     start = time.perf_counter()
     seen_first = False
-    usage: dict[str, Any] = {}
+    usage = None
     try:
-        with requests.post(engine.url + "/v1/chat/completions", json=body, stream=True,
-                           timeout=(REQUEST_TIMEOUT_S, timeout)) as response:
-            if response.status_code >= 400:
-                yield Failed(f"{engine.label} rejected the request (HTTP {response.status_code}): "
-                             f"{_server_message(response)}")
-                return
-            for raw in response.iter_lines():
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                payload = line[len("data:"):].strip()
-                if payload == "[DONE]":
-                    break
-                try:
-                    chunk = json.loads(payload)
-                except ValueError:
-                    yield Failed(f"{engine.label} sent an unreadable stream chunk")
-                    return
-                if "error" in chunk:
-                    error = chunk["error"]
-                    message = error.get("message", error) if isinstance(error, dict) else error
-                    yield Failed(f"{engine.label} failed while answering: {message}")
-                    return
-                usage = chunk.get("usage") or usage
-                for choice in chunk.get("choices") or []:
+        stream = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=0.0,  # type: ignore[arg-type]
+            stream=True, stream_options={"include_usage": True})
+        with stream:
+            for chunk in stream:
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
                     if not seen_first:
                         seen_first = True
                         yield FirstToken(time.perf_counter() - start)
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        yield Delta(text)
-    except requests.RequestException as exc:
-        yield Failed(_describe(engine, exc))
+                    if choice.delta.content:
+                        yield Delta(choice.delta.content)
+    except openai.APITimeoutError:
+        yield Failed(f"{engine.label} did not answer in time ({engine.url})")
+        return
+    except openai.APIConnectionError:
+        yield Failed(f"{engine.label} is not reachable at {engine.url}: is the engine running?")
+        return
+    except openai.APIStatusError as exc:
+        yield Failed(f"{engine.label} rejected the request (HTTP {exc.status_code}): "
+                     f"{_status_message(exc)}")
+        return
+    except openai.APIError as exc:  # an error event in the middle of the stream
+        yield Failed(f"{engine.label} failed while answering: {exc.message}")
+        return
+    except ValueError:
+        yield Failed(f"{engine.label} sent an unreadable stream chunk")
         return
     if not seen_first:
         yield Failed(f"{engine.label} closed the stream without generating a token")
         return
-    yield Finished(time.perf_counter() - start, usage.get("prompt_tokens"),
-                   usage.get("completion_tokens"))
+    yield Finished(time.perf_counter() - start, usage.prompt_tokens if usage else None,
+                   usage.completion_tokens if usage else None)
 
 
 def visible_text(text: str) -> str:

@@ -5,7 +5,9 @@
 Engines come from the demo config (see demo_config.py). The page measures
 time to first token (TTFT) at the first streamed token of each engine, keeps a
 history of TTFTs and cache hits for the session, and shows what the shared
-cache directory holds when it can see it.
+cache directory holds when it can see it. After a first answer, a follow-up
+turn continues the chat: its prompt carries the first exchange, so an engine
+that did not answer the first turn loads that prefix from the shared directory.
 """
 
 from __future__ import annotations
@@ -16,8 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 import streamlit as st
 from ask import EngineAnswer, ask_engines, ask_one
-from cache_panel import human_bytes, summarize_cache, wait_for_new_chunks
-from demo_config import DemoConfigError, EngineConfig, load_demo_config, sample_documents
+from cache_panel import summarize_cache, wait_for_new_chunks
+from demo_config import (
+    DemoConfigError,
+    EngineConfig,
+    SampleDocument,
+    document_catalog,
+    load_demo_config,
+)
 from engine_client import (
     EngineError,
     Health,
@@ -27,6 +35,8 @@ from engine_client import (
     model_info,
     visible_text,
 )
+
+from lmcache_fs.log import human_bytes
 
 PRIME_QUESTION = ""  # the prime request ends where every question begins
 
@@ -63,14 +73,24 @@ def engine_health(engines: tuple[EngineConfig, ...]) -> None:
             st.caption(health.detail)
 
 
-def choose_context(documents: dict[str, str]) -> str:
+def choose_context(documents: list[SampleDocument]) -> tuple[str, str]:
+    """The long context, and a question about it (the first sample question, if any)."""
     source = st.radio("Long context", ["Sample documents", "Paste text"], horizontal=True)
     if source == "Sample documents":
-        names = st.multiselect("Documents (concatenated in this order)", list(documents),
-                               default=list(documents)[:1])
-        return "\n\n".join(documents[n] for n in names)
-    return st.text_area("Paste a long text", height=200,
+        by_title = {d.title: d for d in documents}
+        names = st.multiselect("Documents (concatenated in this order)", list(by_title),
+                               default=list(by_title)[:1])
+        chosen = [by_title[n] for n in names]
+        for document in chosen:
+            with st.expander(f"{document.title}: source and questions"):
+                st.caption(f"{document.source} · {document.license}")
+                st.markdown("\n".join(f"- {q.question} *(the text says: {q.answer})*"
+                                      for q in document.questions))
+        question = chosen[0].questions[0].question if chosen else "What is this document about?"
+        return "\n\n".join(d.text for d in chosen), question
+    text = st.text_area("Paste a long text", height=200,
                         placeholder="A report, a contract, a chapter: several thousand tokens")
+    return text, "What is this document about?"
 
 
 def show_token_count(engines: tuple[EngineConfig, ...], context: str) -> None:
@@ -139,18 +159,55 @@ def show_answers(answers: list[EngineAnswer]) -> dict[str, st.delta_generator.De
     return slots
 
 
-def record_history(question: str, answers: list[EngineAnswer]) -> None:
+def record_history(question: str, answers: list[EngineAnswer], turn: int = 1) -> None:
     history: list[dict] = st.session_state.setdefault("history", [])
     number = 1 + len({row["question"] for row in history})
     for a in answers:
         history.append({
-            "question": f"Q{number}", "asked": question, "engine": a.engine.label,
-            "shared cache": a.engine.uses_cache,
+            "question": f"Q{number}" + (" (follow-up)" if turn > 1 else ""), "asked": question,
+            "engine": a.engine.label, "shared cache": a.engine.uses_cache,
             "TTFT (s)": None if a.error else a.ttft_s,
             "prompt tokens": a.prompt_tokens,
             "tokens from shared dir": a.shared_hit_tokens,
             "tokens from own prefix cache": a.local_hit_tokens,
             "status": a.error or "ok"})
+
+
+def first_exchange(question: str, answers: list[EngineAnswer]) -> tuple[str, str, str] | None:
+    """The first turn a follow-up continues: (question, answer, engine), taken from the first
+    cache engine that answered (the one whose chunks the others can load), else any."""
+    done = [a for a in answers if a.done and not a.error and a.text]
+    done.sort(key=lambda a: not a.engine.uses_cache)
+    return (question, done[0].text, done[0].engine.label) if done else None
+
+
+def follow_up_turn(engines: tuple[EngineConfig, ...], context: str, max_tokens: int,
+                   sequential: bool) -> None:
+    """A second chat turn whose prompt carries the first exchange, on engines of one's choice."""
+    earlier = st.session_state.get("first_exchange")
+    if not earlier:
+        return
+    question, answer, engine_label = earlier
+    st.header("Follow-up turn")
+    st.caption(f"The follow-up's prompt begins with the whole first turn: the context, "
+               f"{question!r} and {engine_label}'s answer. An engine that did not answer the "
+               "first turn meets that prefix for the first time: with lmcache-fs it loads it "
+               "from the shared directory, plain vLLM computes it.")
+    asked = {a.engine.label for a in st.session_state.get("last_answers", [])}
+    labels = [e.label for e in engines]
+    fresh = [label for label in labels if label not in asked] or labels
+    chosen = st.multiselect("Engines for the follow-up", labels, default=fresh)
+    follow_up = st.text_input("Follow-up question", value="Explain that in one more sentence.")
+    if st.button("Ask the follow-up", disabled=not (chosen and follow_up.strip())):
+        targets = tuple(e for e in engines if e.label in chosen)
+        slots = show_answers([EngineAnswer(e) for e in targets])
+        answers = ask_engines(targets, tagged(context), follow_up, max_tokens, sequential,
+                              on_update=lambda a: render_answer(slots[a.engine.label], a),
+                              earlier=[(question, answer)])
+        record_history(follow_up, answers, turn=2)
+        st.session_state["follow_up_answers"] = answers
+    elif st.session_state.get("follow_up_answers"):
+        show_answers(st.session_state["follow_up_answers"])
 
 
 def show_history() -> None:
@@ -212,7 +269,7 @@ def main() -> None:
                                  help="Fair timings when engines share CPU cores; "
                                       "otherwise all engines are asked at once.")
 
-    context = choose_context(sample_documents())
+    context, default_question = choose_context(document_catalog())
     show_token_count(config.engines, context)
 
     writer = next((e for e in config.engines if e.uses_cache), None)
@@ -222,13 +279,14 @@ def main() -> None:
                                  "engine: the next question then compares engines that load it "
                                  "from the shared directory with engines that compute it."):
         st.session_state["context_tag"] = uuid.uuid4().hex[:8]
+        st.session_state.pop("first_exchange", None)  # a follow-up continues the new copy only
         with st.spinner(f"{writer.label} is reading the context …"):
             prime_shared_cache(writer, tagged(context), config.cache_dir)
     if st.session_state.get("context_tag"):
         st.caption(f"Questions use the fresh copy [{st.session_state['context_tag']}] of the "
                    "context: each engine meets it for the first time when first asked.")
 
-    question = st.text_input("Question", value="What is this document about?")
+    question = st.text_input("Question", value=default_question)
     ask = st.button("Ask the selected engines", type="primary",
                     disabled=not (context.strip() and question.strip() and selected))
     if ask:
@@ -237,8 +295,12 @@ def main() -> None:
                               on_update=lambda a: render_answer(slots[a.engine.label], a))
         record_history(question, answers)
         st.session_state["last_answers"] = answers
+        st.session_state["first_exchange"] = first_exchange(question, answers)
+        st.session_state.pop("follow_up_answers", None)
     elif st.session_state.get("last_answers"):
         show_answers(st.session_state["last_answers"])
+
+    follow_up_turn(config.engines, context, max_tokens, sequential)
 
     show_history()
     cache_panel(config.cache_dir)

@@ -2,11 +2,13 @@
 
 Two engines (A, B) use the lmcache-fs connector on one shared directory, two
 (C, D) are plain vLLM: the topology of docker-compose.yml, on the CPU build.
-Without a local model folder it serves a synthetic random-weight model, whose
-answers are meaningless but whose prefill time is real.
+By default it serves SmolLM2-135M-Instruct, a real chat model converted once
+from a PyPI wheel (real_model.py); ``MODEL=synthetic`` serves a random-weight
+model instead (meaningless answers, real prefill time).
 
     python frontend/launcher.py                  # engines + page; Ctrl-C stops everything
     python frontend/launcher.py --headless       # scripted TTFT comparison, table, exit
+    MODEL=synthetic python frontend/launcher.py          # the random-weight model
     MODEL=/models/my-llama python frontend/launcher.py   # serve a local model folder
 
 Every process it starts runs in its own process group and is stopped (TERM,
@@ -47,6 +49,10 @@ SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # cover the worker's own ~0.7 GiB, so a small fraction fails and a large one is greedy).
 CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
 MAX_MODEL_LEN = 8192
+# The synthetic model's tokenizer makes one token per byte: the longest sample document
+# (25k bytes) must fit, and 28k tokens of its float32 KV (8 KiB each) fit the pool above.
+SYNTHETIC_MAX_MODEL_LEN = 28 * 1024
+SYNTHETIC = "synthetic"
 COMPARISON_QUESTION = "What is this document about? Answer in one sentence."
 
 
@@ -100,38 +106,47 @@ def free_port(preferred: int = 0) -> int:
 def resolve_model(model: str) -> tuple[Path, bool]:
     """The folder to serve and whether it is the synthetic model.
 
-    A ``model`` naming a local folder is served as is; anything else (empty, or a
-    hub id such as docker compose's default) gets the locally built synthetic model.
+    A ``model`` naming a local folder is served as is; ``synthetic`` gets the
+    locally built random-weight model; anything else (empty, or a hub id such as
+    docker compose's default) gets SmolLM2-135M-Instruct, converted once from its
+    PyPI wheel.
     """
+    from real_model import DEFAULT_MODEL_DIR, build_real_model
     from synthetic_model import MARKER, build_synthetic_model
 
     if model and Path(model).is_dir():
         folder = Path(model).resolve()
         return folder, (folder / MARKER).exists()
+    if model == SYNTHETIC:
+        print(f"Building the synthetic model in {SYNTHETIC_MODEL_DIR} (once) ...", flush=True)
+        return build_synthetic_model(SYNTHETIC_MODEL_DIR), True
     if model:
-        print(f"MODEL={model} is not a local folder and the local demo downloads nothing: "
-              "serving a synthetic random-weight model instead.", flush=True)
-    print(f"Building the synthetic model in {SYNTHETIC_MODEL_DIR} (once) ...", flush=True)
-    return build_synthetic_model(SYNTHETIC_MODEL_DIR), True
+        print(f"MODEL={model} is not a local folder and the local demo downloads no model "
+              "from a hub: serving SmolLM2-135M-Instruct instead.", flush=True)
+    return build_real_model(DEFAULT_MODEL_DIR, say=lambda line: print(line, flush=True)), False
 
 
-def engine_command(model: Path, spec: EngineSpec, kv_dir: Path,
-                   synthetic: bool = False) -> list[str]:
+def engine_command(model: Path, spec: EngineSpec, kv_dir: Path, synthetic: bool = False,
+                   dtype: str = "", max_model_len: int = 0) -> list[str]:
     """The ``vllm serve`` command line of one engine (via the module: the ``vllm`` script
     of the CPU wheel looks up package metadata named "vllm" and fails).
 
     The synthetic model is served in float32: its logits are often nearly tied, and in
     bf16 another, equally correct computation order (a prefix loaded from the cache)
     can flip a greedy pick, which would make the page's "same answer" check flaky.
+    ``dtype`` and ``max_model_len`` override the defaults (tests serve the real model
+    in float32 for exact token comparisons).
     """
+    dtype = dtype or ("float32" if synthetic else "")
+    max_model_len = max_model_len or (SYNTHETIC_MAX_MODEL_LEN if synthetic else MAX_MODEL_LEN)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            "--model", str(model), "--served-model-name", model.name,
            "--host", "127.0.0.1", "--port", str(spec.port),
-           "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
+           "--enforce-eager", "--max-model-len", str(max_model_len),
            "--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES),
            "--disable-uvicorn-access-log"]
-    if synthetic:
-        cmd += ["--dtype", "float32"]
+    if dtype:
+        cmd += ["--dtype", dtype]
     if spec.uses_cache:
         cmd += ["--kv-transfer-config", json.dumps({
             "kv_connector": CONNECTOR_NAME, "kv_role": "kv_both",
@@ -329,8 +344,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("MODEL", ""),
-                        help="local model folder to serve (default: $MODEL; "
-                             "otherwise a synthetic model is built)")
+                        help="local model folder to serve, or 'synthetic' for a random-weight "
+                             "model (default: $MODEL; otherwise SmolLM2-135M-Instruct)")
     parser.add_argument("--workdir", type=Path, default=REPO / ".cache" / "demo",
                         help="logs, the page's config and (by default) the shared cache")
     parser.add_argument("--kv-dir", type=Path, default=None,

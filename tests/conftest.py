@@ -22,6 +22,14 @@ def synthetic_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct from its PyPI wheel, converted once per machine (under .cache/)."""
+    from real_model import DEFAULT_MODEL_DIR, build_real_model
+
+    return build_real_model(DEFAULT_MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     path = REPO / "tests" / "artifacts"
     path.mkdir(parents=True, exist_ok=True)

@@ -9,11 +9,12 @@ from typing import Iterator
 import pytest
 import yaml
 from ask import ask_engines  # noqa: E402  (frontend/, put on sys.path by demo_helpers)
-from cache_panel import human_bytes, summarize_cache
+from cache_panel import summarize_cache
 from demo_config import (
     CONFIG_ENV,
     DemoConfigError,
     EngineConfig,
+    document_catalog,
     parse_demo_config,
     sample_documents,
 )
@@ -200,7 +201,7 @@ def test_cache_panel_counts_published_chunks_and_bytes_per_namespace(
                           cache_dir=str(cache))
     app = page(monkeypatch, config)
     metrics = {m.label: m.value for m in app.metric}
-    assert metrics == {"Chunk files": "3", "Bytes": "2.9 KiB", "Namespaces": "1"}
+    assert metrics == {"Chunk files": "3", "Bytes": "3 KB", "Namespaces": "1"}
 
 
 def test_a_namespace_whose_manifest_does_not_match_its_name_is_not_counted(tmp_path: Path) -> None:
@@ -251,9 +252,51 @@ def test_one_engine_at_a_time_never_overlaps_requests() -> None:
             engine.close()
 
 
-def test_metrics_are_summed_over_label_sets_and_control_characters_made_visible() -> None:
-    text = ('# HELP x\nvllm:prefix_cache_hits_total{engine="0"} 5.0\n'
+@pytest.mark.parametrize("typed", [False, True])
+def test_metrics_are_summed_over_label_sets_and_control_characters_made_visible(typed: bool) -> None:
+    # vLLM declares its counters (# TYPE): the family is then named without _total
+    declared = "# TYPE vllm:prefix_cache_hits counter\n" if typed else ""
+    text = (f'# HELP x\n{declared}vllm:prefix_cache_hits_total{{engine="0"}} 5.0\n'
             'vllm:prefix_cache_hits_total{engine="1"} 7.0\nvllm:prefix_cache_hits_created 9\n')
     assert metric_sum(text, "vllm:prefix_cache_hits_total") == 12.0
     assert visible_text("a\x01\nb\x7f") == "a␁\nb␡"
-    assert human_bytes(1536) == "1.5 KiB" and human_bytes(10) == "10 B"
+
+
+def test_a_follow_up_turn_carries_the_first_exchange_to_the_engines_that_had_not_answered(
+        standard: Path, fakes: dict[str, FakeEngine], monkeypatch: pytest.MonkeyPatch) -> None:
+    app = page(monkeypatch, standard)
+    app.sidebar.checkbox(key="use-C").uncheck().run()  # the first turn on A only
+    app.text_input[0].set_value("Who publishes this license?")
+    button(app, "Ask the selected engines").click().run()
+    assert fakes["C"].chats() == []
+    (chosen,) = [m for m in app.multiselect if m.label == "Engines for the follow-up"]
+    assert chosen.value == ["C"]  # by default: the engines that meet the first turn afresh
+    (follow_up_input,) = [t for t in app.text_input if t.label == "Follow-up question"]
+    follow_up_input.set_value("Since when?")
+    button(app, "Ask the follow-up").click().run()
+    assert not app.exception
+    (follow_up,) = fakes["C"].chats()
+    assert follow_up["messages"] == [
+        {"role": "user", "content": f"{FIRST_DOCUMENT}\n\nQuestion: Who publishes this license?"},
+        {"role": "assistant", "content": "ok\x01"},
+        {"role": "user", "content": "Since when?"}]
+    assert [r["question"] for r in app.session_state["history"]] == ["Q1", "Q2 (follow-up)"]
+    assert [t.value for t in app.text] == ["ok␁", "ok␁"]  # turn one's answer and the follow-up's
+
+
+def test_a_real_model_page_shows_the_documents_sample_questions(
+        tmp_path: Path, fakes: dict[str, FakeEngine], monkeypatch: pytest.MonkeyPatch) -> None:
+    app = page(monkeypatch, write_config(tmp_path / "demo.yaml",
+                                         [{"label": "A", "url": fakes["A"].url}]))
+    first = document_catalog()[0]
+    assert app.text_input[0].value == first.questions[0].question
+    assert "answers are meaningless" not in all_text(app)
+    assert f"the text says: {first.questions[0].answer}" in all_text(app)
+
+
+def test_every_sample_document_names_its_source_license_and_questions() -> None:
+    documents = document_catalog()
+    assert len(documents) >= 3
+    for document in documents:
+        assert document.source and document.license and document.questions
+        assert len(document.text) > 15_000  # about 4k tokens or more of English
