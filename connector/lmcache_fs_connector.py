@@ -36,11 +36,12 @@ from .metadata import LMCacheFSMetadata
 from .namespace import check_hash_seed, namespace_fields, rank_namespace
 from .ranks import any_rank_of
 from .scheduler import SchedulerSide
-from .stats import LMCacheFSStats
+from .stats import LMCacheFSPromMetrics, LMCacheFSStats
 from .worker import ReadOptions, WorkerSide, this_rank_only
 
 if TYPE_CHECKING:
     from vllm.config import ParallelConfig, VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import PromMetric, PromMetricT
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -211,6 +212,14 @@ class LMCacheFSConnector(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> LMCacheFSStats:
         return LMCacheFSStats(data=data) if data else LMCacheFSStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: "VllmConfig",
+                           metric_types: dict[type["PromMetric"], type["PromMetricT"]],
+                           labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> LMCacheFSPromMetrics:
+        """The ``vllm:lmcache_fs_*`` series on the API server's ``/metrics`` (see stats.py)."""
+        return LMCacheFSPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._worker is not None:

@@ -102,7 +102,7 @@ class WorkerSide:
         self._held: list[tuple[int, SaveOp, torch.Tensor]] = []
         self._max_held = save_queue_size
         self.stats = LMCacheFSStats()
-        self._writer_reported = (0, 0, 0)
+        self._writer_reported: tuple[int, ...] = (0, 0, 0, 0, 0)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Keep the per-layer caches in namespace order; build the reader (and GPU saver)."""
@@ -200,7 +200,7 @@ class WorkerSide:
             if error is not None and op.req_id not in broken:
                 logger.warning("request %s: chunk %s unusable (%s): recomputing from there",
                                op.req_id, op.key[:16], error)
-                self.stats.record_load_error()
+                self.stats.record_load_error(error)
                 broken.add(op.req_id)
                 self._step_failed = True
             if op.req_id in broken:
@@ -210,13 +210,15 @@ class WorkerSide:
             loaded_tokens[op.req_id] += len(op.block_ids) * self.block_size
             loaded_bytes[op.req_id] += self._chunk_bytes
         total_bytes = sum(loaded_bytes.values())
-        self.stats.record_load(total_bytes, total_bytes // self._chunk_bytes, seconds)
+        self.stats.record_load(total_bytes, total_bytes // self._chunk_bytes,
+                               sum(loaded_tokens.values()), seconds)
         for req_id, tokens in loaded_tokens.items():
             hit = meta.hits.get(req_id)
             local = hit.local_tokens if hit else 0
             from_local = f" ({local} from local prefix cache)" if local else ""
             share = seconds * loaded_bytes[req_id] / total_bytes if total_bytes else seconds
-            logger.info("request %s: hit %d/%d tokens%s, loaded %s in %.0f ms (%.1f GB/s)%s",
+            # DEBUG: vLLM's periodic "KV Transfer metrics" line sums these up at INFO.
+            logger.debug("request %s: hit %d/%d tokens%s, loaded %s in %.0f ms (%.1f GB/s)%s",
                         req_id, tokens + local, hit.total_tokens if hit else 0, from_local,
                         human_bytes(loaded_bytes[req_id]), share * 1e3,
                         loaded_bytes[req_id] / max(share, 1e-9) / 1e9, note)
@@ -305,10 +307,14 @@ class WorkerSide:
         self.finish_load()
         if self.writer is not None:
             w = self.writer.stats
-            skipped = (w.skipped_queue_full + w.skipped_low_space + self._withheld_saves
-                       + (self.saver.skipped if self.saver else 0))
-            now = (w.published, skipped, w.failed)
-            self.stats.record_saves(*(a - b for a, b in zip(now, self._writer_reported)))
+            now = (w.published, w.failed,
+                   w.skipped_queue_full + (self.saver.skipped if self.saver else 0),
+                   w.skipped_low_space, self._withheld_saves)
+            stored, failed, queue_full, disk_guard, failed_load = (
+                a - b for a, b in zip(now, self._writer_reported))
+            self.stats.record_saves(stored, stored * self._chunk_bytes,
+                                    {"queue_full": queue_full, "disk_guard": disk_guard,
+                                     "failed_load": failed_load}, failed)
             self._writer_reported = now
         if self.stats.is_empty():
             return None

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from lmcache_fs import __version__
 from lmcache_fs.config import CONFIG_FILE_ENV, ConfigError, LMCacheFSConfig, load_config
 from lmcache_fs.log import human_bytes, init_logging
 from lmcache_fs.model_identity import model_identity
@@ -46,10 +47,12 @@ EXIT_PROBLEMS = 1  # bad files found, nothing matched, or the user declined
 EXIT_USAGE = 2     # bad arguments or configuration (argparse uses 2 as well)
 EXIT_BUSY = 3      # another process holds the eviction lease
 
+STORAGE_PATH_ENV = "LMCACHE_FS_STORAGE_PATH"
+
 _EPILOG = f"""\
-The storage path comes from --storage-path, or from storage_path in the YAML file
-named by --config or ${CONFIG_FILE_ENV} (the engines' file: the budget and
-watermarks are read from it too).
+The storage path comes from --storage-path, else ${STORAGE_PATH_ENV}, else from
+storage_path in the YAML file named by --config or ${CONFIG_FILE_ENV} (the engines'
+file: the budget and watermarks are read from it too).
 
 exit codes:
   0  success
@@ -60,7 +63,7 @@ exit codes:
 examples:
   lmcache-fs ls --storage-path /mnt/kv
   lmcache-fs verify --quarantine
-  lmcache-fs gc --daemon --max-disk-size-gb 500
+  lmcache-fs gc --daemon --max-disk-size-gb 500 --metrics-port 9400
   lmcache-fs pin --model /models/llama --prompt-file system_prompt.txt --note "support bot"
   lmcache-fs stats --json
 """
@@ -208,6 +211,8 @@ def _report_text(report: EvictionReport) -> str:
 def cmd_gc(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
     """One eviction pass (or, with --daemon, one every interval until SIGTERM/SIGINT)."""
     evictor = Evictor.from_config(cfg)
+    if args.metrics_port is not None and not args.daemon:
+        raise ConfigError("--metrics-port serves the daemon's metrics: add --daemon")
     if not args.daemon:
         try:
             report = evictor.run_pass()
@@ -215,17 +220,30 @@ def cmd_gc(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
             evictor.close()
         return Result(EXIT_OK if report.ran else EXIT_BUSY, asdict(report), [_report_text(report)])
 
-    def print_report(report: EvictionReport) -> None:
+    metrics = server = None
+    if args.metrics_port is not None:
+        from lmcache_fs.ops.exporter import DirectoryMetrics
+
+        metrics = DirectoryMetrics(cfg, evictor)
+        server = metrics.serve(args.metrics_host, args.metrics_port)
+
+    def on_report(report: EvictionReport) -> None:
+        if metrics is not None:
+            metrics.observe(report)
         line = json.dumps(asdict(report)) if args.json else _report_text(report)
         print(line, flush=True)
 
     if cfg.max_disk_size_gb == 0:  # stderr: --json output stays one report per line
         print("lmcache-fs gc: no max_disk_size_gb, so this daemon only removes old temporaries; "
               "pass --max-disk-size-gb (or set it in the config file) to evict", file=sys.stderr)
-    daemon = BackgroundEvictor(evictor, cfg.eviction_interval_s, on_report=print_report)
+    daemon = BackgroundEvictor(evictor, cfg.eviction_interval_s, on_report=on_report)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop())
-    daemon.run_until_stopped()
+    try:
+        daemon.run_until_stopped()
+    finally:
+        if server is not None:
+            server.close()
     return Result(EXIT_OK, {}, [])
 
 
@@ -469,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lmcache-fs", parents=[_common(False)], epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Inspect and maintain an lmcache-fs KV cache directory shared by vLLM engines.")
+    parser.add_argument("--version", action="version", version=f"lmcache-fs {__version__}")
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parsers = {name: subs.add_parser(name, parents=[_common(True)], help=help_, description=help_)
                for name, (_, help_) in _COMMANDS.items()}
@@ -493,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--eviction-interval-s", type=float, help="seconds between passes (daemon)")
     gc.add_argument("--temp-file-grace-s", type=float,
                     help="remove writers' temporary files older than this (at least 60)")
+    gc.add_argument("--metrics-port", type=int, metavar="PORT",
+                    help="with --daemon: serve Prometheus /metrics and /health on PORT "
+                         "(default: off; 0 picks a free port)")
+    gc.add_argument("--metrics-host", default="0.0.0.0", metavar="ADDR",
+                    help="address for --metrics-port (default 0.0.0.0: kubelet probes the pod IP)")
 
     _pin_arguments(parsers["pin"])
     parsers["pin"].add_argument("--note", default="", help="why it is pinned (shown by --list)")
@@ -508,14 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> LMCacheFSConfig:
     overrides: dict[str, Any] = {}
-    if args.storage_path:
-        overrides["storage_path"] = args.storage_path
+    if storage_path := args.storage_path or os.environ.get(STORAGE_PATH_ENV):
+        overrides["storage_path"] = storage_path
     for key in ("max_disk_size_gb", "eviction_interval_s", "temp_file_grace_s"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
     if not args.config and not os.environ.get(CONFIG_FILE_ENV) and "storage_path" not in overrides:
-        raise ConfigError(f"which cache? pass --storage-path DIR, or --config FILE "
-                          f"(or set ${CONFIG_FILE_ENV}) naming a file with storage_path")
+        raise ConfigError(f"which cache? pass --storage-path DIR (or set ${STORAGE_PATH_ENV}), "
+                          f"or --config FILE (or set ${CONFIG_FILE_ENV}) naming a file with "
+                          "storage_path")
     cfg = load_config(overrides, config_file=args.config)
     if not Path(cfg.storage_path).is_dir():
         raise ConfigError(f"storage path {cfg.storage_path} is not a directory")

@@ -41,7 +41,7 @@ import shutil
 import stat
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -81,6 +81,12 @@ class EvictionReport:
     skipped_pinned: int = 0
     skipped_recently_used: int = 0
     lease_holder: str = ""
+    # What the pass leaves (its own scan, less what it removed), for the exporter:
+    namespace_chunks: dict[str, int] = field(default_factory=dict)
+    namespace_bytes: dict[str, int] = field(default_factory=dict)
+    quarantined_files: int = 0
+    quarantined_bytes: int = 0
+    temporary_files: int = 0
 
 
 def lease_path(root: str | os.PathLike[str]) -> Path:
@@ -155,6 +161,7 @@ class Evictor:
         temporaries = self._remove_old_temporaries(report)
         chunks: list[ChunkEntry] = []
         for ns in namespace_dirs(self.root):
+            report.namespace_chunks[ns.name] = report.namespace_bytes[ns.name] = 0
             for chunk in scan_chunks(ns):
                 # Renewed entry by entry: on NFS one namespace's scan can outlast the lease.
                 if budgeted and not self.lease.renew_if_due():
@@ -164,6 +171,10 @@ class Evictor:
         quarantined = list(scan_quarantine(self.root))
         report.bytes_before = report.bytes_after = (
             total_size(chunks) + total_size(quarantined) + total_size(temporaries))
+        for chunk in chunks:
+            _count(report, chunk, 1)
+        report.quarantined_files, report.quarantined_bytes = len(quarantined), total_size(quarantined)
+        report.temporary_files = len(temporaries)
         if budgeted and report.bytes_before > self.high_watermark * self.max_bytes:
             self._evict(report, quarantined, chunks)
         self._log(report)
@@ -222,6 +233,8 @@ class Evictor:
             if remove_entry(entry.path):
                 report.removed_quarantined += 1
             report.bytes_after -= entry.size
+            report.quarantined_files -= 1
+            report.quarantined_bytes -= entry.size
         for chunk in sorted(chunks, key=lambda c: c.mtime):
             if report.bytes_after <= target:
                 return
@@ -239,6 +252,7 @@ class Evictor:
             except FileNotFoundError:
                 removed = False
             report.bytes_after -= chunk.size  # gone either way (if not by us, by another instance)
+            _count(report, chunk, -1)
             if not removed:
                 continue
             report.evicted_chunks += 1
@@ -260,6 +274,12 @@ class Evictor:
                            "(%d seen) or other instances' new files keep it full", self.root,
                            human_bytes(report.bytes_after), 100 * self.high_watermark,
                            human_bytes(self.max_bytes), report.skipped_pinned)
+
+
+def _count(report: EvictionReport, chunk: ChunkEntry, sign: int) -> None:
+    report.namespace_chunks[chunk.namespace] = report.namespace_chunks.get(chunk.namespace, 0) + sign
+    report.namespace_bytes[chunk.namespace] = (report.namespace_bytes.get(chunk.namespace, 0)
+                                               + sign * chunk.size)
 
 
 class _PinnedKeys:

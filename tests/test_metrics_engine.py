@@ -1,0 +1,150 @@
+"""The connector's ``vllm:lmcache_fs_*`` series: mapped causes, and a real engine's ``/metrics``.
+
+One ``vllm serve`` engine with lmcache-fs (module-scoped): a prompt is stored,
+loaded back from its chunk files (its engine's prefix cache reset in between),
+then loaded again after a byte of a stored chunk was flipped. After each step
+the API server's ``/metrics`` must show the counters that step moves.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from cachedir import flip_byte
+from launcher import EngineSpec, ProcessGroup, engine_command, free_port, wait_until_healthy
+from prometheus_client.parser import text_string_to_metric_families
+
+pytest.importorskip("vllm")
+
+from lmcache_fs.connector.stats import LMCacheFSStats, load_error_reason  # noqa: E402
+from lmcache_fs.ops.inventory import namespace_dirs, scan_chunks  # noqa: E402
+from lmcache_fs.storage.codec import ChunkFileError  # noqa: E402
+
+CHUNK = 256  # lmcache-fs's default chunk_size
+PROMPT = [random.Random(16).randrange(3, 250) for _ in range(2 * CHUNK + 20)]  # 2 full chunks
+
+
+@pytest.mark.parametrize(("message", "reason"), [
+    ("missing", "missing"),
+    ("checksum mismatch: the data is corrupt", "checksum"),
+    ("device checksum mismatch: the data is corrupt", "checksum"),
+    ("MAC mismatch: written with another key, or altered", "checksum"),
+    ("holds torch.float32 [2, 4], expected torch.bfloat16 [2, 4]", "shape"),
+    ("metadata namespace='a', expected 'b'", "shape"),
+    ("read failed: Input/output error", "io"),
+    ("short read: 10 of 4096 data bytes", "io"),
+    ("truncated inside the header", "io"),
+    ("cannot open: Stale file handle", "io"),
+    ("foreign safetensors file (no lmcache-fs format tag)", "other"),
+])
+def test_each_chunk_file_error_is_counted_under_its_cause(message, reason):
+    assert load_error_reason(ChunkFileError(message)) == reason
+
+
+def test_stats_from_two_workers_add_up_reasons_and_samples():
+    a, b = LMCacheFSStats(), LMCacheFSStats()
+    a.record_load_error(ChunkFileError("missing"))
+    a.record_load(100, 1, 256, 0.5)
+    b.record_load_error(ChunkFileError("checksum mismatch"))
+    b.record_saves(2, 200, {"queue_full": 1, "disk_guard": 0}, 0)
+    data = a.aggregate(b).data
+    assert data["load_errors_by_reason"] == {"missing": 1, "checksum": 1}
+    assert data["skipped_by_reason"] == {"queue_full": 1} and data["stored_bytes"] == 200
+    assert data["load_step_seconds"] == [0.5] and data["load_errors"] == 2
+
+
+def _metrics(spec: EngineSpec) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the engine's /metrics, summed over its engine labels."""
+    text = requests.get(f"{spec.url}/metrics", timeout=30).text
+    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = frozenset((k, v) for k, v in s.labels.items() if k not in ("engine", "model_name"))
+            out[(s.name, labels)] = out.get((s.name, labels), 0.0) + s.value
+    return out
+
+
+def _value(metrics, name: str, **labels: str) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+def _chunk_files(storage: Path) -> list[Path]:
+    return [Path(c.path) for ns in namespace_dirs(storage) for c in scan_chunks(ns)]
+
+
+@pytest.fixture(scope="module")
+def engine(synthetic_model, tmp_path_factory, artifacts_dir):
+    storage = tmp_path_factory.mktemp("metrics-kv")
+    spec = EngineSpec("metrics", "metrics", free_port(), uses_cache=True)
+    group = ProcessGroup()
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1",  # for /reset_prefix_cache
+           "VLLM_CPU_OMP_THREADS_BIND": str((os.cpu_count() or 1) - 1)}
+    group.start("metrics", engine_command(synthetic_model, spec, storage, synthetic=True),
+                artifacts_dir / "metrics-engine.log", env)
+    try:
+        wait_until_healthy([spec], group, timeout_s=600, say=lambda _: None)
+        yield spec, storage, synthetic_model.name
+    finally:
+        group.stop_all()
+
+
+def _ask(engine) -> None:
+    """One request, then the engine's own prefix cache is emptied: the next one can only
+    hit chunk files."""
+    spec, _, model = engine
+    response = requests.post(f"{spec.url}/v1/completions", timeout=300, json={
+        "model": model, "prompt": PROMPT, "max_tokens": 2, "temperature": 0.0})
+    assert response.status_code == 200, response.text
+    assert requests.post(f"{spec.url}/reset_prefix_cache", timeout=60).json()["success"]
+
+
+def _until(spec: EngineSpec, moved, timeout_s: float = 60):
+    """Scrape until ``moved(metrics)`` holds (stores publish in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while not moved(metrics := _metrics(spec)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return metrics
+
+
+@pytest.mark.engine
+def test_a_hit_a_store_and_a_corrupt_chunk_move_the_engines_series(engine):
+    spec, storage, _ = engine
+    before = _metrics(spec)
+    # Every series exists from start-up, at zero.
+    for name in ("vllm:lmcache_fs_loaded_bytes_total", "vllm:lmcache_fs_store_failed_total"):
+        assert (name, frozenset()) in before
+    assert ("vllm:lmcache_fs_load_errors_total", frozenset({("reason", "checksum")})) in before
+
+    _ask(engine)  # stores both chunks
+    deadline = time.monotonic() + 60
+    while len(_chunk_files(storage)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    files = _chunk_files(storage)
+    assert len(files) == 2
+
+    _ask(engine)  # both chunks from the files
+    after_hit = _until(spec, lambda m: _value(m, "vllm:lmcache_fs_stored_chunks_total") >= 2
+                       and _value(m, "vllm:lmcache_fs_loaded_tokens_total") >= 2 * CHUNK)
+    assert _value(after_hit, "vllm:lmcache_fs_loaded_tokens_total") == 2 * CHUNK
+    loaded = _value(after_hit, "vllm:lmcache_fs_loaded_bytes_total")
+    stored = _value(after_hit, "vllm:lmcache_fs_stored_bytes_total")
+    assert loaded > 0 and loaded == stored  # the same two chunks went out and came back
+    assert _value(after_hit, "vllm:lmcache_fs_stored_chunks_total") == 2
+    assert _value(after_hit, "vllm:lmcache_fs_load_seconds_count") >= 1
+    assert _value(after_hit, "vllm:lmcache_fs_load_seconds_sum") > 0
+    assert _value(after_hit, "vllm:prompt_tokens_cached_by_source_total", source="disk") >= 2 * CHUNK
+
+    for path in files:
+        flip_byte(path, 4096 + 1000)  # inside the data (it starts at byte 4096)
+    _ask(engine)  # the first chunk fails its checksum: recomputed
+    after_bad = _until(spec, lambda m: _value(m, "vllm:lmcache_fs_load_errors_total",
+                                              reason="checksum") >= 1)
+    assert _value(after_bad, "vllm:lmcache_fs_load_errors_total", reason="checksum") == 1
+    assert _value(after_bad, "vllm:lmcache_fs_loaded_tokens_total") == 2 * CHUNK  # nothing more
+    for reason in ("missing", "shape", "io", "other"):
+        assert _value(after_bad, "vllm:lmcache_fs_load_errors_total", reason=reason) == 0
