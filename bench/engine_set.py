@@ -55,8 +55,10 @@ def wait_for_chunks(directory: Path, count: int, timeout_s: float = 120) -> None
 class EngineSet:
     """Named engines (``None`` connector = plain vLLM), warmed up before any timing."""
 
-    def __init__(self, work_dir: Path, connectors: Mapping[str, dict | None], max_len: int):
-        model = build_synthetic_model(REPO / ".cache" / "tiny-llama")
+    def __init__(self, work_dir: Path, connectors: Mapping[str, dict | None], max_len: int,
+                 model: Path | None = None):
+        """``model``: the folder every engine serves (default: the synthetic model)."""
+        model = model or build_synthetic_model(REPO / ".cache" / "tiny-llama")
         logs = work_dir / "logs"
         shutil.rmtree(logs, ignore_errors=True)
         logs.mkdir(parents=True)

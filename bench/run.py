@@ -19,6 +19,7 @@ SUITES = {
     "storage": "bench.storage",  # store/load GB/s against raw I/O and LMCache's paths
     "lookup": "bench.lookup",  # prefix lookup, start-up scan and index memory at 10k-1M files
     "ttft": "bench.ttft",  # TTFT of a second instance vs context length, peers side by side
+    "ttft-real": "bench.ttft_real",  # the same on the demo's real chat model (SmolLM2-135M)
     "decode": "bench.decode",  # inter-token latency while the connector stores
     "multi": "bench.multi_instance",  # round-robin multi-round chat on two instances
 }

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import launcher as demo_launcher  # frontend/launcher.py (frontend/ is put on sys.path by demo_helpers)
 import pytest
+from demo_config import sample_documents
 from demo_helpers import REPO, Launcher, pids_with_env
 
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -36,18 +37,31 @@ def test_only_the_cache_engines_get_the_connector_and_they_share_one_directory(t
     assert cached[cached.index("--port") + 1] == "1" and "127.0.0.1" in cached
 
 
-def test_a_local_model_folder_is_served_and_anything_else_gets_the_synthetic_model(
+def test_a_local_model_folder_is_served_synthetic_asks_for_the_random_model_and_else_smollm2(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import real_model
     import synthetic_model as synthetic
 
-    monkeypatch.setattr(synthetic, "build_synthetic_model", lambda path: tmp_path / "built")
-    real = tmp_path / "my-llama"
-    real.mkdir()
-    assert demo_launcher.resolve_model(str(real)) == (real, False)
-    (real / synthetic.MARKER).write_text("{}")
-    assert demo_launcher.resolve_model(str(real)) == (real, True)  # a synthetic folder says so
-    assert demo_launcher.resolve_model("mistralai/Mistral-7B-Instruct-v0.2") == (tmp_path / "built", True)
-    assert demo_launcher.resolve_model("") == (tmp_path / "built", True)
+    monkeypatch.setattr(synthetic, "build_synthetic_model", lambda path: tmp_path / "random")
+    monkeypatch.setattr(real_model, "build_real_model", lambda path, say: tmp_path / "smollm2")
+    folder = tmp_path / "my-llama"
+    folder.mkdir()
+    assert demo_launcher.resolve_model(str(folder)) == (folder, False)
+    (folder / synthetic.MARKER).write_text("{}")
+    assert demo_launcher.resolve_model(str(folder)) == (folder, True)  # a synthetic folder says so
+    assert demo_launcher.resolve_model("synthetic") == (tmp_path / "random", True)
+    assert demo_launcher.resolve_model("mistralai/Mistral-7B-Instruct-v0.2") == (tmp_path / "smollm2", False)
+    assert demo_launcher.resolve_model("") == (tmp_path / "smollm2", False)
+
+
+def test_the_synthetic_model_is_served_in_float32_with_room_for_byte_tokens(tmp_path: Path) -> None:
+    spec = demo_launcher.EngineSpec("a", "A", 1, True)
+    synthetic = demo_launcher.engine_command(tmp_path, spec, tmp_path, synthetic=True)
+    real = demo_launcher.engine_command(tmp_path, spec, tmp_path)
+    assert synthetic[synthetic.index("--dtype") + 1] == "float32" and "--dtype" not in real
+    longest = max(len(text.encode()) for text in sample_documents().values())
+    assert int(synthetic[synthetic.index("--max-model-len") + 1]) > longest + 100
+    assert real[real.index("--max-model-len") + 1] == "8192"
 
 
 def test_the_table_gives_b_speedup_over_the_plain_median() -> None:
@@ -107,8 +121,28 @@ def test_headless_comparison_cached_engine_b_beats_plain_engines_on_a_prompt_onl
     assert any("faster to the first token" in line for line in demo.launcher.lines)
 
 
+def _answer_columns(page) -> list[tuple[str, str]]:
+    """(engine label, column text) of every drawn answer column, in page order."""
+    columns = []
+    for column in page.locator('[data-testid="stColumn"]').all():
+        text = column.inner_text()
+        if "TTFT" in text and "prompt tokens" in text:
+            columns.append((text.split("\n", 1)[0], text))
+    return columns
+
+
+def _figures(text: str) -> tuple[int, float]:
+    """Tokens loaded from the shared directory and the TTFT one column shows."""
+    shared = re.search(r"([\d,]+) tokens from the shared directory", text).group(1)
+    return int(shared.replace(",", "")), float(re.search(r"TTFT\s+([\d.]+) s", text).group(1))
+
+
 @pytest.mark.engine
-def test_browser_page_asks_every_engine_and_shows_answers_and_ttft(demo: DemoRun) -> None:
+def test_browser_page_answers_side_by_side_then_a_follow_up_loads_the_first_turn(
+        demo: DemoRun) -> None:
+    """The first turn on A (which stored the context) and C; the follow-up, whose prompt
+    carries the first exchange, on B and D, which meet it afresh: B loads it from the
+    shared directory, D computes it."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -120,33 +154,42 @@ def test_browser_page_asks_every_engine_and_shows_answers_and_ttft(demo: DemoRun
             page.goto(demo.page_url)
             sidebar = page.locator('[data-testid="stSidebar"]')
             sync_api.expect(sidebar.get_by_text("up", exact=True)).to_have_count(4, timeout=60_000)
-            sync_api.expect(page.get_by_text("answers are meaningless")).to_be_visible()
+            sync_api.expect(page.get_by_text("Documents (concatenated in this order)")).to_be_visible()
+            assert page.get_by_text("answers are meaningless").count() == 0  # a real model
+            for label in ("B · lmcache-fs", "D · plain vLLM"):
+                sidebar.get_by_text(f"Ask {label}").click()
             page.get_by_role("button", name=re.compile("^Store a fresh copy")).click()
             page.get_by_text(re.compile(r"\d+ new chunk files in the shared directory")).wait_for(
                 timeout=120_000)
             page.get_by_role("button", name="Ask the selected engines").click()
-            page.get_by_text("TTFT per engine and question").wait_for(timeout=180_000)
-            # The script has finished once the chart and the cache panel below it are drawn.
+            page.get_by_role("button", name="Ask the follow-up").wait_for(timeout=180_000)
+            page.wait_for_timeout(1000)
+            first_turn = _answer_columns(page)
+            page.get_by_role("button", name="Ask the follow-up").click()
+            deadline = 180_000
+            while len(_answer_columns(page)) < 4 and deadline > 0:
+                page.wait_for_timeout(1000)
+                deadline -= 1000
             page.locator('[data-testid="stVegaLiteChart"]').wait_for(timeout=60_000)
             page.get_by_text("Shared cache directory").wait_for(timeout=60_000)
-            page.wait_for_timeout(1000)
-            columns = {}
-            for column in page.locator('[data-testid="stColumn"]').all():
-                text = column.inner_text()
-                if "TTFT" in text and "prompt tokens" in text:
-                    columns[text.split("\n", 1)[0]] = text
+            page.wait_for_timeout(1500)
+            columns = _answer_columns(page)
             page.screenshot(path=str(ARTIFACTS / "demo-page.png"), full_page=True)
         finally:
             browser.close()
-    assert sorted(columns) == ["A · lmcache-fs", "B · lmcache-fs", "C · plain vLLM", "D · plain vLLM"]
-    shared = {label: int(re.search(r"([\d,]+) tokens from the shared directory", text)
-                         .group(1).replace(",", "")) for label, text in columns.items()}
-    ttft = {label: float(re.search(r"TTFT\s+([\d.]+) s", text).group(1))
-            for label, text in columns.items()}
-    # B read the fresh copy only A had seen: loaded from the shared directory, and sooner.
-    assert shared["B · lmcache-fs"] > 0
-    assert shared["C · plain vLLM"] == shared["D · plain vLLM"] == 0
-    assert ttft["B · lmcache-fs"] < min(ttft["C · plain vLLM"], ttft["D · plain vLLM"])
+    assert [label for label, _ in first_turn] == ["A · lmcache-fs", "C · plain vLLM"]
+    assert [label for label, _ in columns] == ["A · lmcache-fs", "C · plain vLLM",
+                                               "B · lmcache-fs", "D · plain vLLM"]
+    figures = {label: _figures(text) for label, text in columns}
+    # A answers from the context it stored (its own prefix cache), C computes it all.
+    assert figures["C · plain vLLM"][0] == 0
+    assert figures["A · lmcache-fs"][1] < figures["C · plain vLLM"][1]
+    # The follow-up: B loads the first turn's prefix from the directory and answers sooner.
+    assert figures["B · lmcache-fs"][0] > 0 and figures["D · plain vLLM"][0] == 0
+    assert figures["B · lmcache-fs"][1] < figures["D · plain vLLM"][1]
+    # A real model's answers: words, not the synthetic model's control characters.
+    answers = [text.rsplit("own prefix cache", 1)[1] for _, text in columns]
+    assert all(re.search(r"[A-Za-z]{3,} [A-Za-z]{2,}", answer) for answer in answers), answers
 
 
 @pytest.mark.engine
