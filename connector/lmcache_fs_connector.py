@@ -109,7 +109,7 @@ class LMCacheFSConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        init_logging()
+        init_logging(inside_vllm=True)
         transfer = self._kv_transfer_config
         self.config: LMCacheFSConfig = load_config(transfer.kv_connector_extra_config or {})
         can_load = transfer.kv_role in ("kv_both", "kv_consumer")
