@@ -19,7 +19,7 @@ from lmcache_fs.ops.cli import EXIT_BUSY, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, ma
 from lmcache_fs.ops.eviction import lease_path
 from lmcache_fs.ops.lease import Lease
 from lmcache_fs.ops.pins import PinStore
-from lmcache_fs.progress import Progress
+from lmcache_fs.progress import progress
 from lmcache_fs.storage.quarantine import quarantine
 
 SCRIPT = Path(sys.executable).with_name("lmcache-fs")
@@ -338,9 +338,10 @@ def test_every_command_has_help(command):
 def test_progress_is_drawn_on_a_terminal_only():
     shown, hidden = io.StringIO(), io.StringIO()
     for stream, enabled in ((shown, True), (hidden, False)):
-        with Progress("verify", total=2, stream=stream, enabled=enabled) as progress:
-            progress.advance(2)
-    assert "verify  2/2  100%" in shown.getvalue() and hidden.getvalue() == ""
+        with progress("verify", total=2, stream=stream, enabled=enabled) as bar:
+            bar.update(2)
+    assert "verify: 100%" in shown.getvalue() and "2/2" in shown.getvalue()
+    assert hidden.getvalue() == "" and bar.n == 2  # counted even when hidden
 
 
 

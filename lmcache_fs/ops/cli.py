@@ -37,7 +37,7 @@ from lmcache_fs.ops.inventory import (
 )
 from lmcache_fs.ops.lease import read_lease
 from lmcache_fs.ops.pins import PINS_DIR, PinStore
-from lmcache_fs.progress import Progress, track
+from lmcache_fs.progress import progress, track
 from lmcache_fs.storage.layout import BadKeyError, check_key, chunk_file_path, read_manifest
 from lmcache_fs.storage.quarantine import quarantine, quarantine_dir
 from lmcache_fs.storage.space import free_bytes
@@ -110,8 +110,8 @@ def _namespaces(root: Path, name: str | None) -> list[Path]:
 
 def cmd_ls(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
     """Namespaces with their model, chunk count, size and last use."""
-    with Progress("scan") as progress:
-        rows = summarize(cfg.storage_path, progress.advance)
+    with progress("scan") as bar:
+        rows = summarize(cfg.storage_path, bar.update)
     data = {"storage_path": cfg.storage_path,
             "namespaces": [{**asdict(s), "last_used": _iso(s.last_used)} for s in rows]}
     text = _table(["NAMESPACE", "MODEL", "CHUNKS", "SIZE", "LAST USED", "PINS"],
@@ -176,8 +176,8 @@ def cmd_verify(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
     action = "quarantined" if args.quarantine else "deleted" if args.delete else ""
     bad, unreadable, checked = [], [], 0
     for ns in _namespaces(root, args.namespace):
-        with Progress(f"verify {ns.name}", count_entries(ns)) as progress:
-            for finding in verify_namespace(ns, progress.advance, cfg.integrity_key()):
+        with progress(f"verify {ns.name}", count_entries(ns)) as bar:
+            for finding in verify_namespace(ns, bar.update, cfg.integrity_key()):
                 entry = {"path": finding.path, "problem": finding.problem}
                 if not finding.damaged:
                     unreadable.append(entry)
@@ -185,7 +185,7 @@ def cmd_verify(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
                 done = (quarantine(root, finding.path, finding.problem) is not None
                         if args.quarantine else remove_entry(finding.path) if args.delete else False)
                 bad.append({**entry, "action": action if done else ""})
-            checked += progress.done
+            checked += bar.n
     text = [f"{f['path']}: {f['problem']}" + (f" ({f['action']})" if f["action"] else "")
             for f in bad]
     text += [f"{f['path']}: {f['problem']} (unreadable, left in place)" for f in unreadable]
@@ -399,8 +399,8 @@ def cmd_clear(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
 def cmd_stats(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
     """Totals against the budget, free space, temporaries, quarantine and who is evicting."""
     root = Path(cfg.storage_path)
-    with Progress("scan") as progress:
-        rows = summarize(root, progress.advance)
+    with progress("scan") as bar:
+        rows = summarize(root, bar.update)
     temps, quarantined = list(scan_temporaries(root)), list(scan_quarantine(root))
     used = sum(r.bytes for r in rows) + total_size(temps) + total_size(quarantined)
     budget = int(cfg.max_disk_size_gb * 1e9)
