@@ -366,3 +366,19 @@ def test_verify_survives_a_planted_header_declaring_a_huge_tensor(capsys, tmp_pa
     code, data = run(capsys, "verify", "--storage-path", str(tmp_path))
     assert code == EXIT_PROBLEMS
     assert [(b["path"], "size" in b["problem"]) for b in data["bad"]] == [(str(path), True)]
+
+
+def test_version_is_printed_and_exits_0():
+    done = subprocess.run([str(SCRIPT), "--version"], capture_output=True, text=True, check=False)
+    from lmcache_fs import __version__
+    assert done.returncode == EXIT_OK and done.stdout.strip() == f"lmcache-fs {__version__}"
+
+
+def test_the_storage_path_can_come_from_the_environment(capsys, cache, tmp_path, monkeypatch):
+    monkeypatch.delenv("LMCACHE_CONFIG_FILE", raising=False)
+    monkeypatch.setenv("LMCACHE_FS_STORAGE_PATH", str(tmp_path))
+    code, data = run(capsys, "ls")
+    assert code == EXIT_OK and data["storage_path"] == str(tmp_path)
+    # --storage-path still wins over the environment.
+    code, data = run(capsys, "ls", "--storage-path", str(tmp_path / "nowhere"))
+    assert code == EXIT_USAGE and "nowhere" in data["error"]
