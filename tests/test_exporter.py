@@ -4,7 +4,7 @@ Real daemons (subprocesses) on a temporary cache: two namespaces, a quarantined
 file, a budget the directory exceeds. The first daemon holds the lease and
 evicts; its series must equal what is left on disk. A second daemon on the same
 directory does not get the lease and reports the same directory from its own
-scan, naming the first as the holder.
+scan, naming the first as the holder, until the first stops and it takes over.
 """
 
 from __future__ import annotations
@@ -130,8 +130,18 @@ def test_the_daemons_series_match_the_directory_it_evicts_and_the_lease(cache: P
         for name, (chunks, nbytes) in _on_disk(cache).items():
             assert m2[("lmcache_fs_namespace_chunks", (("namespace", name),))] == chunks
         assert m2[("lmcache_fs_directory_bytes", ())] == m[("lmcache_fs_directory_bytes", ())]
+
+        assert first.stop() == 0  # SIGTERM, as Kubernetes sends: it gives the lease up...
+        deadline = time.monotonic() + 15
+        while second.metrics()[("lmcache_fs_lease_held", ())] != 1:  # ...the second takes it
+            assert time.monotonic() < deadline, "the second daemon never took the lease"
+            time.sleep(0.2)
+        m2 = second.metrics()
+        assert m2[("lmcache_fs_lease_holder_info", (("host", os.uname().nodename),
+                                                    ("pid", str(second.proc.pid))))] == 1
+        assert not [k for k in m2 if k[0] == "lmcache_fs_lease_holder_info"
+                    and ("pid", str(first.proc.pid)) in k[1]], "the old holder is still shown"
         assert second.stop() == 0
-        assert first.stop() == 0  # SIGTERM, as Kubernetes sends
     finally:
         for daemon in (first, second):
             if daemon is not None and daemon.proc.poll() is None:
