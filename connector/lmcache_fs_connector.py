@@ -19,8 +19,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
 )
-from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+from vllm.v1.kv_cache_interface import (
+    ChunkedLocalAttentionSpec,
+    FullAttentionSpec,
+    MLAAttentionSpec,
+    SlidingWindowSpec,
+)
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_fs.config import ConfigError, LMCacheFSConfig, load_config
@@ -32,8 +39,10 @@ from lmcache_fs.storage.layout import ChunkLayout
 from lmcache_fs.storage.space import FreeSpaceGuard
 from lmcache_fs.storage.store import ChunkStore
 
+from .groups import geometry_of
+from .hybrid import GroupedWorkers
 from .metadata import LMCacheFSMetadata
-from .namespace import check_hash_seed, namespace_fields, rank_namespace
+from .namespace import check_hash_seed, is_plain_full_attention, namespace_fields, rank_namespace
 from .ranks import any_rank_of
 from .scheduler import SchedulerSide
 from .stats import LMCacheFSPromMetrics, LMCacheFSStats
@@ -53,13 +62,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger("lmcache_fs.connector")
 
 
+# KV cache specs whose blocks lmcache-fs stores (see connector/groups.py). Exact types:
+# a subclass (sink attention, sliding-window MLA...) keeps KV these rules do not describe.
+_STORED_SPECS = (FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec, ChunkedLocalAttentionSpec)
+
+
 def check_supported(kv_cache_config: "KVCacheConfig", parallel: "ParallelConfig") -> None:
     """Refuse engines whose KV lmcache-fs could not store and load faithfully.
 
-    - Several KV cache groups (hybrid attention): one chunk file per key holds one group.
-    - Sliding-window or chunked-local attention: vLLM puts its null block in place
-      of blocks that left the window; a chunk gathered from them would be stored
-      under its real key and loaded by another engine as KV.
+    - KV cache groups other than full, sliding-window and chunked-local attention:
+      Mamba and linear-attention layers keep a recurrent state, not per-token
+      blocks; lmcache-fs stores none (and vLLM's CPU build runs no such model).
+    - Groups of different block sizes: one chunk spans the same blocks in every group.
     - Pipeline parallelism: a stage whose load fails cannot tell the others before
       they store what they computed over it (vLLM keeps several steps in flight).
     - Context parallelism: each rank holds only some tokens of a block.
@@ -68,16 +82,22 @@ def check_supported(kv_cache_config: "KVCacheConfig", parallel: "ParallelConfig"
         ConfigError: naming the reason and the fix.
     """
     groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        raise ConfigError(f"lmcache-fs supports models with one KV cache group; this one has "
-                          f"{len(groups)} (hybrid attention): remove the kv-transfer-config")
-    spec = groups[0].kv_cache_spec
-    inner = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: one per layer
-    for one in (inner.values() if inner else [spec]):
-        if type(one) not in (FullAttentionSpec, MLAAttentionSpec):
-            raise ConfigError(f"lmcache-fs stores full-attention KV only; this model's KV cache is "
-                              f"{type(one).__name__} (attention that keeps only some blocks of the "
-                              "prompt): remove the kv-transfer-config")
+    for group in groups:
+        spec = group.kv_cache_spec
+        inner = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: one per layer
+        for one in (inner.values() if inner else [spec]):
+            if type(one) not in _STORED_SPECS:
+                raise ConfigError(
+                    f"lmcache-fs cannot store the KV cache of layer {group.layer_names[0]} "
+                    f"({len(group.layer_names)} layers of this kind): its spec is "
+                    f"{type(one).__name__} (a Mamba / linear-attention state or another kind lmcache-fs "
+                    "does not store; it stores full, sliding-window and chunked-local attention): "
+                    "remove the kv-transfer-config")
+    block_sizes = {int(g.kv_cache_spec.block_size) for g in groups}
+    if len(block_sizes) > 1:
+        raise ConfigError(f"lmcache-fs needs one block size in every KV cache group; this engine "
+                          f"has {sorted(block_sizes)}: set --block-size, or remove the "
+                          "kv-transfer-config")
     if parallel.pipeline_parallel_size > 1:
         raise ConfigError(f"lmcache-fs does not support pipeline parallelism (pipeline_parallel_size="
                           f"{parallel.pipeline_parallel_size}): a failed load on one stage could leave "
@@ -92,8 +112,12 @@ def check_supported(kv_cache_config: "KVCacheConfig", parallel: "ParallelConfig"
                               "kv-transfer-config")
 
 
-class LMCacheFSConnector(KVConnectorBase_V1):
-    """Shares prefix KV between vLLM instances through one directory."""
+class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
+    """Shares prefix KV between vLLM instances through one directory.
+
+    ``SupportsHMA``: vLLM keeps its hybrid KV cache manager on; each KV cache
+    group gets its own chunk files (see ``connector/groups.py``).
+    """
 
     _cache_hit_source = CacheHitSource.DISK
 
@@ -123,21 +147,34 @@ class LMCacheFSConnector(KVConnectorBase_V1):
         hash_block_size = int(kv_cache_config.hash_block_size or block_size)
         self.config.check_block_size(block_size)
         self.config.check_block_size(hash_block_size)
-        fields = namespace_fields(vllm_config, kv_cache_config, self.config.chunk_size)
         mac_key = self.config.integrity_key()
-        if mac_key is not None:  # engines with different keys never share chunks
-            fields["integrity_key_id"] = key_id(mac_key)
+        # One namespace per KV cache group (one in all for a plain full-attention model).
+        group_fields = [namespace_fields(vllm_config, kv_cache_config, self.config.chunk_size, g)
+                        for g in range(len(kv_cache_config.kv_cache_groups))]
+        for fields in group_fields:
+            if mac_key is not None:  # engines with different keys never share chunks
+                fields["integrity_key_id"] = key_id(mac_key)
+        fields = group_fields[0]
+        self._hybrid = not is_plain_full_attention(kv_cache_config)
+        geometries = [geometry_of(g.kv_cache_spec, self.config.chunk_size)
+                      for g in kv_cache_config.kv_cache_groups]
+        # vLLM takes failed loads of several groups per request only: load asynchronously.
+        self._async_loads = len(kv_cache_config.kv_cache_groups) > 1
         parallel = vllm_config.parallel_config
 
         self._scheduler: SchedulerSide | None = None
-        self._worker: WorkerSide | None = None
+        self._worker: WorkerSide | GroupedWorkers | None = None
         self._evictor: BackgroundEvictor | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._adopt_recompute_policy()
-            layouts = [ChunkLayout(root, rank_namespace(fields, tp, pp))
-                       for pp in range(parallel.pipeline_parallel_size)
-                       for tp in range(parallel.tensor_parallel_size)]
-            indexes = [ChunkIndex(layout, self.config.lookup_negative_ttl_s) for layout in layouts]
+            group_indexes = [
+                [ChunkIndex(ChunkLayout(root, rank_namespace(f, tp, pp)),
+                            self.config.lookup_negative_ttl_s)
+                 for pp in range(parallel.pipeline_parallel_size)
+                 for tp in range(parallel.tensor_parallel_size)]
+                for f in group_fields]
+            indexes = [index for per_group in group_indexes for index in per_group]
+            layouts = [index.layout for index in indexes]
             for index in indexes:
                 found = index.scan()
                 if self.config.watch_events:
@@ -145,26 +182,35 @@ class LMCacheFSConnector(KVConnectorBase_V1):
                 logger.info("namespace %s: %d chunks found at start-up in %s (role %s)",
                             index.layout.namespace.name, found, root, transfer.kv_role)
             check_hash_seed(layouts[0].directory, str(fields["hash_algo"]))
-            self._scheduler = SchedulerSide(indexes, self.config.chunk_size, block_size,
-                                            hash_block_size, can_load, can_save)
+            self._scheduler = SchedulerSide(
+                indexes, self.config.chunk_size, block_size, hash_block_size, can_load, can_save,
+                list(zip(geometries, group_indexes)) if self._hybrid else ())
             if can_save:  # with a budget, one evictor per engine; the lease picks who works
                 self._evictor = start_background_evictor(self.config, self._scheduler.forget)
         else:
             from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 
             tp_group = get_tp_group()
-            layout = ChunkLayout(root, rank_namespace(fields, tp_group.rank_in_group,
-                                                      get_pp_group().rank_in_group))
-            if can_save:
-                layout.write_manifest()
             cfg = self.config
-            self._worker = WorkerSide(
-                ChunkStore(layout, cfg.file_mode, mac_key=mac_key), group.layer_names,
-                cfg.chunk_size // block_size, block_size, cfg.save_queue_size, can_save,
-                ReadOptions(cfg.use_gds, cfg.staging_buffer_mb << 20, cfg.verify_device_reads,
-                            cfg.layerwise_load),
-                FreeSpaceGuard(root, int(cfg.min_free_disk_gb * 1e9)),
-                any_rank_of(tp_group.cpu_group) if tp_group.world_size > 1 else this_rank_only)
+            workers = []
+            # Hit tokens are counted once: by the first full-attention group's loads.
+            counting_group = next((g for g, geo in enumerate(geometries) if geo.kind == "full"), 0)
+            for g, (fields_g, geo) in enumerate(zip(group_fields, geometries)):
+                layout = ChunkLayout(root, rank_namespace(fields_g, tp_group.rank_in_group,
+                                                          get_pp_group().rank_in_group))
+                if can_save:
+                    layout.write_manifest()
+                workers.append(WorkerSide(
+                    ChunkStore(layout, cfg.file_mode, mac_key=mac_key),
+                    kv_cache_config.kv_cache_groups[g].layer_names,
+                    geo.held_blocks, block_size, cfg.save_queue_size, can_save,
+                    ReadOptions(cfg.use_gds, cfg.staging_buffer_mb << 20, cfg.verify_device_reads,
+                                cfg.layerwise_load),
+                    FreeSpaceGuard(root, int(cfg.min_free_disk_gb * 1e9)),
+                    any_rank_of(tp_group.cpu_group) if tp_group.world_size > 1 else this_rank_only,
+                    async_loads=self._async_loads,
+                    counts_tokens=g == counting_group))
+            self._worker = GroupedWorkers(workers) if self._async_loads else workers[0]
 
     def _adopt_recompute_policy(self) -> None:
         # A bad chunk file must cost a recompute, never a failed request. vLLM's
@@ -190,7 +236,8 @@ class LMCacheFSConnector(KVConnectorBase_V1):
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         assert self._worker is not None
-        self._worker.wait_for_layer(layer_name)
+        if isinstance(self._worker, WorkerSide):  # asynchronous loads: for requests not running
+            self._worker.wait_for_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
                       attn_metadata: "AttentionMetadata", **kwargs: Any) -> None:
@@ -202,8 +249,15 @@ class LMCacheFSConnector(KVConnectorBase_V1):
         assert isinstance(meta, LMCacheFSMetadata)
         self._worker.save(meta)
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        if isinstance(self._worker, GroupedWorkers):
+            return self._worker.transfer_results()
+        return super().get_transfer_results(finished_req_ids)
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None
+        if isinstance(self._worker, GroupedWorkers):
+            return set()  # reported per request, in get_transfer_results
         return self._worker.take_failed_blocks()
 
     def get_kv_connector_stats(self) -> LMCacheFSStats | None:
@@ -235,7 +289,8 @@ class LMCacheFSConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
-        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens), False
+        hit = self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        return hit, self._async_loads and hit > 0
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
@@ -249,9 +304,17 @@ class LMCacheFSConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         assert self._scheduler is not None
         self._scheduler.loads_failed(connector_output.invalid_block_ids)
+        if self._async_loads:
+            self._scheduler.async_loads_done(connector_output.finished_recving or set(),
+                                             connector_output.failed_recving or set())
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
         self._scheduler.request_finished(request)
         return False, None
+
+    def request_finished_all_groups(self, request: "Request", block_ids: tuple[list[int], ...]
+                                    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's call with the hybrid manager on: chunks were stored as they were computed."""
+        return self.request_finished(request, block_ids[0] if block_ids else [])

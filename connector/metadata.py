@@ -15,6 +15,8 @@ class LoadOp:
     key: str
     first_block: int
     block_ids: tuple[int, ...]
+    group: int = 0
+    """The KV cache group (hybrid models: each group has its own chunk files)."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class SaveOp:
     parent_key: str
     chunk_index: int
     block_ids: tuple[int, ...]
+    group: int = 0
+    """The KV cache group; ``block_ids`` are the blocks of the chunk its files hold."""
 
 
 @dataclass(frozen=True)

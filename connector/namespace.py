@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ from lmcache_fs.storage.layout import FieldValue, Namespace
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ def kv_layout_name(vllm_config: "VllmConfig", head_size: int, block_size: int) -
     On CPU the attention kernels pack K and V per instruction set, so the ISA
     is part of the layout. On CUDA chunks hold blocks in vLLM's logical
     [heads, tokens, 2*head_size] order whatever the physical stride order
-    (NHD or HND), so engines with different attention backends can share them.
+    (NHD or HND), so engines with different attention backends can share them
+    (where vLLM's kernel blocks change a chunk's shape, ``page_shape`` says so).
     """
     from vllm.platforms import current_platform
 
@@ -50,11 +52,82 @@ def kv_layout_name(vllm_config: "VllmConfig", head_size: int, block_size: int) -
     return f"{current_platform.device_type}-logical"
 
 
+def is_plain_full_attention(kv_cache_config: "KVCacheConfig") -> bool:
+    """One KV cache group of full attention: the layout lmcache-fs had before hybrid models."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    return len(groups) == 1 and type(groups[0].kv_cache_spec) in (FullAttentionSpec,
+                                                                   MLAAttentionSpec)
+
+
+def _kernel_block_size(spec: "KVCacheSpec") -> int:
+    """The kernel block size vLLM's workers split this spec's blocks into (the block size: none).
+
+    The workers pick it from the attention backends (``prepare_kernel_block_sizes``);
+    a backend with fixed kernel block sizes leaves the largest in the spec as
+    ``block_stride_alignment=MultipleOf(n)``, from which vLLM derives the split
+    as ``gcd(n, block_size)`` (``KVCacheSpec.get_block_stride_alignment``), as here.
+    """
+    from vllm.v1.attention.backend import MultipleOf
+
+    alignment = getattr(spec, "block_stride_alignment", None)
+    if not isinstance(alignment, MultipleOf):
+        return int(spec.block_size)
+    return math.gcd(alignment.base, int(spec.block_size))
+
+
+def split_page_field(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig",
+                     spec: "KVCacheSpec") -> dict[str, FieldValue]:
+    """``{"page_shape": "HxRxW"}`` where vLLM's kernel blocks change the page of a chunk, else ``{}``.
+
+    Chunks hold whole blocks, ``[heads, block_size, C]`` per page, also where
+    vLLM splits blocks into kernel blocks under the NHD layout (the same bytes:
+    those engines share files with unsplit ones, and namespaces that existed
+    before this field keep their names). Under HND a whole block is viewed as
+    ``[heads, ratio, kernel_block_size * C]`` (see
+    :mod:`lmcache_fs.transfer.kernel_blocks`): same bytes, another shape, so a
+    namespace of its own. The worker checks its views against this at start-up.
+    """
+    from vllm.config.cache import _layout_from_name
+    from vllm.v1.kv_cache_interface import AttentionSpec, compute_layer_kv_cache_shape_bytes
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    inner = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: one per layer
+    if inner:
+        spec = next(iter(inner.values()))
+    layout = (getattr(kv_cache_config, "kv_cache_layout", None)
+              or getattr(vllm_config.cache_config, "kv_cache_layout", None))
+    kernel = _kernel_block_size(spec)
+    if (not isinstance(spec, AttentionSpec) or kernel == spec.block_size or layout is None
+            or _layout_from_name(layout) != KVCacheLayout.LBHNC):
+        return {}
+    _, heads, tokens, content_bytes = compute_layer_kv_cache_shape_bytes(spec, 1)
+    if heads == 1:  # one head: the kernel blocks' tokens follow each other as under NHD
+        return {}
+    content = content_bytes // spec.dtype.itemsize
+    return {"page_shape": f"{heads}x{tokens // kernel}x{kernel * content}"}
+
+
 def namespace_fields(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig",
-                     chunk_size: int) -> dict[str, FieldValue]:
-    """The rank-independent fields of this engine's namespace."""
-    group = kv_cache_config.kv_cache_groups[0]
+                     chunk_size: int, group_index: int = 0) -> dict[str, FieldValue]:
+    """The rank-independent fields of the namespace of KV cache group ``group_index``.
+
+    An engine of one full-attention group keeps the fields it always had (its
+    files stay valid). Any other engine gets one namespace per group: the
+    group's own geometry, its index, and every group's spec (``kv_groups``),
+    so that engines whose groups differ in any way never read each other's files.
+    """
+    group = kv_cache_config.kv_cache_groups[group_index]
     spec = group.kv_cache_spec
+    hybrid: dict[str, FieldValue] = {}
+    if not is_plain_full_attention(kv_cache_config):
+        from .groups import describe_groups
+
+        groups = kv_cache_config.kv_cache_groups
+        hybrid = {"kv_group": group_index,
+                  "kv_groups": describe_groups([g.kv_cache_spec for g in groups],
+                                               [len(g.layer_names) for g in groups], chunk_size)}
     model_config = vllm_config.model_config
     parallel = vllm_config.parallel_config
     # The commit the hub resolved: a hub id, or a branch or tag given as --revision, moves.
@@ -73,10 +146,12 @@ def namespace_fields(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig"
         "kv_dtype": str(spec.dtype).removeprefix("torch."),
         "block_size": int(spec.block_size),
         "kv_layout": kv_layout_name(vllm_config, int(spec.head_size), int(spec.block_size)),
+        **split_page_field(vllm_config, kv_cache_config, spec),
         "tp_size": int(parallel.tensor_parallel_size),
         "pp_size": int(parallel.pipeline_parallel_size),
         "hash_algo": str(vllm_config.cache_config.prefix_caching_hash_algo),
         "chunk_size": int(chunk_size),
+        **hybrid,
     }
 
 

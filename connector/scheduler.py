@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from lmcache_fs.storage.index import ChunkIndex
 
+from .groups import GroupGeometry
 from .metadata import HitSummary, LMCacheFSMetadata, LoadOp, SaveOp
 
 if TYPE_CHECKING:
@@ -38,7 +39,8 @@ class _Tracked:
     """A request whose full prompt chunks may still need storing."""
 
     request: "Request"
-    block_ids: list[int]
+    block_ids: list[list[int]]
+    """Per KV cache group (a windowed group's list has vLLM's null block where it freed one)."""
     next_chunk: int = 0
 
 
@@ -46,11 +48,20 @@ class SchedulerSide:
     """Lookup and store planning for one engine (all TP ranks)."""
 
     def __init__(self, indexes: Sequence[ChunkIndex], chunk_size: int, block_size: int,
-                 hash_block_size: int, can_load: bool, can_save: bool):
+                 hash_block_size: int, can_load: bool, can_save: bool,
+                 groups: Sequence[tuple[GroupGeometry, Sequence[ChunkIndex]]] = ()):
+        """``indexes``: every index (all ranks, all groups); ``groups``: each KV cache
+        group's geometry and its indexes (one per rank), for engines with several
+        groups or windowed attention; by default one full-attention group over ``indexes``."""
         self.indexes = list(indexes)
         self.chunk_size = chunk_size
         self.block_size = block_size
         self.blocks_per_chunk = chunk_size // block_size
+        self.groups: list[tuple[GroupGeometry, list[ChunkIndex]]] = (
+            [(geo, list(idx)) for geo, idx in groups] or
+            [(GroupGeometry("full", 0, 0, block_size, self.blocks_per_chunk,
+                            self.blocks_per_chunk), self.indexes)])
+        self._windowed = [g for g, (geo, _) in enumerate(self.groups) if geo.kind != "full"]
         self.hashes_per_chunk = chunk_size // hash_block_size
         self.can_load = can_load
         self.can_save = can_save
@@ -72,6 +83,9 @@ class SchedulerSide:
         self._released: list[str] = []  # held-back saves found sound, for the next metadata
         # Requests that finished with saves among the recent ones: their block ids.
         self._finished_blocks: dict[str, list[int]] = {}
+        # Engines of several KV cache groups load asynchronously (vLLM takes failures of
+        # such loads per request only): the chunk keys of each request's load in flight.
+        self._async_loads: dict[str, set[str]] = {}
 
     # -- keys ---------------------------------------------------------------
 
@@ -81,11 +95,22 @@ class SchedulerSide:
         n = min(num_tokens // self.chunk_size, len(hashes) // self.hashes_per_chunk)
         return [bytes(hashes[(c + 1) * self.hashes_per_chunk - 1]).hex() for c in range(n)]
 
-    def _present(self, key: str) -> bool:
+    def _present(self, key: str, group: int = 0) -> bool:
+        """Every rank holds ``group``'s file of chunk ``key``."""
         # A chunk this engine just asked to store is stat'ed afresh, not taken
         # from the negative cache: an immediate repeat of a prompt must hit.
         recheck = key in self._save_requested
-        return all(index.contains(key, recheck) for index in self.indexes)
+        return all(index.contains(key, recheck) for index in self.groups[group][1])
+
+    def _servable(self, keys: list[str], hit: int, local: int) -> bool:
+        """Every windowed group's files hold each block a hit of ``hit`` tokens must load."""
+        for group in self._windowed:
+            geo = self.groups[group][0]
+            for block in geo.needed_blocks(hit, local):
+                chunk = block // self.blocks_per_chunk
+                if block < geo.first_held_block(chunk) or not self._present(keys[chunk], group):
+                    return False
+        return True
 
     def _save_pending(self, key: str) -> bool:
         planned = self._save_requested.get(key)
@@ -100,19 +125,26 @@ class SchedulerSide:
             return 0
         # vLLM must compute at least the last prompt token to sample from it.
         loadable = (request.num_tokens - 1) // self.block_size * self.block_size
+        keys = self.chunk_keys(request, loadable + self.chunk_size)
         hit_chunks = 0
-        for key in self.chunk_keys(request, loadable + self.chunk_size):
-            if not self._present(key):
+        for key in keys:
+            if not all(self._present(key, g) for g, (geo, _) in enumerate(self.groups)
+                       if geo.kind == "full"):
                 break
             hit_chunks += 1
-        return max(0, min(hit_chunks * self.chunk_size, loadable) - num_computed_tokens)
+        hit = min(hit_chunks * self.chunk_size, loadable)
+        # Windowed groups need only the blocks inside the window at the hit point: take the
+        # longest hit whose window every one of them can fill (chunk-aligned below the last).
+        while hit > num_computed_tokens and not self._servable(keys, hit, num_computed_tokens):
+            hit = (hit - 1) // self.chunk_size * self.chunk_size
+        return max(0, hit - num_computed_tokens)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
         """Plan loads for a hit; start tracking the request for stores."""
         req_id = request.request_id
         local = self._local_tokens.pop(req_id, 0)
-        block_ids = list(blocks.get_block_ids()[0])
+        block_ids = [list(ids) for ids in blocks.get_block_ids()]
         if self.can_save:
             self._tracked[req_id] = _Tracked(request, block_ids)
         hit = local + num_external_tokens
@@ -122,15 +154,31 @@ class SchedulerSide:
         keys = self.chunk_keys(request, hit + self.chunk_size - 1)
         if len(self._loading) > _LOADING_MAX:
             self._loading.clear()
-        for block in range(local // self.block_size, hit // self.block_size):
-            chunk, offset = divmod(block, self.blocks_per_chunk)
-            self._loading[block_ids[block]] = keys[chunk]
-            last = self._pending_loads[-1] if self._pending_loads else None
-            if last and last.req_id == req_id and last.key == keys[chunk]:
-                self._pending_loads[-1] = LoadOp(req_id, last.key, last.first_block,
-                                                 last.block_ids + (block_ids[block],))
-            else:
-                self._pending_loads.append(LoadOp(req_id, keys[chunk], offset, (block_ids[block],)))
+        for group, (geo, _) in enumerate(self.groups):
+            ids = block_ids[group]
+            first = local // self.block_size
+            if geo.kind != "full":  # vLLM's null block stands before the window: never loaded
+                first = geo.needed_blocks(hit, local).start
+                # (the hit was sized with vLLM's own window arithmetic: a null block here
+                # would be a bug, and loading into it would give every request wrong KV)
+                assert not any(b.is_null for b in blocks.blocks[group][first:hit // self.block_size]), \
+                    f"lmcache-fs: vLLM allocated no block for a load of group {group}"
+            for block in range(first, hit // self.block_size):
+                chunk = block // self.blocks_per_chunk
+                self._plan_load(LoadOp(req_id, keys[chunk], block - geo.first_held_block(chunk),
+                                       (ids[block],), group))
+
+    def _plan_load(self, op: LoadOp) -> None:
+        """Add one block's load, merged into the previous one of the same chunk file."""
+        self._loading[op.block_ids[0]] = op.key
+        if len(self.groups) > 1:
+            self._async_loads.setdefault(op.req_id, set()).add(op.key)
+        last = self._pending_loads[-1] if self._pending_loads else None
+        if last and (last.req_id, last.key, last.group) == (op.req_id, op.key, op.group):
+            self._pending_loads[-1] = LoadOp(op.req_id, op.key, last.first_block,
+                                             last.block_ids + op.block_ids, op.group)
+        else:
+            self._pending_loads.append(op)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> LMCacheFSMetadata:
         """This step's loads (planned at allocation) and saves (chunks this step completes)."""
@@ -144,7 +192,7 @@ class SchedulerSide:
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._tracked.get(new.req_id)
             if tracked is not None:
-                tracked.block_ids = list(new.block_ids[0])
+                tracked.block_ids = [list(ids) for ids in new.block_ids]
                 self._plan_saves(tracked, new.num_computed_tokens + scheduled[new.req_id], meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -153,9 +201,11 @@ class SchedulerSide:
                 continue
             new_ids = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
-                tracked.block_ids = list(new_ids[0]) if new_ids else []
+                tracked.block_ids = ([list(ids) for ids in new_ids] if new_ids
+                                     else [[] for _ in self.groups])
             elif new_ids:
-                tracked.block_ids.extend(new_ids[0])
+                for ids, more in zip(tracked.block_ids, new_ids):
+                    ids.extend(more)
             self._plan_saves(tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
         self._recent_saves.append(meta.saves)
         if self._finished_blocks:  # keep only those whose saves are still recent
@@ -211,7 +261,8 @@ class SchedulerSide:
         self._recent_saves.clear()
         self._finished_blocks.clear()
         for tracked in self._tracked.values():
-            first_bad = next((i for i, b in enumerate(tracked.block_ids) if b in block_ids), None)
+            first_bad = next((i for i, b in enumerate(tracked.block_ids[0]) if b in block_ids),
+                             None)
             if first_bad is None:
                 continue
             if tracked.request.num_computed_tokens <= first_bad * self.block_size:
@@ -219,10 +270,24 @@ class SchedulerSide:
             else:
                 tracked.next_chunk = _NEVER
 
+    def async_loads_done(self, finished: set[str], failed: set[str]) -> None:
+        """Asynchronous loads ended (several KV cache groups); ``failed`` ones recompute.
+
+        vLLM recomputes a failed request from its first token: its chunks are
+        forgotten (a damaged file was quarantined by the worker, an evicted one
+        is gone) and stored again as the request recomputes them.
+        """
+        for req_id in failed:
+            for key in self._async_loads.pop(req_id, ()):
+                self.forget(None, key)
+        for req_id in finished:
+            self._async_loads.pop(req_id, None)
+
     def _blocks_of(self, req_id: str) -> list[int] | None:
-        """The block ids of a tracked request, or of one that finished in the last steps."""
+        """The block ids of a tracked request, or of one that finished in the last steps
+        (engines of one KV cache group: the only ones that report failed blocks)."""
         tracked = self._tracked.get(req_id)
-        return tracked.block_ids if tracked is not None else self._finished_blocks.get(req_id)
+        return tracked.block_ids[0] if tracked is not None else self._finished_blocks.get(req_id)
 
     def request_finished(self, request: "Request") -> None:
         """Forget the request (saves were issued in the step that computed them).
@@ -232,9 +297,10 @@ class SchedulerSide:
         """
         tracked = self._tracked.pop(request.request_id, None)
         self._local_tokens.pop(request.request_id, None)
+        self._async_loads.pop(request.request_id, None)
         if tracked is not None and any(op.req_id == request.request_id
                                        for saves in self._recent_saves for op in saves):
-            self._finished_blocks[request.request_id] = tracked.block_ids
+            self._finished_blocks[request.request_id] = tracked.block_ids[0]
 
     # -- stores -------------------------------------------------------------
 
@@ -248,14 +314,20 @@ class SchedulerSide:
         keys = self.chunk_keys(request, upto)
         for chunk in range(tracked.next_chunk, len(keys)):
             key = keys[chunk]
-            blocks = tracked.block_ids[chunk * self.blocks_per_chunk:(chunk + 1) * self.blocks_per_chunk]
-            if len(blocks) < self.blocks_per_chunk:
+            stop = (chunk + 1) * self.blocks_per_chunk
+            if any(len(ids) < stop for ids in tracked.block_ids):
                 break
             tracked.next_chunk = chunk + 1
-            if self._save_pending(key) or self._present(key):
+            # Each group's blocks of the chunk that its files hold: all still real
+            # blocks, as this step computes them (vLLM frees them later, not before).
+            missing = [g for g in range(len(self.groups)) if not self._present(key, g)]
+            if self._save_pending(key) or not missing:
                 continue
             if len(self._save_requested) > _SAVE_REQUESTED_MAX:
                 self._save_requested.clear()
             self._save_requested[key] = time.monotonic()
             parent = keys[chunk - 1] if chunk else ""
-            meta.saves.append(SaveOp(request.request_id, key, parent, chunk, tuple(blocks)))
+            for g in missing:
+                first = self.groups[g][0].first_held_block(chunk)
+                meta.saves.append(SaveOp(request.request_id, key, parent, chunk,
+                                         tuple(tracked.block_ids[g][first:stop]), g))

@@ -39,6 +39,7 @@ from lmcache_fs.storage.writer import BackgroundWriter
 from lmcache_fs.transfer.block_copy import block_ids_on, gather_blocks, scatter_blocks
 from lmcache_fs.transfer.chunk_reader import ChunkReader, choose_read_backend
 from lmcache_fs.transfer.device_saver import DeviceChunkSaver
+from lmcache_fs.transfer.kernel_blocks import KernelBlockError, whole_block_view
 from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseLoad, LayerwiseReader
 
 from .metadata import LMCacheFSMetadata, SaveOp
@@ -76,8 +77,16 @@ class WorkerSide:
                  block_size: int, save_queue_size: int, can_save: bool,
                  read_options: ReadOptions = ReadOptions(),
                  space_guard: FreeSpaceGuard | None = None,
-                 any_rank: Callable[[bool], bool] = this_rank_only):
+                 any_rank: Callable[[bool], bool] = this_rank_only,
+                 async_loads: bool = False, counts_tokens: bool = True):
+        """``async_loads``: one KV cache group of several (see ``connector/hybrid.py``): a
+        failed load is reported per request (:meth:`take_failed_requests`), the request
+        recomputes whole, and no save rests on its blocks. ``counts_tokens``: this
+        worker's loads count as hit tokens in the stats (one group per engine does)."""
         self.store = store
+        self.async_loads = async_loads
+        self.counts_tokens = counts_tokens
+        self._failed_requests: set[str] = set()
         self.any_rank = any_rank
         """True on every tensor-parallel rank if any of them passes True (a collective)."""
         self.layer_names = list(layer_names)
@@ -109,8 +118,10 @@ class WorkerSide:
         missing = [n for n in self.layer_names if n not in kv_caches]
         if missing:
             raise ValueError(f"lmcache-fs: KV caches missing for layers {missing[:3]}...")
-        self.layers = [kv_caches[n] for n in self.layer_names]
+        # vLLM may register kernel blocks (several rows per block): index whole blocks instead.
+        self.layers = [whole_block_view(kv_caches[n], self.block_size) for n in self.layer_names]
         first = self.layers[0]
+        self._check_page_shape(first, kv_caches[self.layer_names[0]])
         page_shape = tuple(first.shape[1:])
         for name, kv in zip(self.layer_names, self.layers):
             if tuple(kv.shape[1:]) != page_shape or kv.dtype != first.dtype:
@@ -139,6 +150,25 @@ class WorkerSide:
         logger.info("registered %d layers, chunk of %d blocks = %s per file, device %s, "
                     "loads %s", len(self.layers), self.blocks_per_chunk,
                     human_bytes(self._chunk_bytes), first.device, reads)
+
+    def _check_page_shape(self, whole: torch.Tensor, registered: torch.Tensor) -> None:
+        """Refuse views whose page differs from what the namespace was named for.
+
+        The namespace (made before vLLM allocates its caches) names a kernel-block
+        page (``page_shape``) where it predicts vLLM's HND split; a page that
+        differs from the prediction would file chunks under another shape's name.
+        """
+        expected = self.store.layout.namespace.fields.get("page_shape")
+        page = "x".join(map(str, whole.shape[1:]))
+        split = whole.dim() == 4 and whole.shape[2] != self.block_size
+        if (expected is not None or split) and page != expected:
+            raise KernelBlockError(
+                f"lmcache-fs: vLLM registered KV views {tuple(registered.shape)} "
+                f"(strides {registered.stride()}), whole {self.block_size}-token blocks of pages "
+                f"{page}, but the namespace was made for pages "
+                f"{expected or f'[heads, {self.block_size}, C]'}, as predicted from the KV cache "
+                f"spec. Start vLLM with --block-size {registered.shape[2]} or "
+                "VLLM_KV_CACHE_LAYOUT=NHD, or remove the kv-transfer-config")
 
     # -- loads --------------------------------------------------------------
 
@@ -202,12 +232,14 @@ class WorkerSide:
                                op.req_id, op.key[:16], error)
                 self.stats.record_load_error(error)
                 broken.add(op.req_id)
+                if self.async_loads:
+                    self._failed_requests.add(op.req_id)
                 self._step_failed = True
             if op.req_id in broken:
                 # vLLM recomputes everything after the first failed block.
                 self._failed_blocks.update(op.block_ids)
                 continue
-            loaded_tokens[op.req_id] += len(op.block_ids) * self.block_size
+            loaded_tokens[op.req_id] += len(op.block_ids) * self.block_size * self.counts_tokens
             loaded_bytes[op.req_id] += self._chunk_bytes
         total_bytes = sum(loaded_bytes.values())
         self.stats.record_load(total_bytes, total_bytes // self._chunk_bytes,
@@ -222,6 +254,12 @@ class WorkerSide:
                         req_id, tokens + local, hit.total_tokens if hit else 0, from_local,
                         human_bytes(loaded_bytes[req_id]), share * 1e3,
                         loaded_bytes[req_id] / max(share, 1e-9) / 1e9, note)
+
+    def take_failed_requests(self) -> set[str]:
+        """Requests with a failed load since the last call (every load of the step ended)."""
+        self.finish_load()
+        failed, self._failed_requests = self._failed_requests, set()
+        return failed
 
     def take_failed_blocks(self) -> set[int]:
         """Block ids whose load failed since the last call."""
@@ -249,7 +287,7 @@ class WorkerSide:
         self.finish_load()  # the step is over: no read may still write into the cache
         if self.writer is None:
             return
-        if meta.loads and self.any_rank(self._step_failed):  # every rank calls it, or none
+        if meta.loads and not self.async_loads and self.any_rank(self._step_failed):  # every rank calls it, or none
             self._failed_load_steps += 1
         self._resolve_held(meta)
         if not meta.saves:

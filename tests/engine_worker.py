@@ -46,13 +46,17 @@ def main() -> None:
         op = cmd["op"]
         if op == "generate":
             params = SamplingParams(max_tokens=cmd.get("max_tokens", 8), temperature=0.0,
-                                    ignore_eos=True)
+                                    ignore_eos=True, logprobs=0 if cmd.get("logprobs") else None)
             outputs = []
             for ids in cmd["prompts"]:
                 start = time.perf_counter()
                 out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
                 outputs.append({"token_ids": list(out.outputs[0].token_ids),
                                 "num_cached_tokens": out.num_cached_tokens or 0,
+                                # with "logprobs": each sampled token's logprob (greedy: the top one)
+                                "logprobs": [step[tok].logprob for step, tok in
+                                             zip(out.outputs[0].logprobs or [],
+                                                 out.outputs[0].token_ids)],
                                 "seconds": time.perf_counter() - start})
             reply({"outputs": outputs})
         elif op == "reset_prefix_cache":

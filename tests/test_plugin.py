@@ -35,14 +35,16 @@ def test_explicit_module_path_works():
 
 
 def _kv_cache_config(*specs):
-    return SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=s) for s in specs])
+    return SimpleNamespace(kv_cache_groups=[
+        SimpleNamespace(kv_cache_spec=s, layer_names=[f"model.layers.{i}.attn"])
+        for i, s in enumerate(specs)])
 
 
 def _spec(kind=None, **extra):
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    return (kind or FullAttentionSpec)(block_size=16, num_kv_heads=2, head_size=8,
-                                       dtype=torch.bfloat16, **extra)
+    return (kind or FullAttentionSpec)(**{"block_size": 16, "num_kv_heads": 2, "head_size": 8,
+                                          "dtype": torch.bfloat16, **extra})
 
 
 def test_full_attention_on_one_stage_is_supported():
@@ -51,19 +53,32 @@ def test_full_attention_on_one_stage_is_supported():
     check_supported(_kv_cache_config(_spec()), SimpleNamespace(pipeline_parallel_size=1))
 
 
-def test_engines_whose_kv_could_not_be_reused_faithfully_are_refused_with_the_fix():
+def test_hybrid_attention_groups_are_supported():
+    # Gemma 3 / gpt-oss (sliding window), Llama 4 (chunked local), Mistral (all sliding)
     from lmcache_fs.connector.lmcache_fs_connector import check_supported
     from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, SlidingWindowSpec
+
+    one_stage = SimpleNamespace(pipeline_parallel_size=1)
+    for config in (_kv_cache_config(_spec(SlidingWindowSpec, sliding_window=64), _spec()),
+                   _kv_cache_config(_spec(ChunkedLocalAttentionSpec, attention_chunk_size=64),
+                                    _spec()),
+                   _kv_cache_config(_spec(SlidingWindowSpec, sliding_window=64))):
+        check_supported(config, one_stage)
+
+
+def test_engines_whose_kv_could_not_be_reused_faithfully_are_refused_with_the_fix():
+    from lmcache_fs.connector.lmcache_fs_connector import check_supported
+    from vllm.v1.kv_cache_interface import MambaSpec, SlidingWindowSpec
 
     from lmcache_fs.config import ConfigError
 
     one_stage = SimpleNamespace(pipeline_parallel_size=1)
+    mamba = MambaSpec(block_size=16, shapes=((4, 8), (2, 8, 8)), dtypes=(torch.float32,) * 2)
     cases = [  # (KV cache config, parallel config, what the error names)
-        (_kv_cache_config(_spec(), _spec()), one_stage, "one KV cache group"),
-        (_kv_cache_config(_spec(SlidingWindowSpec, sliding_window=64)), one_stage,
-         "SlidingWindowSpec"),  # e.g. Mistral-7B-v0.1: null blocks outside the window
-        (_kv_cache_config(_spec(ChunkedLocalAttentionSpec, attention_chunk_size=64)), one_stage,
-         "ChunkedLocalAttentionSpec"),
+        # Mamba / linear attention (Jamba, Granite 4, Qwen3-Next): a state, not per-token blocks
+        (_kv_cache_config(_spec(SlidingWindowSpec, sliding_window=64), mamba), one_stage,
+         "layer model.layers.1.attn.*MambaSpec"),
+        (_kv_cache_config(_spec(), _spec(block_size=32)), one_stage, "one block size"),
         (_kv_cache_config(_spec()), SimpleNamespace(pipeline_parallel_size=2), "pipeline"),
         (_kv_cache_config(_spec()), SimpleNamespace(pipeline_parallel_size=1,
                                                     decode_context_parallel_size=2), "context"),
