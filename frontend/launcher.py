@@ -126,6 +126,20 @@ def resolve_model(model: str) -> tuple[Path, bool]:
     return build_real_model(DEFAULT_MODEL_DIR, say=lambda line: print(line, flush=True)), False
 
 
+def kv_pool_bytes(model: Path, dtype: str, max_model_len: int) -> int:
+    """One engine's KV pool: CPU_KV_CACHE_BYTES, or more where one longest prompt needs it
+    (vLLM refuses to start otherwise; SmolLM2 in float32 needs 46 KB a token, 377 MB at 8k)."""
+    try:
+        config = json.loads((model / "config.json").read_text())
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return CPU_KV_CACHE_BYTES  # not a plain decoder's config: the fixed pool
+    item_bytes = 4 if dtype == "float32" else 2
+    return max(CPU_KV_CACHE_BYTES, per_token * item_bytes * max_model_len * 5 // 4)
+
+
 def engine_command(model: Path, spec: EngineSpec, kv_dir: Path, synthetic: bool = False,
                    dtype: str = "", max_model_len: int = 0) -> list[str]:
     """The ``vllm serve`` command line of one engine (via the module: the ``vllm`` script
@@ -143,7 +157,7 @@ def engine_command(model: Path, spec: EngineSpec, kv_dir: Path, synthetic: bool 
            "--model", str(model), "--served-model-name", model.name,
            "--host", "127.0.0.1", "--port", str(spec.port),
            "--enforce-eager", "--max-model-len", str(max_model_len),
-           "--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES),
+           "--kv-cache-memory-bytes", str(kv_pool_bytes(model, dtype, max_model_len)),
            "--disable-uvicorn-access-log"]
     if dtype:
         cmd += ["--dtype", dtype]
@@ -346,6 +360,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=os.environ.get("MODEL", ""),
                         help="local model folder to serve, or 'synthetic' for a random-weight "
                              "model (default: $MODEL; otherwise SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default=os.environ.get("DTYPE", ""),
+                        help="the engines' dtype (default: $DTYPE, else the model's own, bf16 for "
+                             "SmolLM2; float32 for the synthetic model). In bf16 an engine that "
+                             "continues from cached KV may part from a full prefill after some "
+                             "tokens; float32 gives every engine the same answer")
     parser.add_argument("--workdir", type=Path, default=REPO / ".cache" / "demo",
                         help="logs, the page's config and (by default) the shared cache")
     parser.add_argument("--kv-dir", type=Path, default=None,
@@ -392,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # plain one; the same single compute core for all four keeps TTFTs comparable.
         engine_env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str((os.cpu_count() or 1) - 1)}
         for engine in engines:
-            group.start(engine.name, engine_command(model_dir, engine, kv_dir, synthetic),
+            group.start(engine.name, engine_command(model_dir, engine, kv_dir, synthetic, args.dtype),
                         log_dir / f"engine-{engine.name}.log", engine_env)
         wait_until_healthy(engines, group, args.start_timeout,
                            say=lambda line: print(line, flush=True))

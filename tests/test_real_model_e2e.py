@@ -10,7 +10,7 @@ B came from a chunk file.
 
 Served in float32: greedy answers are compared token for token, and in bf16
 the answer of an engine that loaded a prefix may differ from one that computed
-it (see FLOAT32_WHY).
+it (FLOAT32_WHY says what was seen).
 """
 
 from __future__ import annotations
@@ -28,13 +28,15 @@ pytestmark = pytest.mark.engine
 
 CHUNK = 256  # lmcache-fs's default chunk_size
 BLOCK = 128  # vLLM's CPU block size: hits are whole blocks
-# float32 KV of 5,120 tokens (46 KB each) fits the demo's 256 MiB pool; the longest
-# prompt here (GPL-2 with the chat template, a question and a turn) is about 4,300.
+# A small context keeps the float32 KV pool small (46 KB a token); the longest prompt
+# here (GPL-2 with the chat template, a question and a turn) is about 4,300 tokens.
 MAX_MODEL_LEN = 5120
 FLOAT32_WHY = (
-    "A prefill continuing from loaded KV sums attention over the prefix in other "
-    "blocks than one prefill over the whole prompt; in bf16 that rounding difference "
-    "can flip a near-tied greedy pick, in float32 it stays below every logit gap here.")
+    "float32, because bf16 is not exact here: a prefill that continues from loaded KV computes "
+    "the new tokens in smaller matrix products, against the loaded prefix, than one prefill "
+    "over the whole prompt, so its sums run in another order. In bf16 that rounding can flip a "
+    "near-tied greedy pick: run in bfloat16, the second case's answer on B parted from plain "
+    "vLLM's at its 22nd token (the other two matched); in float32 all three match.")
 ANSWER_TOKENS = 24
 DOCUMENT = sample_documents()["GNU General Public License, version 2"]  # about 4,050 tokens
 # The follow-up conversation has a shorter document of its own (about 2,000 tokens),
