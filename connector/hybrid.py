@@ -45,7 +45,7 @@ class GroupedWorkers:
 
     def load(self, meta: LMCacheFSMetadata) -> None:
         """Start every group's reads (they end by the end of the step, see :meth:`save`)."""
-        self._received.update(op.req_id for op in meta.loads)
+        self._received.update(meta.async_loads)
         for group, worker in enumerate(self.workers):
             worker.load(self._part(meta, group))
 

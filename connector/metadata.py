@@ -50,5 +50,7 @@ class LMCacheFSMetadata(KVConnectorMetadata):
     hits: dict[str, HitSummary] = field(default_factory=dict)
     failed_load_steps: int = 0
     """Steps with failed loads that the scheduler had heard of when it built this one."""
+    async_loads: list[str] = field(default_factory=list)
+    """Requests whose (asynchronous) loads this step runs: reported received at its end."""
     released_saves: list[str] = field(default_factory=list)
     """Keys of saves held back after a failed load that rest only on sound blocks: publish them."""

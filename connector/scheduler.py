@@ -86,6 +86,7 @@ class SchedulerSide:
         # Engines of several KV cache groups load asynchronously (vLLM takes failures of
         # such loads per request only): the chunk keys of each request's load in flight.
         self._async_loads: dict[str, set[str]] = {}
+        self._pending_async: list[str] = []  # requests whose loads the next step runs
 
     # -- keys ---------------------------------------------------------------
 
@@ -151,6 +152,8 @@ class SchedulerSide:
         self._pending_hits[req_id] = HitSummary(hit, request.num_tokens, local)
         if num_external_tokens <= 0:
             return
+        if len(self.groups) > 1:
+            self._pending_async.append(req_id)
         keys = self.chunk_keys(request, hit + self.chunk_size - 1)
         if len(self._loading) > _LOADING_MAX:
             self._loading.clear()
@@ -184,8 +187,9 @@ class SchedulerSide:
         """This step's loads (planned at allocation) and saves (chunks this step completes)."""
         meta = LMCacheFSMetadata(loads=self._pending_loads, hits=self._pending_hits,
                                  failed_load_steps=self._failed_load_steps,
-                                 released_saves=self._released)
+                                 released_saves=self._released, async_loads=self._pending_async)
         self._pending_loads, self._pending_hits, self._released = [], {}, []
+        self._pending_async = []
         if not self.can_save:
             return meta
         scheduled = scheduler_output.num_scheduled_tokens

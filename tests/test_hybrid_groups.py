@@ -137,3 +137,53 @@ def test_loads_skip_null_blocks_and_saves_take_the_windows_blocks(tmp_path):
                      (1, keys[0], 0, (200, 201, 202, 203)), (1, keys[1], 0, (204, 205, 206, 207))]
     saves = [(op.group, op.key, op.block_ids) for op in meta.saves]
     assert saves == [(0, keys[2], (110, 111)), (1, keys[2], (208, 209, 210, 211))]
+
+
+# -- the worker side of two groups: each its own files, failures reported per request --
+
+def _grouped(tmp_path, caches):
+    from lmcache_fs.connector.hybrid import GroupedWorkers
+    from lmcache_fs.connector.worker import WorkerSide
+    from lmcache_fs.storage.store import ChunkStore
+
+    workers = [WorkerSide(ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m", "kv_group": g}))),
+                          [f"layer{g}"], held, BLOCK, save_queue_size=8, can_save=True,
+                          async_loads=True, counts_tokens=g == 1)
+               for g, held in enumerate((2, 4))]  # a sliding group holding 2 blocks, a full one
+    grouped = GroupedWorkers(workers)
+    grouped.register_kv_caches({f"layer{g}": kv for g, kv in enumerate(caches)})
+    return grouped
+
+
+def _kv(fill=None):
+    if fill is not None:
+        return torch.full((20, 2, BLOCK, 8), fill, dtype=torch.bfloat16)
+    return torch.randn(20, 2, BLOCK, 8).to(torch.bfloat16)
+
+
+def test_grouped_workers_store_each_group_and_report_a_failed_group_per_request(tmp_path):
+    from lmcache_fs.connector.metadata import LMCacheFSMetadata, LoadOp, SaveOp
+
+    src = [_kv(), _kv()]
+    saver = _grouped(tmp_path, src)
+    key = "ab" * 32
+    saver.save(LMCacheFSMetadata(saves=[SaveOp("w", key, "", 0, (2, 3), 0),
+                                        SaveOp("w", key, "", 0, (4, 5, 6, 7), 1)]))
+    saver.close()
+
+    dst = [_kv(0.0), _kv(0.0)]
+    loader = _grouped(tmp_path, dst)
+    loads = [LoadOp("r", key, 0, (12, 13), 0), LoadOp("r", key, 0, (14, 15, 16, 17), 1)]
+    loader.load(LMCacheFSMetadata(loads=loads, async_loads=["r"]))
+    loader.save(LMCacheFSMetadata())
+    results = loader.transfer_results()
+    assert (results.finished_recving, results.failed_recving) == ({"r"}, set())
+    assert torch.equal(dst[0][12:14], src[0][2:4]) and torch.equal(dst[1][14:18], src[1][4:8])
+
+    # the sliding group's file is gone (evicted): the request fails whole, in the same step
+    ChunkLayout(tmp_path, Namespace({"model": "m", "kv_group": 0})).chunk_path(key).unlink()
+    loader.load(LMCacheFSMetadata(loads=loads, async_loads=["r"]))
+    results = loader.transfer_results()
+    assert (results.finished_recving, results.failed_recving) == ({"r"}, {"r"})
+    assert loader.workers[0].take_failed_blocks() == set()
+    loader.close()
