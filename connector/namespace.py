@@ -57,8 +57,12 @@ def is_plain_full_attention(kv_cache_config: "KVCacheConfig") -> bool:
     from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 
     groups = kv_cache_config.kv_cache_groups
-    return len(groups) == 1 and type(groups[0].kv_cache_spec) in (FullAttentionSpec,
-                                                                   MLAAttentionSpec)
+    if len(groups) != 1:
+        return False
+    spec = groups[0].kv_cache_spec
+    inner = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: one per layer
+    return all(type(one) in (FullAttentionSpec, MLAAttentionSpec)
+               for one in (inner.values() if inner else [spec]))
 
 
 def _kernel_block_size(spec: "KVCacheSpec") -> int:
