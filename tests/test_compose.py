@@ -129,7 +129,15 @@ def test_the_image_is_built_on_a_pinned_official_vllm_image() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     base = re.search(r"^ARG VLLM_IMAGE=(\S+)$", dockerfile, re.M)
     assert base and re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", base.group(1))
-    assert all(svc.get("image") == "lmcache-fs-demo:latest" for svc in services().values())
+    targets = set(re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.M))
+    svc = services()
+    for name in ENGINES:  # the engine image (vLLM + lmcache-fs[cuda] + kernels), one for all four
+        assert svc[name]["build"] == {"context": ".", "target": "engine"}, name
+        assert svc[name]["image"] == "lmcache-fs-demo:latest", name
+    # The page has a small image of its own (tests/test_dockerfile.py: no vLLM, no torch).
+    assert svc["frontend"]["build"] == {"context": ".", "target": "page"}
+    assert svc["frontend"]["image"] == "lmcache-fs-page:latest"
+    assert {"engine", "page"} <= targets
 
 
 def test_the_page_config_lists_the_compose_engines() -> None:
