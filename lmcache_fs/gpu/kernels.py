@@ -56,7 +56,12 @@ CUDA_CFLAGS = ("-O3", "-lineinfo")
 
 def source_dir() -> Path:
     """The installed package's directory of kernel sources (site-packages, or the checkout if editable)."""
-    return Path(str(resources.files(SOURCE_PACKAGE)))
+    try:
+        return Path(str(resources.files(SOURCE_PACKAGE)))
+    except ModuleNotFoundError:
+        raise RuntimeError(f"the kernel sources ({SOURCE_PACKAGE}) are not installed: install "
+                           "lmcache-fs (pip install . or pip install -e .); a checkout on "
+                           "PYTHONPATH alone does not map cuda/ into the package") from None
 
 
 def sources_digest(directory: Path) -> str:
