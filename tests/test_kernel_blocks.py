@@ -1,85 +1,106 @@
 """Caches that vLLM split into kernel blocks: whole blocks are copied, and nothing else is touched.
 
-The caches are built by vLLM's own allocator code (``create_kv_cache_views``)
-from one random byte buffer, shaped and strided as vLLM builds them for
-FlashAttention (NHD), FlashInfer (HND, or NHD) and Triton (NHD), with the
-kernel block size below the block size where the backend needs it.
+The caches are per-layer views of one random byte buffer, shaped and strided as
+vLLM 0.32's allocator (``create_kv_cache_views``) builds them for FlashAttention
+(NHD), FlashInfer (HND, or NHD) and Triton (NHD), with the kernel block size
+below the block size where the backend needs it; a test checks them against
+vLLM's own function (the GPU machines have no vLLM, so the views are built here).
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
 
-pytest.importorskip("vllm")
-
-from vllm.v1.attention.backend import MultipleOf  # noqa: E402
-from vllm.v1.kv_cache_interface import (  # noqa: E402
-    FullAttentionSpec,
-    KVCacheTensor,
-    create_kv_cache_views,
-)
-from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
-
-from lmcache_fs.connector.metadata import LMCacheFSMetadata, LoadOp, SaveOp  # noqa: E402
-from lmcache_fs.connector.namespace import namespace_fields, rank_namespace  # noqa: E402
-from lmcache_fs.connector.worker import ReadOptions, WorkerSide  # noqa: E402
-from lmcache_fs.storage.layout import ChunkLayout, Namespace  # noqa: E402
-from lmcache_fs.storage.store import ChunkStore  # noqa: E402
-from lmcache_fs.transfer.block_copy import gather_blocks, scatter_blocks  # noqa: E402
-from lmcache_fs.transfer.kernel_blocks import KernelBlockError, whole_block_view  # noqa: E402
+from lmcache_fs.gpu import block_copy_cuda
+from lmcache_fs.transfer import block_copy
+from lmcache_fs.transfer.block_copy import gather_blocks, scatter_blocks
+from lmcache_fs.transfer.kernel_blocks import KernelBlockError, whole_block_view
 
 LAYERS, BLOCKS, HEADS, HEAD_SIZE = 3, 12, 4, 16
+WIDTH = 2 * HEAD_SIZE  # C: K and V of one token and head
 NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
 KEYS = [f"{i:02x}" * 32 for i in range(2)]
 
 # (backend, layout, block size, kernel block size): what each backend gets from vLLM 0.32.
 CASES = {
-    "flash_attn": (KVCacheLayout.LBNHC, 16, 16),
-    "flash_attn-128": (KVCacheLayout.LBNHC, 128, 128),
-    "flash_attn-fa4-split": (KVCacheLayout.LBNHC, 128, 64),  # FA4 takes fixed kernel block sizes
-    "flashinfer-hnd-split": (KVCacheLayout.LBHNC, 128, 64),  # --block-size 128, pages <= 64
-    "flashinfer-hnd-split4": (KVCacheLayout.LBHNC, 64, 16),
-    "flashinfer-nhd-split": (KVCacheLayout.LBNHC, 128, 64),
-    "flashinfer-hnd": (KVCacheLayout.LBHNC, 32, 32),
-    "triton": (KVCacheLayout.LBNHC, 64, 64),  # MultipleOf(16): never split
+    "flash_attn": ("NHD", 16, 16),
+    "flash_attn-128": ("NHD", 128, 128),
+    "flash_attn-fa4-split": ("NHD", 128, 64),  # FA4 takes fixed kernel block sizes
+    "flashinfer-hnd-split": ("HND", 128, 64),  # --block-size 128, pages <= 64
+    "flashinfer-hnd-split4": ("HND", 64, 16),
+    "flashinfer-nhd-split": ("NHD", 128, 64),
+    "flashinfer-hnd": ("HND", 32, 32),
+    "triton": ("NHD", 64, 64),  # MultipleOf(16): never split
 }
 
 
-def _spec(block_size: int, kernel: int | None = None) -> FullAttentionSpec:
-    return FullAttentionSpec(block_size=block_size, num_kv_heads=HEADS, head_size=HEAD_SIZE,
-                             dtype=torch.bfloat16,
-                             block_stride_alignment=MultipleOf(kernel) if kernel else None)
-
-
 class Caches:
-    """vLLM's per-layer views of one random buffer (layer-compact: the layouts that split)."""
+    """Per-layer views of one random bf16 buffer, layer-compact (the layouts vLLM splits)."""
 
-    def __init__(self, layout: KVCacheLayout, block_size: int, kernel: int, seed: int = 0):
-        spec = _spec(block_size)
-        self.page = spec.page_size_bytes
+    def __init__(self, layout: str, block_size: int, kernel: int, seed: int = 0,
+                 device: str = "cpu"):
+        self.layout, self.block_size, self.kernel = layout, block_size, kernel
+        page = HEADS * block_size * WIDTH  # elements
+        self.page = page * 2  # bytes
         self.layer_stride = self.page * BLOCKS
         generator = torch.Generator().manual_seed(seed)
         self.raw = torch.randint(-128, 128, (LAYERS * self.layer_stride,), dtype=torch.int8,
-                                 generator=generator)
-        tensor = KVCacheTensor(size=self.raw.numel(), layers=NAMES, layer_stride=self.layer_stride,
-                               block_stride=self.page)
-        self.registered = create_kv_cache_views(self.raw, spec, BLOCKS, layout, tensor,
-                                                kernel_block_size=kernel)
-        self.block_size, self.kernel = block_size, kernel
+                                 generator=generator).to(device)
+        ratio = block_size // kernel
+        # Kernel block j of block b is row b * ratio + j, page / ratio elements apart.
+        inner = (HEADS * WIDTH, WIDTH) if layout == "NHD" else (WIDTH, kernel * WIDTH)
+        token_stride, head_stride = inner
+        self.registered = [
+            self.raw.view(torch.bfloat16).as_strided(
+                (BLOCKS * ratio, HEADS, kernel, WIDTH), (page // ratio, head_stride, token_stride, 1),
+                layer * page * BLOCKS)
+            for layer in range(LAYERS)]
 
     def logical(self, layer: int) -> torch.Tensor:
         """Layer ``layer`` as ``[blocks, heads, block_size, C]`` in token order (a copy)."""
         kv = self.registered[layer]
         ratio = self.block_size // self.kernel
         return (kv.unflatten(0, (BLOCKS, ratio)).permute(0, 2, 1, 3, 4)
-                .reshape(BLOCKS, HEADS, self.block_size, 2 * HEAD_SIZE))
+                .reshape(BLOCKS, HEADS, self.block_size, WIDTH))
 
     def block_bytes(self, layer: int, block: int) -> slice:
         start = layer * self.layer_stride + block * self.page
         return slice(start, start + self.page)
+
+
+def _vllm_spec(block_size: int, kernel: int | None = None):
+    from vllm.v1.attention.backend import MultipleOf
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    return FullAttentionSpec(block_size=block_size, num_kv_heads=HEADS, head_size=HEAD_SIZE,
+                             dtype=torch.bfloat16,
+                             block_stride_alignment=MultipleOf(kernel) if kernel else None)
+
+
+def _vllm_layout(name: str):
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    return {"NHD": KVCacheLayout.LBNHC, "HND": KVCacheLayout.LBHNC}[name]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_caches_here_are_the_views_vllm_registers(case):
+    pytest.importorskip("vllm")
+    from vllm.v1.kv_cache_interface import KVCacheTensor, create_kv_cache_views
+
+    layout, block_size, kernel = CASES[case]
+    ours = Caches(layout, block_size, kernel)
+    tensor = KVCacheTensor(size=ours.raw.numel(), layers=NAMES, layer_stride=ours.layer_stride,
+                           block_stride=ours.page)
+    theirs = create_kv_cache_views(ours.raw, _vllm_spec(block_size), BLOCKS, _vllm_layout(layout),
+                                   tensor, kernel_block_size=kernel)
+    for mine, vllms in zip(ours.registered, theirs):
+        assert (mine.shape, mine.stride(), mine.dtype) == (vllms.shape, vllms.stride(), vllms.dtype)
+        assert mine.data_ptr() == vllms.data_ptr()
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -105,7 +126,7 @@ def test_whole_block_views_hold_each_block_in_token_order(caches):
         assert whole.data_ptr() == kv.data_ptr()  # a view, never a copy
         logical = caches.logical(layer)
         for block in range(BLOCKS):
-            page = whole[block].reshape(HEADS, caches.block_size, 2 * HEAD_SIZE)
+            page = whole[block].reshape(HEADS, caches.block_size, WIDTH)
             assert torch.equal(_bits(page), _bits(logical[block])), (layer, block)
 
 
@@ -115,7 +136,7 @@ def test_gather_and_scatter_move_whole_blocks_and_nothing_else(caches):
     chunk = torch.empty(LAYERS, len(ids), *layers[0].shape[1:], dtype=torch.bfloat16)
     gather_blocks(layers, ids, chunk)
     # The chunk holds the blocks' tokens in logical order, whatever the split or layout.
-    as_logical = chunk.view(LAYERS, len(ids), HEADS, caches.block_size, 2 * HEAD_SIZE)
+    as_logical = chunk.view(LAYERS, len(ids), HEADS, caches.block_size, WIDTH)
     for layer in range(LAYERS):
         assert torch.equal(_bits(as_logical[layer]), _bits(caches.logical(layer)[ids]))
 
@@ -139,12 +160,51 @@ def test_views_that_are_not_kernel_blocks_are_refused():
     with pytest.raises(KernelBlockError, match="not contiguous.*--block-size 8"):
         whole_block_view(every_other_column, 16)
     with pytest.raises(KernelBlockError, match="no whole number of blocks"):
-        whole_block_view(torch.zeros(BLOCKS * 2 + 1, HEADS, 8, 2 * HEAD_SIZE), 16)
+        whole_block_view(torch.zeros(BLOCKS * 2 + 1, HEADS, 8, WIDTH), 16)
+
+
+def test_the_cuda_kernel_takes_whole_block_views_as_they_are(caches):
+    # Planned on CPU tensors: the kernel accepts the regrouped views (no torch fallback) and
+    # steps whole blocks: one page apart, BLOCKS of them.
+    layers = [whole_block_view(kv, caches.block_size) for kv in caches.registered]
+    plan = block_copy_cuda._make_plan(layers)
+    assert plan.num_blocks == BLOCKS and plan.block_stride == caches.page
+    assert plan.dim1 * plan.dim2 * plan.row_bytes == caches.page
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_cuda_kernel_moves_whole_blocks_of_split_caches_and_nothing_else(case):
+    caches = Caches(*CASES[case], device="cuda")
+    layers = [whole_block_view(kv, caches.block_size) for kv in caches.registered]
+    ids = torch.tensor([7, 2, 11], device="cuda")
+    chunk = torch.empty(LAYERS, len(ids), *layers[0].shape[1:], dtype=torch.bfloat16, device="cuda")
+    assert block_copy_cuda.copy_blocks_cuda(True, layers, ids, chunk), "the kernel did not run"
+    reference = torch.empty_like(chunk)
+    with mock.patch.object(block_copy, "copy_blocks_cuda", lambda *args: False):
+        gather_blocks(layers, ids, reference)
+    assert torch.equal(_bits(chunk), _bits(reference))
+    before = caches.raw.clone()
+    targets = torch.tensor([3, 4, 10], device="cuda")
+    assert block_copy_cuda.copy_blocks_cuda(False, layers, targets, chunk)
+    torch.cuda.synchronize()
+    written = torch.zeros_like(caches.raw, dtype=torch.bool)
+    for layer in range(LAYERS):
+        for block in targets.tolist():
+            written[caches.block_bytes(layer, block)] = True
+    assert torch.equal(caches.raw[~written], before[~written])
+    for layer in range(LAYERS):
+        assert torch.equal(_bits(caches.logical(layer)[targets.cpu()]),
+                           _bits(caches.logical(layer)[ids.cpu()]))
 
 
 # -- the namespace ------------------------------------------------------------------------
 
-def _fields(layout: KVCacheLayout | None, block_size: int, kernel: int | None) -> dict:
+def _fields(layout: str | None, block_size: int, kernel: int | None) -> dict:
+    pytest.importorskip("vllm")
+    from lmcache_fs.connector.namespace import namespace_fields
+
     vllm_config = SimpleNamespace(
         model_config=SimpleNamespace(model="org/M", revision=None, dtype=torch.bfloat16,
                                      quantization=None, hf_overrides={},
@@ -153,9 +213,16 @@ def _fields(layout: KVCacheLayout | None, block_size: int, kernel: int | None) -
                                      kv_cache_layout=None),
         parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1))
     kv_cache_config = SimpleNamespace(
-        kv_cache_groups=[SimpleNamespace(kv_cache_spec=_spec(block_size, kernel), layer_names=NAMES)],
-        kv_cache_layout=layout.name if layout else None)
+        kv_cache_groups=[SimpleNamespace(kv_cache_spec=_vllm_spec(block_size, kernel),
+                                         layer_names=NAMES)],
+        kv_cache_layout=_vllm_layout(layout).name if layout else None)
     return namespace_fields(vllm_config, kv_cache_config, 4 * block_size)
+
+
+def _name(fields: dict) -> str:
+    from lmcache_fs.connector.namespace import rank_namespace
+
+    return rank_namespace(fields, 0, 0).name
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -166,25 +233,29 @@ def test_the_namespace_names_the_page_the_worker_will_view(case):
     page = "x".join(map(str, whole.shape[1:]))
     if whole.shape[2] == block_size:  # whole [heads, block_size, C] pages: no field, old names
         assert "page_shape" not in fields
-        assert rank_namespace(fields, 0, 0).name == rank_namespace(
-            _fields(layout, block_size, None), 0, 0).name
+        assert _name(fields) == _name(_fields(layout, block_size, None))
     else:
         assert fields["page_shape"] == page
 
 
 def test_the_namespace_differs_when_the_page_shape_differs():
     def name(layout, kernel):
-        return rank_namespace(_fields(layout, 128, kernel), 0, 0).name
-    unsplit = name(KVCacheLayout.LBHNC, None)
-    assert name(KVCacheLayout.LBHNC, 64) != unsplit
-    assert name(KVCacheLayout.LBHNC, 32) not in (unsplit, name(KVCacheLayout.LBHNC, 64))
+        return _name(_fields(layout, 128, kernel))
+    unsplit = name("HND", None)
+    assert name("HND", 64) != unsplit
+    assert name("HND", 32) not in (unsplit, name("HND", 64))
     # NHD kernel blocks hold the same bytes in the same shape as whole blocks: one namespace.
-    assert name(KVCacheLayout.LBNHC, 64) == name(KVCacheLayout.LBNHC, None)
+    assert name("NHD", 64) == name("NHD", None)
 
 
 # -- the worker ---------------------------------------------------------------------------
 
-def _worker(root, caches: Caches, fields: dict, layerwise: str = "auto") -> WorkerSide:
+def _worker(root, caches: Caches, fields: dict, layerwise: str = "auto"):
+    pytest.importorskip("vllm")
+    from lmcache_fs.connector.worker import ReadOptions, WorkerSide
+    from lmcache_fs.storage.layout import ChunkLayout, Namespace
+    from lmcache_fs.storage.store import ChunkStore
+
     store = ChunkStore(ChunkLayout(root, Namespace(fields)))
     side = WorkerSide(store, NAMES, 4, caches.block_size, save_queue_size=8, can_save=True,
                       read_options=ReadOptions(layerwise=layerwise))
@@ -199,6 +270,8 @@ def _worker(root, caches: Caches, fields: dict, layerwise: str = "auto") -> Work
 ])
 def test_chunks_saved_from_kernel_blocks_load_into_the_right_tokens(tmp_path, layerwise,
                                                                     saver_case, loader_case):
+    from lmcache_fs.connector.metadata import LMCacheFSMetadata, LoadOp, SaveOp
+
     src = Caches(*CASES[saver_case], seed=1)
     dst = Caches(*CASES[loader_case], seed=2)
     fields = {"model": "m", **_page_field(src)}
