@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -58,9 +59,13 @@ def test_stats_from_two_workers_add_up_reasons_and_samples():
     assert data["load_step_seconds"] == [0.5] and data["load_errors"] == 2
 
 
+def _scrape(spec: EngineSpec) -> str:
+    return requests.get(f"{spec.url}/metrics", timeout=30).text
+
+
 def _metrics(spec: EngineSpec) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of the engine's /metrics, summed over its engine labels."""
-    text = requests.get(f"{spec.url}/metrics", timeout=30).text
+    text = _scrape(spec)
     out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -83,12 +88,13 @@ def engine(synthetic_model, tmp_path_factory, artifacts_dir):
     spec = EngineSpec("metrics", "metrics", free_port(), uses_cache=True)
     group = ProcessGroup()
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1",  # for /reset_prefix_cache
+           "VLLM_LOG_STATS_INTERVAL": "1",  # vLLM's periodic stats lines, every second
            "VLLM_CPU_OMP_THREADS_BIND": str((os.cpu_count() or 1) - 1)}
-    group.start("metrics", engine_command(synthetic_model, spec, storage, synthetic=True),
-                artifacts_dir / "metrics-engine.log", env)
+    log = artifacts_dir / "metrics-engine.log"
+    group.start("metrics", engine_command(synthetic_model, spec, storage, synthetic=True), log, env)
     try:
         wait_until_healthy([spec], group, timeout_s=600, say=lambda _: None)
-        yield spec, storage, synthetic_model.name
+        yield spec, storage, synthetic_model.name, log
     finally:
         group.stop_all()
 
@@ -96,7 +102,7 @@ def engine(synthetic_model, tmp_path_factory, artifacts_dir):
 def _ask(engine) -> None:
     """One request, then the engine's own prefix cache is emptied: the next one can only
     hit chunk files."""
-    spec, _, model = engine
+    spec, _, model, _ = engine
     response = requests.post(f"{spec.url}/v1/completions", timeout=300, json={
         "model": model, "prompt": PROMPT, "max_tokens": 2, "temperature": 0.0})
     assert response.status_code == 200, response.text
@@ -112,8 +118,8 @@ def _until(spec: EngineSpec, moved, timeout_s: float = 60):
 
 
 @pytest.mark.engine
-def test_a_hit_a_store_and_a_corrupt_chunk_move_the_engines_series(engine):
-    spec, storage, _ = engine
+def test_a_hit_a_store_and_a_corrupt_chunk_move_the_engines_series(engine, artifacts_dir):
+    spec, storage, _, _ = engine
     before = _metrics(spec)
     # Every series exists from start-up, at zero.
     for name in ("vllm:lmcache_fs_loaded_bytes_total", "vllm:lmcache_fs_store_failed_total"):
@@ -148,3 +154,23 @@ def test_a_hit_a_store_and_a_corrupt_chunk_move_the_engines_series(engine):
     assert _value(after_bad, "vllm:lmcache_fs_loaded_tokens_total") == 2 * CHUNK  # nothing more
     for reason in ("missing", "shape", "io", "other"):
         assert _value(after_bad, "vllm:lmcache_fs_load_errors_total", reason=reason) == 0
+    # For docs/operations-metrics.md: our series and vLLM's per-source hits, as scraped.
+    (artifacts_dir / "metrics-engine-scrape.txt").write_text("".join(
+        line + "\n" for line in _scrape(spec).splitlines()
+        if "lmcache_fs" in line or "cached_by_source" in line))
+
+
+@pytest.mark.engine
+def test_the_engine_logs_through_vllms_format_and_sums_hits_up_periodically(engine):
+    spec, _, _, log = engine  # runs after the test above: the engine has loaded and stored
+    deadline = time.monotonic() + 30
+    while "KV Transfer metrics: hit_tokens=" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    text = log.read_text()
+    # vLLM's periodic INFO line carries lmcache-fs's sums: the 512 tokens loaded above.
+    summaries = re.findall(r"INFO .* KV Transfer metrics: (hit_tokens=\d+.*)", text)
+    assert any(s.startswith("hit_tokens=512, ") and "load_GBps=" in s for s in summaries), summaries
+    # Our lines in vLLM's format, on the engine's stdout; the per-request hit line is DEBUG.
+    assert re.search(r"^\(EngineCore pid=\d+\) INFO \S+ \S+ \[lmcache_fs_connector\.py:\d+\] "
+                     r"namespace ", text, re.MULTILINE)
+    assert not re.search(r"request \S+: hit \d+/\d+ tokens", text)
