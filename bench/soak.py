@@ -45,6 +45,7 @@ from bench.common import REPO, RESULTS_DIR
 sys.path.insert(0, str(REPO / "frontend"))  # the demo's launcher and client (process helpers)
 from engine_client import cache_counters  # noqa: E402
 from launcher import (  # noqa: E402
+    SYNTHETIC,
     EngineSpec,
     ProcessGroup,
     _signal_group,
@@ -116,7 +117,11 @@ class Engines:
         self.budget_bytes = budget_bytes
         self.group = ProcessGroup()
         self.specs = {name: EngineSpec(name, name, free_port(), name != "R") for name in "ABR"}
-        self.env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str((os.cpu_count() or 1) - 1)}
+        # One OpenMP thread per engine (vLLM reserves a core more with a connector: unequal
+        # thread counts would sum in another order and flip near-tied greedy picks), A and R
+        # on the first core, B on the last: a restarted B does not start beside A's threads.
+        last = (os.cpu_count() or 1) - 1
+        self.cores = {"A": "0", "R": "0", "B": str(last)}
         self.restarts = {name: 0 for name in self.specs}
         self.killed = threading.Event()  # set while B is down on purpose
         self.counters_before_kill = {"external": 0.0, "local": 0.0}
@@ -124,9 +129,9 @@ class Engines:
         self.restart_error = ""
 
     def command(self, spec: EngineSpec) -> list[str]:
-        cmd = engine_command(self.model, spec, self.kv_dir, self.synthetic)
-        # A local prefix cache of about two prompts: repeats must come from the directory.
-        cmd[cmd.index("--max-model-len") + 1] = str(MAX_MODEL_LEN)
+        cmd = engine_command(self.model, spec, self.kv_dir, self.synthetic,
+                             max_model_len=MAX_MODEL_LEN)
+        # A local prefix cache of about three prompts: repeats must come from the directory.
         cmd[cmd.index("--kv-cache-memory-bytes") + 1] = str(LOCAL_KV_BYTES)
         if spec.uses_cache:
             config_at = cmd.index("--kv-transfer-config") + 1
@@ -140,7 +145,8 @@ class Engines:
         for name in names:
             spec = self.specs[name]
             log = self.log_dir / f"engine-{name}-{self.restarts[name]}.log"
-            self.group.start(name, self.command(spec), log, self.env)
+            env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": self.cores[name]}
+            self.group.start(name, self.command(spec), log, env)
         wait_until_healthy([self.specs[n] for n in names], self.group, 600,
                            say=lambda line: print(line, flush=True))
 
@@ -205,7 +211,7 @@ def check_directory(kv_dir: Path, result: SoakResult, stop: threading.Event) -> 
 
 
 def run(duration_s: float, clients: int, budget_mb: int, work_dir: Path) -> SoakResult:
-    model, synthetic = resolve_model("")
+    model, synthetic = resolve_model(SYNTHETIC)  # float32: "same tokens" is exact
     kv_dir, log_dir = work_dir / "kv", work_dir / "logs"
     kv_dir.mkdir(parents=True)
     result = SoakResult(budget_bytes=budget_mb << 20,
