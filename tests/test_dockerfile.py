@@ -173,3 +173,11 @@ def test_the_env_file_never_enters_the_build_context():
         for source in shlex.split(copy)[:-1]:
             assert (REPO / source).exists(), source
             assert source.rstrip("/") not in ignored, source
+
+
+def test_docs_gpu_md_describes_the_stages_as_built():
+    doc = (REPO / "docs" / "gpu.md").read_text()
+    assert f'TORCH_CUDA_ARCH_LIST="{stage("kernels").args["TORCH_CUDA_ARCH_LIST"]}"' in doc
+    assert f"{kernels.BUILD_DIR_ENV}={_env(stage('engine'))[kernels.BUILD_DIR_ENV]}" in doc
+    assert f"kvikio-cu{stage('engine').args['CUDA_MAJOR']}" in doc
+    assert f"`{parse()[0]['VLLM_IMAGE']}`" in doc and f"`{parse()[0]['PAGE_IMAGE']}`" in doc
