@@ -1,7 +1,6 @@
 """With CI=true a skipped engine, fault or browser test fails the run; GPU tests may still skip."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +21,20 @@ def test_gpu_without_cuda():
 '''
 
 
+# The repository's conftest, loaded under another name with its own __file__ (its imports
+# and sys.path entries stay right), providing its hooks to the scratch test run.
+CONFTEST = '''
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("repo_conftest", {path!r})
+_repo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_repo)
+pytest_runtest_makereport = _repo.pytest_runtest_makereport
+'''
+
+
 def _outcomes(tmp_path: Path, ci: str | None) -> str:
-    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "conftest.py").write_text(CONFTEST.format(path=str(Path(__file__).with_name("conftest.py"))))
     (tmp_path / "test_faults.py").write_text(SKIPPING)
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     if ci is not None:
