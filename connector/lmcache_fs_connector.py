@@ -193,7 +193,8 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
             tp_group = get_tp_group()
             cfg = self.config
             workers = []
-            # Hit tokens are counted once: by the first full-attention group's loads.
+            # Hit tokens are counted once: by the first full-attention group's loads, on
+            # tensor-parallel rank 0 (vLLM sums the stats of every group and every rank).
             counting_group = next((g for g, geo in enumerate(geometries) if geo.kind == "full"), 0)
             for g, (fields_g, geo) in enumerate(zip(group_fields, geometries)):
                 layout = ChunkLayout(root, rank_namespace(fields_g, tp_group.rank_in_group,
@@ -209,7 +210,7 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
                     FreeSpaceGuard(root, int(cfg.min_free_disk_gb * 1e9)),
                     any_rank_of(tp_group.cpu_group) if tp_group.world_size > 1 else this_rank_only,
                     async_loads=self._async_loads,
-                    counts_tokens=g == counting_group))
+                    counts_tokens=g == counting_group and tp_group.rank_in_group == 0))
             self._worker = GroupedWorkers(workers) if self._async_loads else workers[0]
 
     def _adopt_recompute_policy(self) -> None:

@@ -239,11 +239,11 @@ class WorkerSide:
                 # vLLM recomputes everything after the first failed block.
                 self._failed_blocks.update(op.block_ids)
                 continue
-            loaded_tokens[op.req_id] += len(op.block_ids) * self.block_size * self.counts_tokens
+            loaded_tokens[op.req_id] += len(op.block_ids) * self.block_size
             loaded_bytes[op.req_id] += self._chunk_bytes
         total_bytes = sum(loaded_bytes.values())
         self.stats.record_load(total_bytes, total_bytes // self._chunk_bytes,
-                               sum(loaded_tokens.values()), seconds)
+                               sum(loaded_tokens.values()) if self.counts_tokens else 0, seconds)
         for req_id, tokens in loaded_tokens.items():
             hit = meta.hits.get(req_id)
             local = hit.local_tokens if hit else 0

@@ -59,6 +59,32 @@ def test_stats_from_two_workers_add_up_reasons_and_samples():
     assert data["load_step_seconds"] == [0.5] and data["load_errors"] == 2
 
 
+@pytest.mark.parametrize("counts_tokens", [True, False], ids=["tp-rank-0", "other-rank"])
+def test_bytes_count_on_every_rank_tokens_on_one(tmp_path, counts_tokens):
+    # vLLM sums the workers' stats: with tensor parallelism each rank reads its own files
+    # (bytes add up) but loads the same tokens (counted by rank 0 only, else TP times).
+    import torch
+
+    from lmcache_fs.connector.metadata import LMCacheFSMetadata, LoadOp, SaveOp
+    from lmcache_fs.connector.worker import WorkerSide
+    from lmcache_fs.storage.layout import ChunkLayout, Namespace
+    from lmcache_fs.storage.store import ChunkStore
+
+    names, key = ["model.layers.0.self_attn.attn"], "ab" * 32
+    caches = [torch.randn(8, 1, 16, 16)]
+    store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
+    worker = WorkerSide(store, names, 2, 16, save_queue_size=4, can_save=True,
+                        counts_tokens=counts_tokens)
+    worker.register_kv_caches(dict(zip(names, caches)))
+    worker.save(LMCacheFSMetadata(saves=[SaveOp("w", key, "", 0, (0, 1))]))
+    worker.writer.close()  # published
+    worker.load(LMCacheFSMetadata(loads=[LoadOp("r", key, 0, (4, 5))]))
+    data = worker.take_stats().data
+    assert data["loaded_bytes"] == 2 * 16 * 16 * 4 and data["loaded_chunks"] == 1
+    assert data["loaded_tokens"] == (32 if counts_tokens else 0)
+    worker.close()
+
+
 def _scrape(spec: EngineSpec) -> str:
     return requests.get(f"{spec.url}/metrics", timeout=30).text
 
