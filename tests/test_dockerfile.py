@@ -181,3 +181,34 @@ def test_docs_gpu_md_describes_the_stages_as_built():
     assert f"{kernels.BUILD_DIR_ENV}={_env(stage('engine'))[kernels.BUILD_DIR_ENV]}" in doc
     assert f"kvikio-cu{stage('engine').args['CUDA_MAJOR']}" in doc
     assert f"`{parse()[0]['VLLM_IMAGE']}`" in doc and f"`{parse()[0]['PAGE_IMAGE']}`" in doc
+
+
+def _python_snippets() -> list[tuple[str, str]]:
+    """(stage, code) of every ``python3 -c`` in a RUN, as the shell would pass it (ARGs expanded)."""
+    global_args, stages = parse()
+    snippets = []
+    for s in stages:
+        values = {**global_args, **s.args}
+        for run in s.all("RUN"):
+            expanded = re.sub(r"\$\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), run)
+            words = shlex.split(expanded)
+            snippets += [(s.name, words[i + 1]) for i, word in enumerate(words[:-1])
+                         if word == "-c" and words[i - 1] == "python3"]
+    return snippets
+
+
+def test_the_python_the_image_build_runs_is_valid():
+    # Never built here (no Docker engine): at least every inline program must compile.
+    snippets = _python_snippets()
+    assert {name for name, _ in snippets} == {"page", "engine"}
+    for name, code in snippets:
+        compile(code, f"<Dockerfile {name}>", "exec")
+
+
+def test_the_page_installs_the_frontend_extra_and_pyyaml():
+    (code,) = [c for name, c in _python_snippets() if "tomllib" in c]
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, check=True)
+    wanted = PYPROJECT["project"]["optional-dependencies"]["frontend"]
+    assert run.stdout.split() == [*wanted, *[d for d in PYPROJECT["project"]["dependencies"]
+                                             if d.startswith("pyyaml")]]
