@@ -10,14 +10,16 @@
 #
 # vLLM 0.32's images are built for CUDA 13.0 (VLLM_MAIN_CUDA_VERSION in vllm/envs.py), hence the
 # `cuda` extra (kvikio-cu13). For a CUDA 12 base image pass --build-arg VLLM_IMAGE=...
-# --build-arg CUDA_EXTRA=cuda12 --build-arg CUDA_MAJOR=12 --build-arg CUDA_APT=12-9: the build
-# fails if the extra's CUDA differs from the image's torch.
+# --build-arg CUDA_EXTRA=cuda12 --build-arg CUDA_MAJOR=12 --build-arg CUDA_APT=12-9
+# --build-arg CUDA_HOME_DIR=/usr/local/cuda-12.9: the build fails if the extra's CUDA differs from
+# the image's torch.
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 ARG PAGE_IMAGE=python:3.12-slim
 
 # ---- kernels: compile the CUDA kernels once, with nvcc, for the GPUs listed (no GPU needed) ----
 FROM ${VLLM_IMAGE} AS kernels
 ARG CUDA_APT=13-0
+ARG CUDA_HOME_DIR=/usr/local/cuda-13.0
 # A100, A10/RTX 30, L4/L40, H100/H200, B200, RTX PRO 6000 (Blackwell), and PTX for newer GPUs.
 ARG TORCH_CUDA_ARCH_LIST="8.0 8.6 8.9 9.0 10.0 12.0+PTX"
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -27,6 +29,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN apt-get update \
  && apt-get install -y --no-install-recommends "cuda-nvcc-${CUDA_APT}" "cuda-cudart-dev-${CUDA_APT}" \
  && rm -rf /var/lib/apt/lists/*
+# (They install into /usr/local/cuda-13.0, CUDA_HOME_DIR, the CUDA_HOME given to the build below.)
 # ninja: torch's extension builder needs it; any recent version builds the same code.
 # hadolint ignore=DL3013
 RUN uv pip install --system --no-cache ninja
@@ -37,7 +40,7 @@ COPY connector/ connector/
 COPY cuda/ cuda/
 ENV LMCACHE_FS_CUDA_BUILD_DIR=/opt/lmcache-fs/cuda-kernels
 RUN uv pip install --system --no-cache --no-deps . \
- && CUDA_HOME=/usr/local/cuda python3 -m lmcache_fs.gpu.kernels --arch-list "${TORCH_CUDA_ARCH_LIST}"
+ && CUDA_HOME="${CUDA_HOME_DIR}" python3 -m lmcache_fs.gpu.kernels --arch-list "${TORCH_CUDA_ARCH_LIST}"
 
 # ---- page: the Streamlit page alone. It reads the cache directory through lmcache_fs.ops and
 # lmcache_fs.storage, which need no torch: lmcache-fs goes in without its dependencies, then the
