@@ -212,3 +212,9 @@ def test_the_page_installs_the_frontend_extra_and_pyyaml():
     wanted = PYPROJECT["project"]["optional-dependencies"]["frontend"]
     assert run.stdout.split() == [*wanted, *[d for d in PYPROJECT["project"]["dependencies"]
                                              if d.startswith("pyyaml")]]
+
+
+def test_the_kernels_are_compiled_with_the_cuda_the_engine_runs():
+    build = stage("kernels").args
+    assert build["CUDA_HOME_DIR"] == "/usr/local/cuda-" + build["CUDA_APT"].replace("-", ".")
+    assert build["CUDA_APT"].split("-")[0] == stage("engine").args["CUDA_MAJOR"]
