@@ -9,6 +9,7 @@ vLLM's own function (the GPU machines have no vLLM, so the views are built here)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import SimpleNamespace
 from unittest import mock
 
@@ -67,9 +68,14 @@ class Caches:
         return (kv.unflatten(0, (BLOCKS, ratio)).permute(0, 2, 1, 3, 4)
                 .reshape(BLOCKS, HEADS, self.block_size, WIDTH))
 
-    def block_bytes(self, layer: int, block: int) -> slice:
-        start = layer * self.layer_stride + block * self.page
-        return slice(start, start + self.page)
+    def only_blocks_changed(self, before: torch.Tensor, blocks: Sequence[int]) -> bool:
+        """Whether every byte outside ``blocks`` (of every layer) equals ``before``."""
+        written = torch.zeros_like(self.raw, dtype=torch.bool)
+        for layer in range(LAYERS):
+            for block in blocks:
+                start = layer * self.layer_stride + block * self.page
+                written[start:start + self.page] = True
+        return torch.equal(self.raw[~written], before[~written])
 
 
 def _vllm_spec(block_size: int, kernel: int | None = None):
@@ -143,11 +149,7 @@ def test_gather_and_scatter_move_whole_blocks_and_nothing_else(caches):
     before = caches.raw.clone()
     targets = torch.tensor([3, 4, 10])
     scatter_blocks(chunk, layers, targets)
-    written = torch.zeros_like(caches.raw, dtype=torch.bool)
-    for layer in range(LAYERS):
-        for block in targets.tolist():
-            written[caches.block_bytes(layer, block)] = True
-    assert torch.equal(caches.raw[~written], before[~written])  # no other block's byte moved
+    assert caches.only_blocks_changed(before, targets.tolist())  # no other block's byte moved
     again = torch.empty_like(chunk)
     gather_blocks(layers, targets, again)
     assert torch.equal(_bits(again), _bits(chunk))
@@ -189,11 +191,7 @@ def test_the_cuda_kernel_moves_whole_blocks_of_split_caches_and_nothing_else(cas
     targets = torch.tensor([3, 4, 10], device="cuda")
     assert block_copy_cuda.copy_blocks_cuda(False, layers, targets, chunk)
     torch.cuda.synchronize()
-    written = torch.zeros_like(caches.raw, dtype=torch.bool)
-    for layer in range(LAYERS):
-        for block in targets.tolist():
-            written[caches.block_bytes(layer, block)] = True
-    assert torch.equal(caches.raw[~written], before[~written])
+    assert caches.only_blocks_changed(before, targets.tolist())
     for layer in range(LAYERS):
         assert torch.equal(_bits(caches.logical(layer)[targets.cpu()]),
                            _bits(caches.logical(layer)[ids.cpu()]))
@@ -284,11 +282,7 @@ def test_chunks_saved_from_kernel_blocks_load_into_the_right_tokens(tmp_path, la
     assert loader.take_failed_blocks() == set()
     for layer in range(LAYERS):
         assert torch.equal(_bits(dst.logical(layer)[[0, 9, 4]]), _bits(src.logical(layer)[[1, 5, 2]]))
-    written = torch.zeros_like(dst.raw, dtype=torch.bool)
-    for layer in range(LAYERS):
-        for block in (0, 9, 4):
-            written[dst.block_bytes(layer, block)] = True
-    assert torch.equal(dst.raw[~written], before[~written])
+    assert dst.only_blocks_changed(before, (0, 9, 4))
 
 
 def _page_field(caches: Caches) -> dict:
