@@ -54,8 +54,10 @@ log "mode $mode, python $("$python" -c 'import sys, torch; print(sys.version.spl
 # 1. The wheel, built from a copy (no build/ or egg-info left in the checkout).
 mkdir -p "$work/src"
 cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/lmcache_fs" "$repo/connector" "$repo/cuda" "$work/src/"
-"$python" -m pip wheel -q --no-deps --no-build-isolation --no-index -w "$work/dist" "$work/src" \
-  2>> "$out/gpu_check.log"
+# With setuptools at hand (the device has it, and no network) the build uses it; else pip fetches it.
+isolation=(--no-build-isolation --no-index)
+"$python" -c "import setuptools" 2> /dev/null || isolation=()
+"$python" -m pip wheel -q --no-deps "${isolation[@]}" -w "$work/dist" "$work/src" 2>> "$out/gpu_check.log"
 wheel=$(ls "$work"/dist/lmcache_fs-*.whl)
 log "built $(basename "$wheel")"
 
