@@ -211,10 +211,9 @@ def stream_answer(engine: EngineConfig, model: str, messages: list[dict[str, str
     seen_first = False
     usage = None
     try:
-        stream = client.chat.completions.create(
-            model=model, messages=messages, max_tokens=max_tokens, temperature=0.0,  # type: ignore[arg-type]
-            stream=True, stream_options={"include_usage": True})
-        with stream:
+        with client, client.chat.completions.create(
+                model=model, messages=messages, max_tokens=max_tokens,  # type: ignore[arg-type]
+                temperature=0.0, stream=True, stream_options={"include_usage": True}) as stream:
             for chunk in stream:
                 usage = chunk.usage or usage
                 for choice in chunk.choices:
