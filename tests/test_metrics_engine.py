@@ -189,13 +189,23 @@ def test_a_hit_a_store_and_a_corrupt_chunk_move_the_engines_series(engine, artif
 @pytest.mark.engine
 def test_the_engine_logs_through_vllms_format_and_sums_hits_up_periodically(engine):
     spec, _, _, log = engine  # runs after the test above: the engine has loaded and stored
+
+    def summaries() -> list[str]:
+        return re.findall(r"INFO .* KV Transfer metrics: (hit_tokens=\d+.*)", log.read_text())
+
+    def hit_tokens() -> int:
+        return sum(int(re.match(r"hit_tokens=(\d+)", s).group(1)) for s in summaries())
+
+    # vLLM's periodic INFO line (every VLLM_LOG_STATS_INTERVAL while the engine is busy)
+    # carries lmcache-fs's sums for its interval: over the lines, the 512 tokens loaded.
     deadline = time.monotonic() + 30
-    while "KV Transfer metrics: hit_tokens=" not in log.read_text() and time.monotonic() < deadline:
+    while hit_tokens() < 2 * CHUNK and time.monotonic() < deadline:
         time.sleep(0.5)
+    assert hit_tokens() == 2 * CHUNK, summaries()
+    assert all(re.fullmatch(r"hit_tokens=\d+, loaded=[\d.]+ [KMGT]?B, load_GBps=[\d.]+, "
+                            r"load_errors=\d+, stored_chunks=\d+, skipped_stores=\d+, "
+                            r"failed_stores=\d+", s.strip()) for s in summaries()), summaries()
     text = log.read_text()
-    # vLLM's periodic INFO line carries lmcache-fs's sums: the 512 tokens loaded above.
-    summaries = re.findall(r"INFO .* KV Transfer metrics: (hit_tokens=\d+.*)", text)
-    assert any(s.startswith("hit_tokens=512, ") and "load_GBps=" in s for s in summaries), summaries
     # Our lines in vLLM's format, on the engine's stdout; the per-request hit line is DEBUG.
     assert re.search(r"^\(EngineCore pid=\d+\) INFO \S+ \S+ \[lmcache_fs_connector\.py:\d+\] "
                      r"namespace ", text, re.MULTILINE)
