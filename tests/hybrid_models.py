@@ -6,15 +6,25 @@ gives them several KV cache groups:
 
 - ``gemma3``: Gemma-3 text, four sliding-window layers (window 256) and two
   full-attention layers: three groups (sliding, sliding, full).
+- ``alternating``: gpt-oss's pattern (sliding and full layers alternating,
+  window 128) on a Llama body (vLLM's Llama reads ``layer_types``): two groups.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmcache_fs.storage.layout import TEMP_PREFIX
 
 MARKER = "lmcache_fs_hybrid.json"
 GEMMA3_WINDOW = 256
+ALTERNATING_WINDOW = 128
 
 
 def _gemma3(vocab_size: int, bos: int, eos: int):
@@ -31,7 +41,20 @@ def _gemma3(vocab_size: int, bos: int, eos: int):
     return transformers.Gemma3ForCausalLM(config)
 
 
-BUILDERS = {"gemma3": _gemma3}
+def _alternating(vocab_size: int, bos: int, eos: int):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        max_position_embeddings=32768, bos_token_id=bos, eos_token_id=eos,
+        tie_word_embeddings=False, torch_dtype="bfloat16")
+    config.sliding_window = ALTERNATING_WINDOW
+    config.layer_types = ["sliding_attention", "full_attention"] * 2
+    return transformers.LlamaForCausalLM(config)
+
+
+BUILDERS = {"gemma3": _gemma3, "alternating": _alternating}
 
 
 def build_hybrid_model(path: Path, family: str, tokenizer_source: Path, seed: int = 0) -> Path:
@@ -56,3 +79,44 @@ def build_hybrid_model(path: Path, family: str, tokenizer_source: Path, seed: in
     model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
     marker.write_text(json.dumps(wanted))
     return folder
+
+
+# -- helpers of the hybrid engine tests --
+
+LOGPROB_TOLERANCE = 1e-3  # float32: the same KV gives the same logprobs up to summation order
+
+
+def generate_with_logprobs(engine: Any, prompt: list[int]) -> dict:
+    return engine.command("generate", prompts=[prompt], max_tokens=8, logprobs=True)["outputs"][0]
+
+
+def assert_same_output(got: dict, want: dict) -> None:
+    assert got["token_ids"] == want["token_ids"]
+    assert got["logprobs"] == pytest.approx(want["logprobs"], abs=LOGPROB_TOLERANCE)
+
+
+def files_by_group(storage: Path) -> dict[Path, int]:
+    """Published chunk files -> their KV cache group (from the namespace's manifest)."""
+    found = {}
+    for manifest in storage.glob("*/namespace.json"):
+        group = int(json.loads(manifest.read_text()).get("kv_group", -1))
+        for path in manifest.parent.glob("??/*.safetensors"):
+            if not path.name.startswith(TEMP_PREFIX):
+                found[path] = group
+    return found
+
+
+def wait_for_files(storage: Path, count: int, timeout_s: float = 60) -> dict[Path, int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        files = files_by_group(storage)
+        if len(files) >= count:
+            return files
+        time.sleep(0.2)
+    raise AssertionError(f"only {len(files_by_group(storage))} of {count} chunk files appeared")
+
+
+def kv_capacity(engine: Any) -> int:
+    match = re.search(r"KV cache size: ([\d,]+) tokens", engine.log_text())
+    assert match, "vLLM's KV cache size line is missing from the log"
+    return int(match.group(1).replace(",", ""))

@@ -14,18 +14,22 @@ tokens). Each test uses fresh random prompts.
 
 from __future__ import annotations
 
-import json
 import random
-import re
-import time
 from pathlib import Path
 
 import pytest
 from engines import EngineProcess
-from hybrid_models import GEMMA3_WINDOW, build_hybrid_model
+from hybrid_models import (
+    GEMMA3_WINDOW,
+    assert_same_output,
+    build_hybrid_model,
+    files_by_group,
+    generate_with_logprobs,
+    kv_capacity,
+    wait_for_files,
+)
 
 from lmcache_fs.ops.inspection import read_header
-from lmcache_fs.storage.layout import TEMP_PREFIX
 
 pytestmark = pytest.mark.engine
 
@@ -35,7 +39,6 @@ GROUPS = 3  # sliding, sliding, full
 PROMPT_LEN = 1500  # two whole chunks and a tail; six windows
 FULL_HIT = 2 * CHUNK
 SLIDING_HELD_BLOCKS = (CHUNK // BLOCK) - (CHUNK - GEMMA3_WINDOW + 1) // BLOCK  # 2 of 4
-LOGPROB_TOLERANCE = 1e-3  # float32: the same KV gives the same logprobs up to summation order
 
 
 def _connector(storage: Path) -> dict:
@@ -70,7 +73,7 @@ def engines(gemma3, storage, tmp_path_factory):
         started["a"] = EngineProcess(gemma3, logs / "a.log", _connector(storage))
         prompt = _prompt()
         started["a"].generate([prompt])
-        _wait_for_files(storage, GROUPS * (PROMPT_LEN // CHUNK))
+        wait_for_files(storage, GROUPS * (PROMPT_LEN // CHUNK))
         started["b"] = EngineProcess(gemma3, logs / "b.log", _connector(storage),
                                      max_num_batched_tokens=512)
         started["first_prompt"] = prompt  # type: ignore[assignment]
@@ -81,60 +84,24 @@ def engines(gemma3, storage, tmp_path_factory):
                 engine.close()
 
 
-def _generate(engine: EngineProcess, prompt: list[int]) -> dict:
-    return engine.command("generate", prompts=[prompt], max_tokens=8, logprobs=True)["outputs"][0]
-
-
-def _assert_same_output(got: dict, want: dict) -> None:
-    assert got["token_ids"] == want["token_ids"]
-    assert got["logprobs"] == pytest.approx(want["logprobs"], abs=LOGPROB_TOLERANCE)
-
-
-def _files(storage: Path) -> dict[Path, int]:
-    """Published chunk files -> their KV cache group (from the namespace's manifest)."""
-    found = {}
-    for manifest in storage.glob("*/namespace.json"):
-        group = int(json.loads(manifest.read_text()).get("kv_group", -1))
-        for path in manifest.parent.glob("??/*.safetensors"):
-            if not path.name.startswith(TEMP_PREFIX):
-                found[path] = group
-    return found
-
-
-def _wait_for_files(storage: Path, count: int, timeout_s: float = 60) -> dict[Path, int]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        files = _files(storage)
-        if len(files) >= count:
-            return files
-        time.sleep(0.2)
-    raise AssertionError(f"only {len(_files(storage))} of {count} chunk files appeared")
-
-
-def _kv_capacity(engine: EngineProcess) -> int:
-    match = re.search(r"KV cache size: ([\d,]+) tokens", engine.log_text())
-    assert match, "vLLM's KV cache size line is missing from the log"
-    return int(match.group(1).replace(",", ""))
-
-
 def _stored_by_a(engines, storage: Path, prompt: list[int]) -> dict[tuple[int, int], Path]:
     """A stores ``prompt``; its files by (group, chunk index)."""
-    before = _files(storage)
+    before = files_by_group(storage)
     engines["a"].generate([prompt])
-    files = _wait_for_files(storage, len(before) + GROUPS * (PROMPT_LEN // CHUNK))
+    files = wait_for_files(storage, len(before) + GROUPS * (PROMPT_LEN // CHUNK))
     return {(group, int(read_header(path).metadata["chunk_index"])): path
             for path, group in files.items() if path not in before}
 
 
 def test_hybrid_manager_stays_on_and_capacity_is_plain_vllms(engines):
     # (b differs from both: its token budget of 512 changes vLLM's sliding-window pool sizing)
-    assert _kv_capacity(engines["a"]) == _kv_capacity(engines["plain"])
+    assert kv_capacity(engines["a"]) == kv_capacity(engines["plain"])
     assert "Turning off hybrid kv cache manager" not in engines["a"].log_text()
 
 
 def test_each_group_has_its_files_and_sliding_ones_hold_only_the_window(engines, storage):
     by_group: dict[int, list[Path]] = {}
-    for path, group in _files(storage).items():
+    for path, group in files_by_group(storage).items():
         by_group.setdefault(group, []).append(path)
     assert sorted(by_group) == list(range(GROUPS))
     blocks = {group: {read_header(p).shape[1] for p in paths} for group, paths in by_group.items()}
@@ -144,31 +111,31 @@ def test_each_group_has_its_files_and_sliding_ones_hold_only_the_window(engines,
 
 def test_fresh_engine_loads_what_another_stored(engines):
     prompt = engines["first_prompt"]
-    got = _generate(engines["b"], prompt)
+    got = generate_with_logprobs(engines["b"], prompt)
     assert got["num_cached_tokens"] == FULL_HIT
-    _assert_same_output(got, _generate(engines["plain"], prompt))
+    assert_same_output(got, generate_with_logprobs(engines["plain"], prompt))
 
 
 def test_shared_prefix_gets_a_partial_hit(engines, storage):
     prompt = _prompt()
-    before = _files(storage)
+    before = files_by_group(storage)
     engines["a"].generate([prompt])
-    _wait_for_files(storage, len(before) + GROUPS * (PROMPT_LEN // CHUNK))
+    wait_for_files(storage, len(before) + GROUPS * (PROMPT_LEN // CHUNK))
     other = prompt[:CHUNK + 100] + _prompt(PROMPT_LEN - CHUNK - 100)
-    got = _generate(engines["b"], other)
+    got = generate_with_logprobs(engines["b"], other)
     assert got["num_cached_tokens"] == CHUNK  # the first chunk only: the second differs
-    _assert_same_output(got, _generate(engines["plain"], other))
+    assert_same_output(got, generate_with_logprobs(engines["plain"], other))
 
 
 def test_chunks_stored_under_chunked_prefill_load_elsewhere(engines, storage):
     prompt = _prompt()
-    before = _files(storage)
+    before = files_by_group(storage)
     engines["b"].generate([prompt])  # b prefills 512 tokens per step
-    _wait_for_files(storage, len(before) + GROUPS * (PROMPT_LEN // CHUNK))
+    wait_for_files(storage, len(before) + GROUPS * (PROMPT_LEN // CHUNK))
     engines["a"].reset_prefix_cache()
-    got = _generate(engines["a"], prompt)
+    got = generate_with_logprobs(engines["a"], prompt)
     assert got["num_cached_tokens"] == FULL_HIT
-    _assert_same_output(got, _generate(engines["plain"], prompt))
+    assert_same_output(got, generate_with_logprobs(engines["plain"], prompt))
 
 
 def test_a_missing_window_file_shortens_the_hit_to_what_every_group_can_serve(engines, storage):
@@ -176,9 +143,9 @@ def test_a_missing_window_file_shortens_the_hit_to_what_every_group_can_serve(en
     prompt = _prompt()
     _stored_by_a(engines, storage, prompt)[(1, 1)].unlink()  # a sliding group's file of chunk 1
     engines["b"].reset_prefix_cache()
-    got = _generate(engines["b"], prompt)
+    got = generate_with_logprobs(engines["b"], prompt)
     assert got["num_cached_tokens"] == CHUNK  # chunk 0's window is whole: a hit of one chunk
-    _assert_same_output(got, _generate(engines["plain"], prompt))
+    assert_same_output(got, generate_with_logprobs(engines["plain"], prompt))
 
 
 def test_a_damaged_file_is_recomputed_with_the_same_tokens(engines, storage):
@@ -189,6 +156,6 @@ def test_a_damaged_file_is_recomputed_with_the_same_tokens(engines, storage):
         f.seek(-100, 2)
         f.write(bytes([byte[0] ^ 0x01]))
     engines["b"].reset_prefix_cache()
-    got = _generate(engines["b"], prompt)
-    _assert_same_output(got, _generate(engines["plain"], prompt))
+    got = generate_with_logprobs(engines["b"], prompt)
+    assert_same_output(got, generate_with_logprobs(engines["plain"], prompt))
     assert "recomputing from there" in engines["b"].log_text()
