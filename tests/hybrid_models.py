@@ -8,6 +8,9 @@ gives them several KV cache groups:
   full-attention layers: three groups (sliding, sliding, full).
 - ``alternating``: gpt-oss's pattern (sliding and full layers alternating,
   window 128) on a Llama body (vLLM's Llama reads ``layer_types``): two groups.
+- ``llama4``: Llama-4 text, chunked local attention (chunks of 256 tokens) in
+  three layers of four, full attention (no RoPE) in the fourth; small MoE
+  (vLLM: four groups of one layer).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -25,6 +28,7 @@ from lmcache_fs.storage.layout import TEMP_PREFIX
 MARKER = "lmcache_fs_hybrid.json"
 GEMMA3_WINDOW = 256
 ALTERNATING_WINDOW = 128
+LLAMA4_ATTENTION_CHUNK = 384  # not a multiple of the 256-token chunk: hits load its blocks
 
 
 def _gemma3(vocab_size: int, bos: int, eos: int):
@@ -54,7 +58,20 @@ def _alternating(vocab_size: int, bos: int, eos: int):
     return transformers.LlamaForCausalLM(config)
 
 
-BUILDERS = {"gemma3": _gemma3, "alternating": _alternating}
+def _llama4(vocab_size: int, bos: int, eos: int):
+    import transformers
+
+    config = transformers.Llama4TextConfig(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
+        intermediate_size_mlp=512, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, num_local_experts=2, num_experts_per_tok=1,
+        interleave_moe_layer_step=2, attention_chunk_size=LLAMA4_ATTENTION_CHUNK,
+        no_rope_layers=[1, 1, 1, 0], max_position_embeddings=32768, bos_token_id=bos,
+        eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False, torch_dtype="bfloat16")
+    return transformers.Llama4ForCausalLM(config)
+
+
+BUILDERS = {"gemma3": _gemma3, "alternating": _alternating, "llama4": _llama4}
 
 
 def build_hybrid_model(path: Path, family: str, tokenizer_source: Path, seed: int = 0) -> Path:
@@ -66,7 +83,8 @@ def build_hybrid_model(path: Path, family: str, tokenizer_source: Path, seed: in
 
     folder = Path(path)
     marker = folder / MARKER
-    wanted = {"family": family, "seed": seed}
+    wanted = {"family": family, "seed": seed,
+              "windows": [GEMMA3_WINDOW, ALTERNATING_WINDOW, LLAMA4_ATTENTION_CHUNK]}
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         return folder
     from transformers import AutoTokenizer
@@ -120,3 +138,29 @@ def kv_capacity(engine: Any) -> int:
     match = re.search(r"KV cache size: ([\d,]+) tokens", engine.log_text())
     assert match, "vLLM's KV cache size line is missing from the log"
     return int(match.group(1).replace(",", ""))
+
+
+def store_then_load(model: Path, tmp_path_factory: Any, prompt: list[int],
+                    groups: int) -> Iterator[dict[str, Any]]:
+    """Engines ``plain``, ``a`` (stores ``prompt``) and ``b`` (started after A's files exist).
+
+    Yields them with ``prompt``, A's output (``stored``) and A's files (``files``).
+    """
+    from engines import EngineProcess
+
+    storage = tmp_path_factory.mktemp("hybrid-kv")
+    logs = tmp_path_factory.mktemp("hybrid-logs")
+    connector = {"kv_connector": "LMCacheFSConnector", "kv_role": "kv_both",
+                 "kv_connector_extra_config": {"storage_path": str(storage)}}
+    started: list[Any] = []
+    try:
+        started.append(EngineProcess(model, logs / "plain.log"))
+        started.append(EngineProcess(model, logs / "a.log", connector))
+        stored = generate_with_logprobs(started[1], prompt)
+        files = wait_for_files(storage, groups * (len(prompt) // 256))
+        started.append(EngineProcess(model, logs / "b.log", connector))
+        yield {"plain": started[0], "a": started[1], "b": started[2], "prompt": prompt,
+               "stored": stored, "files": files}
+    finally:
+        for engine in started:
+            engine.close()

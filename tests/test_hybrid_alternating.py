@@ -12,13 +12,12 @@ from __future__ import annotations
 import random
 
 import pytest
-from engines import EngineProcess
 from hybrid_models import (
     assert_same_output,
     build_hybrid_model,
     generate_with_logprobs,
     kv_capacity,
-    wait_for_files,
+    store_then_load,
 )
 
 from lmcache_fs.ops.inspection import read_header
@@ -33,27 +32,9 @@ FULL_HIT = 1024
 def setup(synthetic_model, tmp_path_factory):
     model = build_hybrid_model(synthetic_model.parent / "hybrid-alternating", "alternating",
                                synthetic_model)
-    storage = tmp_path_factory.mktemp("alternating-kv")
-    logs = tmp_path_factory.mktemp("alternating-logs")
-    connector = {"kv_connector": "LMCacheFSConnector", "kv_role": "kv_both",
-                 "kv_connector_extra_config": {"storage_path": str(storage)}}
     rng = random.Random(128)
-    prompt = [rng.randrange(3, 250) for _ in range(PROMPT_LEN)]
-    started: list[EngineProcess] = []
-    try:
-        plain = EngineProcess(model, logs / "plain.log")
-        started.append(plain)
-        a = EngineProcess(model, logs / "a.log", connector)
-        started.append(a)
-        stored = generate_with_logprobs(a, prompt)
-        files = wait_for_files(storage, 2 * (PROMPT_LEN // 256))
-        b = EngineProcess(model, logs / "b.log", connector)
-        started.append(b)
-        yield {"plain": plain, "a": a, "b": b, "prompt": prompt, "stored": stored,
-               "files": files}
-    finally:
-        for engine in started:
-            engine.close()
+    yield from store_then_load(model, tmp_path_factory,
+                               [rng.randrange(3, 250) for _ in range(PROMPT_LEN)], groups=2)
 
 
 def test_capacity_is_plain_vllms(setup):
