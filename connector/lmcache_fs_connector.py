@@ -72,7 +72,7 @@ def check_supported(kv_cache_config: "KVCacheConfig", parallel: "ParallelConfig"
 
     - KV cache groups other than full, sliding-window and chunked-local attention:
       Mamba and linear-attention layers keep a recurrent state, not per-token
-      blocks; lmcache-fs stores none (and vLLM's CPU build runs no such model).
+      blocks; lmcache-fs stores none.
     - Groups of different block sizes: one chunk spans the same blocks in every group.
     - Pipeline parallelism: a stage whose load fails cannot tell the others before
       they store what they computed over it (vLLM keeps several steps in flight).
