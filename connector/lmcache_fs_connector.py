@@ -200,7 +200,7 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
                 layout = ChunkLayout(root, rank_namespace(fields_g, tp_group.rank_in_group,
                                                           get_pp_group().rank_in_group))
                 if can_save:
-                    layout.write_manifest()
+                    layout.write_manifest(cfg.file_mode)
                 workers.append(WorkerSide(
                     ChunkStore(layout, cfg.file_mode, mac_key=mac_key),
                     kv_cache_config.kv_cache_groups[g].layer_names,

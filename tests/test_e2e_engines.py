@@ -30,6 +30,9 @@ BLOCK = 128  # vLLM's CPU default block size
 # which would make "same tokens" a weak check).
 PROMPT_LEN = 1200
 FULL_HIT = min(PROMPT_LEN // CHUNK * CHUNK, (PROMPT_LEN - 1) // BLOCK * BLOCK)  # 1024
+# The per-request "hit N/M tokens" line these tests read is DEBUG (vLLM's periodic
+# "KV Transfer metrics" line is the INFO summary); vLLM's handler filters by its level too.
+DEBUG_LOGS = {"LMCACHE_FS_LOG_LEVEL": "DEBUG", "VLLM_LOGGING_LEVEL": "DEBUG"}
 
 
 def _connector(storage: Path, **settings: object) -> dict:
@@ -50,9 +53,9 @@ def engines(synthetic_model, storage, tmp_path_factory):
     try:
         started["plain"] = EngineProcess(synthetic_model, logs / "plain.log")
         started["a"] = EngineProcess(synthetic_model, logs / "a.log",
-                                     _connector(storage, layerwise_load=False))
+                                     _connector(storage, layerwise_load=False), env=DEBUG_LOGS)
         started["b"] = EngineProcess(synthetic_model, logs / "b.log", _connector(storage),
-                                     max_num_batched_tokens=512)
+                                     max_num_batched_tokens=512, env=DEBUG_LOGS)
         yield started
     finally:
         for engine in started.values():

@@ -134,7 +134,10 @@ class ChunkLayout:
             os.close(root_fd)
         text = (json.dumps(self.namespace.fields, indent=2, sort_keys=True) + "\n").encode()
         try:
-            publish_at(dir_fd, MANIFEST_NAME, lambda fd: os.write(fd, text), mode)
+            try:  # written once: later starts (and read-only mounts) write nothing
+                os.stat(MANIFEST_NAME, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                publish_at(dir_fd, MANIFEST_NAME, lambda fd: os.write(fd, text), mode)
         finally:
             os.close(dir_fd)
 
