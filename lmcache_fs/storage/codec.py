@@ -149,13 +149,6 @@ class DataCheck:
                 raise ChunkFileError("MAC mismatch: written with another key, or altered")
 
 
-def check_data(header: "ChunkHeader", data: torch.Tensor, mac_key: bytes | None = None) -> None:
-    """:class:`DataCheck` over a whole contiguous CPU tensor (raises :class:`ChunkFileError`)."""
-    check = DataCheck(header, mac_key)
-    check.update(byte_view(data))
-    check.verify()
-
-
 def byte_view(data: torch.Tensor) -> memoryview:
     # numpy has no bfloat16/float8: view the bytes as uint8 first (no copy).
     return memoryview(data.reshape(-1).view(torch.uint8).numpy())
