@@ -4,6 +4,7 @@ import os
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,3 +258,36 @@ def test_cuda_layers_arrive_in_stream_order_through_a_reused_ring(tmp_path):
         for chunk, job in zip(chunks, jobs):
             assert torch.equal(caches[layer][list(job.block_ids)].cpu(), chunk[layer])
     reader.close()
+
+
+def test_a_step_with_more_chunks_than_the_soft_open_files_limit_loads_them_all(tmp_path):
+    # Every chunk of a step stays open from its first layer to its last (file and
+    # directory): the reader lifts the soft limit, which vLLM raises only in its API
+    # server. Run in a child process with a soft limit of 64 and 40 chunks (80 descriptors).
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        import test_layer_reader as t
+        from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
+        store = t._store({str(tmp_path)!r})
+        keys = [("%02x" % i) * 32 for i in range(40)]
+        chunks = [t.torch.randn(t.LAYERS, t.PER_CHUNK, *t.PAGE).to(t.torch.bfloat16) for _ in keys]
+        for key, chunk in zip(keys, chunks):
+            store.save(key, chunk, {{}})
+        caches = [t.torch.zeros(40 * t.PER_CHUNK, *t.PAGE, dtype=t.torch.bfloat16)
+                  for _ in range(t.LAYERS)]
+        reader = LayerwiseReader(store, caches, t.PER_CHUNK, threads=1)
+        jobs = [LayerLoadJob(k, 0, tuple(range(i * t.PER_CHUNK, (i + 1) * t.PER_CHUNK)))
+                for i, k in enumerate(keys)]
+        errors = reader.start(jobs).finish()
+        assert errors == [None] * 40, [e for e in errors if e][:2]
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

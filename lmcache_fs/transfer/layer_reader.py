@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import threading
 import time
 from concurrent.futures import Future
@@ -192,6 +193,24 @@ class _ThroughStaging:
             self._cond.notify_all()
 
 
+def raise_open_files_limit(target: int = 65536) -> None:
+    """Lift this process's soft limit on open files towards ``target`` (at most the hard limit).
+
+    A step's chunks stay open from their first layer to their last (two
+    descriptors each: the file and its directory), so a long prompt loaded in
+    one step can hold more than the common soft limit of 1024; vLLM lifts the
+    limit only in its API server, after the engine processes have started.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = target if hard == resource.RLIM_INFINITY else min(target, hard)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open files limit from %d to %d (%s): a step that "
+                           "loads more chunks than that is partly recomputed", soft, wanted, exc)
+
+
 def _direct(layers: Sequence[torch.Tensor]) -> bool:
     return all(kv.device.type == "cpu" and kv.is_contiguous() for kv in layers)
 
@@ -221,6 +240,7 @@ class LayerwiseReader:
         self._into_pages = _IntoPages(self.layers, self.page_bytes) if self.into_pages else None
         self.threads = max(1, threads)
         self.pool = device_thread_pool(self.threads, "lmcache-fs-layers", layers[0].device)
+        raise_open_files_limit()
 
     @property
     def num_layers(self) -> int:
