@@ -118,6 +118,7 @@ class OpenChunk:
         return self._mac_key is not None
 
     def close(self) -> None:
+        """Close the file and its directory (idempotent)."""
         for fd in (self.fd, self.dir_fd):
             if fd >= 0:
                 os.close(fd)
