@@ -361,9 +361,9 @@ class ChunkReader:
         Raises:
             ChunkFileError: the data is corrupt (or fails the MAC).
         """
-        expected = chunk.header.metadata.get(device_checksum.FIELD)
         uploaded = False
-        if self._checkers and expected is not None and not chunk.keyed:
+        if self._checks_on_device(chunk):
+            expected = chunk.header.metadata[device_checksum.FIELD]
             got = self._checkers[slot].checksum_of(
                 self._device[slot], upload_from=self._host[slot] if on_host else None)
             uploaded = on_host
@@ -380,6 +380,12 @@ class ChunkReader:
         check.verify()
         return uploaded
 
+    def _checks_on_device(self, chunk: OpenChunk) -> bool:
+        """Whether ``chunk``'s data is checked on the GPU: the kernels are here, the file has a
+        device checksum, and no MAC (which only the host can compute) is due."""
+        return (bool(self._checkers) and device_checksum.FIELD in chunk.header.metadata
+                and not chunk.keyed)
+
     def _start(self, key: str, slot: int) -> Future[Any] | _RunWhenAsked:
         """Begin reading ``key`` into ``slot``; the future completes once it is there, verified."""
         in_use = self._in_use[slot]
@@ -387,23 +393,18 @@ class ChunkReader:
             return self._pool.submit(self._read_posix, key, slot, in_use)
         if in_use is not None:
             in_use.synchronize()  # kvikio writes into the slot as soon as the read starts
+        chunk = None
         try:
             chunk = self._open(key)
-        except ChunkFileError as exc:
-            failed: Future[Any] = Future()
-            failed.set_exception(exc)
-            return failed
-        try:
             read = start_read_kvikio(self.backend.kvikio, chunk, self._device[slot],
                                      self._targets[slot])
         except ChunkFileError as exc:
-            self.store.finish(chunk, exc)
-            failed = Future()
+            if chunk is not None:  # opened, but kvikio could not start: keep the store's books
+                self.store.finish(chunk, exc)
+            failed: Future[Any] = Future()
             failed.set_exception(exc)
             return failed
-        on_device = (self._checkers and device_checksum.FIELD in chunk.header.metadata
-                     and not chunk.keyed)
-        if self.verify and not on_device:
+        if self.verify and not self._checks_on_device(chunk):
             return self._pool.submit(self._finish_kvikio, read, slot)
         return _RunWhenAsked(functools.partial(self._finish_kvikio, read, slot))
 
