@@ -23,8 +23,10 @@ ARG CUDA_HOME_DIR=/usr/local/cuda-13.0
 # A100, A10/RTX 30, L4/L40, H100/H200, B200, RTX PRO 6000 (Blackwell), and PTX for newer GPUs.
 ARG TORCH_CUDA_ARCH_LIST="8.0 8.6 8.9 9.0 10.0 12.0+PTX"
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# The base image carries NVIDIA's CUDA apt repository; its CUDA minor version is in the package
-# names, the patch level is whatever that repository serves for it (so no version pins).
+# vLLM's image is built FROM nvidia/cuda, which configures NVIDIA's CUDA apt repository (vLLM
+# installs cuda-nvcc from it for FlashInfer's JIT, so nvcc may already be here: apt then only adds
+# the cudart headers). The CUDA minor version is in the package names, the patch level is
+# whatever that repository serves for it (so no version pins).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends "cuda-nvcc-${CUDA_APT}" "cuda-cudart-dev-${CUDA_APT}" \
