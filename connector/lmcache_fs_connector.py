@@ -38,6 +38,7 @@ from lmcache_fs.storage.integrity import key_id
 from lmcache_fs.storage.layout import ChunkLayout
 from lmcache_fs.storage.space import FreeSpaceGuard
 from lmcache_fs.storage.store import ChunkStore
+from lmcache_fs.storage.usage import BudgetGuard
 
 from .groups import geometry_of
 from .hybrid import GroupedWorkers
@@ -207,7 +208,8 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
                     geo.held_blocks, block_size, cfg.save_queue_size, can_save,
                     ReadOptions(cfg.use_gds, cfg.staging_buffer_mb << 20, cfg.verify_device_reads,
                                 cfg.layerwise_load),
-                    FreeSpaceGuard(root, int(cfg.min_free_disk_gb * 1e9)),
+                    (FreeSpaceGuard(root, int(cfg.min_free_disk_gb * 1e9)),
+                     BudgetGuard(root, int(cfg.max_disk_size_gb * 1e9))),
                     any_rank_of(tp_group.cpu_group) if tp_group.world_size > 1 else this_rank_only,
                     async_loads=self._async_loads,
                     counts_tokens=g == counting_group and tp_group.rank_in_group == 0))

@@ -12,7 +12,7 @@ Each worker records what its steps did into an :class:`LMCacheFSStats`
     vllm:lmcache_fs_load_seconds                histogram, one sample per step that loaded
     vllm:lmcache_fs_load_errors_total{reason}   missing, checksum, shape, io, other
     vllm:lmcache_fs_stored_chunks_total, vllm:lmcache_fs_stored_bytes_total
-    vllm:lmcache_fs_store_skipped_total{reason} queue_full, disk_guard, failed_load
+    vllm:lmcache_fs_store_skipped_total{reason} queue_full, disk_guard, budget, failed_load
     vllm:lmcache_fs_store_failed_total
 
 The stats travel between processes as plain data (numbers, lists, dicts).
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 LOAD_ERROR_REASONS = ("missing", "checksum", "shape", "io", "other")
-STORE_SKIP_REASONS = ("queue_full", "disk_guard", "failed_load")
+STORE_SKIP_REASONS = ("queue_full", "disk_guard", "budget", "failed_load")
 
 # ChunkFileError messages (lmcache_fs.storage.codec, store, chunk_reader) by cause;
 # the first matching fragment wins, anything else is "other".
@@ -161,7 +161,9 @@ class LMCacheFSPromMetrics(KVConnectorPromMetrics):
                 name="vllm:lmcache_fs_store_skipped", labelnames=by_reason,
                 documentation="Chunk stores skipped, by reason: queue_full (the writer is "
                               "busy), disk_guard (free space below min_free_disk_gb), "
-                              "failed_load (held back after a failed load)."), STORE_SKIP_REASONS),
+                              "budget (the directory at max_disk_size_gb until the next "
+                              "eviction pass), failed_load (held back after a failed load)."),
+                STORE_SKIP_REASONS),
         }
         self._load_seconds = histogram(
             name="vllm:lmcache_fs_load_seconds", labelnames=labelnames,

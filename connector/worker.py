@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -33,7 +34,7 @@ import torch
 
 from lmcache_fs.log import human_bytes
 from lmcache_fs.storage.codec import ChunkFileError
-from lmcache_fs.storage.space import FreeSpaceGuard
+from lmcache_fs.storage.space import StoreGuard
 from lmcache_fs.storage.store import ChunkStore
 from lmcache_fs.storage.writer import BackgroundWriter
 from lmcache_fs.transfer.block_copy import block_ids_on, gather_blocks, scatter_blocks
@@ -76,7 +77,7 @@ class WorkerSide:
     def __init__(self, store: ChunkStore, layer_names: Sequence[str], blocks_per_chunk: int,
                  block_size: int, save_queue_size: int, can_save: bool,
                  read_options: ReadOptions = ReadOptions(),
-                 space_guard: FreeSpaceGuard | None = None,
+                 guards: Sequence[StoreGuard] = (),
                  any_rank: Callable[[bool], bool] = this_rank_only,
                  async_loads: bool = False, counts_tokens: bool = True):
         """``async_loads``: one KV cache group of several (see ``connector/hybrid.py``): a
@@ -99,7 +100,7 @@ class WorkerSide:
         self._layer_index: dict[str, int] = {}
         self._layerwise: tuple[LMCacheFSMetadata, LayerwiseLoad] | None = None
         self.saver: DeviceChunkSaver | None = None
-        self.writer = (BackgroundWriter(store, save_queue_size, space_guard=space_guard)
+        self.writer = (BackgroundWriter(store, save_queue_size, guards)
                        if can_save else None)
         self._chunk_shape: tuple[int, ...] = ()
         self._chunk_bytes = 0
@@ -111,7 +112,8 @@ class WorkerSide:
         self._held: list[tuple[int, SaveOp, torch.Tensor]] = []
         self._max_held = save_queue_size
         self.stats = LMCacheFSStats()
-        self._writer_reported: tuple[int, ...] = (0, 0, 0, 0, 0)
+        # (published, failed, skipped by reason) as last reported.
+        self._writer_reported: tuple[int, int, Counter[str]] = (0, 0, Counter())
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Keep the per-layer caches in namespace order; build the reader (and GPU saver)."""
@@ -345,15 +347,13 @@ class WorkerSide:
         self.finish_load()
         if self.writer is not None:
             w = self.writer.stats
-            now = (w.published, w.failed,
-                   w.skipped_queue_full + (self.saver.skipped if self.saver else 0),
-                   w.skipped_low_space, self._withheld_saves)
-            stored, failed, queue_full, disk_guard, failed_load = (
-                a - b for a, b in zip(now, self._writer_reported))
+            skipped = w.skipped + Counter(queue_full=self.saver.skipped if self.saver else 0,
+                                          failed_load=self._withheld_saves)
+            stored, failed = (w.published - self._writer_reported[0],
+                              w.failed - self._writer_reported[1])
             self.stats.record_saves(stored, stored * self._chunk_bytes,
-                                    {"queue_full": queue_full, "disk_guard": disk_guard,
-                                     "failed_load": failed_load}, failed)
-            self._writer_reported = now
+                                    dict(skipped - self._writer_reported[2]), failed)
+            self._writer_reported = (w.published, w.failed, skipped)
         if self.stats.is_empty():
             return None
         stats, self.stats = self.stats, LMCacheFSStats()

@@ -21,6 +21,7 @@ from lmcache_fs.ops.lease import Lease
 from lmcache_fs.ops.pins import PinStore
 from lmcache_fs.progress import progress
 from lmcache_fs.storage.quarantine import quarantine
+from lmcache_fs.storage.usage import BudgetGuard, read_usage, write_usage
 
 SCRIPT = Path(sys.executable).with_name("lmcache-fs")
 
@@ -261,6 +262,14 @@ def test_clear_one_namespace_deletes_its_chunks_and_pins_and_keeps_the_other(cap
     assert list(cache.layout.directory.glob("*/*.safetensors")) == []
     assert (cache.layout.directory / "namespace.json").exists()
     assert len(list(other.layout.directory.glob("*/*.safetensors"))) == 2
+
+
+def test_clear_drops_the_last_passes_measure_so_writers_store_again(capsys, cache, tmp_path):
+    write_usage(tmp_path, 10**12)  # "full", as measured before the clear
+    assert not BudgetGuard(tmp_path, max_bytes=10**9).allows(1)
+    code, _ = run(capsys, "clear", "--all", "--yes", "--storage-path", str(tmp_path))
+    assert code == EXIT_OK and read_usage(tmp_path) is None
+    assert BudgetGuard(tmp_path, max_bytes=10**9).allows(1)
 
 
 def test_an_unknown_namespace_is_exit_2_and_lists_the_known_ones(capsys, cache, tmp_path):

@@ -232,14 +232,14 @@ def test_the_free_space_guard_pauses_stores_before_the_disk_fills(tmp_path, faul
     with tmpfs(tmp_path / "small", "8m") as small:
         store = make_store(small)
         guard = FreeSpaceGuard(small, min_free_bytes=3 << 20)
-        writer = BackgroundWriter(store, max_queue=4, space_guard=guard)
+        writer = BackgroundWriter(store, max_queue=4, guards=[guard])
         keys = _fill(writer, 12)
         writer.close()
-        assert writer.stats.failed == 0 and writer.stats.skipped_low_space > 0
+        assert writer.stats.failed == 0 and writer.stats.skipped["disk_guard"] > 0
         assert os.statvfs(small).f_bavail * os.statvfs(small).f_frsize >= 3 << 20
         assert len(_published(store, keys)) == writer.stats.published
         fault_log["free_space_guard_tmpfs_8m"] = {"stores": 12, "published": writer.stats.published,
-                                                  "skipped_low_space": writer.stats.skipped_low_space,
+                                                  "skipped_low_space": writer.stats.skipped["disk_guard"],
                                                   "failed": 0}
 
 

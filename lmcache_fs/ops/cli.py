@@ -41,6 +41,7 @@ from lmcache_fs.progress import progress, track
 from lmcache_fs.storage.layout import BadKeyError, check_key, chunk_file_path, read_manifest
 from lmcache_fs.storage.quarantine import quarantine, quarantine_dir
 from lmcache_fs.storage.space import free_bytes
+from lmcache_fs.storage.usage import usage_path
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1  # bad files found, nothing matched, or the user declined
@@ -392,6 +393,8 @@ def cmd_clear(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
             Path(temp.path).unlink(missing_ok=True)
     if args.all:
         shutil.rmtree(quarantine_dir(root), ignore_errors=True)
+    # The last pass's measure no longer holds: writers store again until the next pass measures.
+    usage_path(root).unlink(missing_ok=True)
     return Result(EXIT_OK, {"deleted_chunks": deleted, "deleted_pins": pins},
                   [f"deleted {deleted} chunk files and {pins} pins"])
 

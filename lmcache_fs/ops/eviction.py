@@ -18,7 +18,10 @@ between passes, so one node does the scanning while the others only read the
 lease file; if it dies, another takes over after ``LEASE_TTL_INTERVALS``
 intervals. A pass without a budget never takes the lease: it only cleans
 temporaries (harmless to do twice), and holding the lease would keep every
-budgeted evictor from running.
+budgeted evictor from running. A pass with a budget leaves what the directory
+holds afterwards in ``<storage_path>/eviction.usage``: between passes the
+writers' budget guards count their stores from it (see
+:mod:`lmcache_fs.storage.usage`).
 
 Removing a chunk while another instance loads it is safe: the loader gets a
 missing file (a miss) and recomputes. Just before removing a chunk the pass
@@ -58,6 +61,7 @@ from lmcache_fs.ops.inventory import (
 )
 from lmcache_fs.ops.lease import Lease
 from lmcache_fs.ops.pins import PinStore
+from lmcache_fs.storage.usage import usage_path, write_usage
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +119,7 @@ class Evictor:
             high_watermark, low_watermark: fractions of ``max_bytes``.
             temp_grace_s: age after which a temporary file is removed.
             lease_ttl: seconds the eviction lease lasts without renewal.
-            file_mode: permission bits of the lease file.
+            file_mode: permission bits of the lease and usage files.
             on_evicted: called with ``(namespace, key)`` for each removed chunk
                 (e.g. to drop it from this process's index).
             clock: wall-clock time (mtimes and the lease are wall-clock).
@@ -128,6 +132,7 @@ class Evictor:
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
         self.temp_grace_s = temp_grace_s
+        self.file_mode = file_mode
         self.lease = Lease(lease_path(root), lease_ttl, file_mode, clock)
         self._on_evicted = on_evicted
         self._clock = clock
@@ -178,6 +183,8 @@ class Evictor:
         if budgeted and report.bytes_before > self.high_watermark * self.max_bytes:
             self._evict(report, quarantined, chunks)
         self._log(report)
+        if budgeted:
+            self._share_usage(report.bytes_after)
         return report
 
     def close(self) -> None:
@@ -200,6 +207,14 @@ class Evictor:
                              "needed; then the next pass evicts down to the budget",
                              self.lease.path, exc.strerror)
             raise
+
+    def _share_usage(self, directory_bytes: int) -> None:
+        """Tell every writer what the directory holds now (their budget guards count from it)."""
+        try:
+            write_usage(self.root, directory_bytes, self.file_mode)
+        except OSError as exc:  # e.g. ENOSPC: the writers' guards keep counting from the last one
+            logger.warning("cannot write %s (%s): writers keep the previous measure",
+                           usage_path(self.root), exc.strerror or exc)
 
     def _holder_text(self) -> str:
         holder = self.lease.holder()

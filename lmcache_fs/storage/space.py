@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 _RECHECK_S = 1.0
 
@@ -27,8 +27,22 @@ def free_bytes(path: str | os.PathLike[str],
     return st.f_bavail * st.f_frsize
 
 
+class StoreGuard(Protocol):
+    """A reason to skip stores for a while (the writer asks each guard before every store)."""
+
+    reason: str  # the ``reason`` label of the skipped stores in the metrics
+
+    def allows(self, nbytes: int) -> bool:
+        """True (and counted) if a store of ``nbytes`` may go ahead now."""
+
+    def why_paused(self) -> str:
+        """What a log line says while this guard skips stores."""
+
+
 class FreeSpaceGuard:
     """Says whether a store of ``nbytes`` keeps at least ``min_free_bytes`` free."""
+
+    reason = "disk_guard"
 
     def __init__(self, path: str | os.PathLike[str], min_free_bytes: int,
                  statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
@@ -55,3 +69,8 @@ class FreeSpaceGuard:
             return False
         self._free -= nbytes
         return True
+
+    def why_paused(self) -> str:
+        """What a log line says while stores are skipped."""
+        return (f"less than {self.min_free_bytes / 1e9:.1f} GB free under {self.path}: "
+                "stores paused, serving continues")

@@ -2,10 +2,10 @@
 
 The engine hands over a chunk already copied out of the paged cache; if the
 queue is full the chunk is skipped and counted (a future miss, never a stall).
-While the filesystem is below its free-space reserve, stores are skipped the
-same way. Write failures (disk full, EIO) are counted; each kind of trouble is
-logged at most once a minute. The publish step guarantees that nothing
-half-written stays behind.
+While a guard says no (the filesystem below its free-space reserve, the
+directory at its budget), stores are skipped the same way. Write failures
+(disk full, EIO) are counted; each kind of trouble is logged at most once a
+minute. The publish step guarantees that nothing half-written stays behind.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
-from typing import Mapping
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import torch
 
-from lmcache_fs.storage.space import FreeSpaceGuard
+from lmcache_fs.storage.codec import ALIGNMENT
+from lmcache_fs.storage.space import StoreGuard
 from lmcache_fs.storage.store import ChunkStore
 
 logger = logging.getLogger(__name__)
@@ -35,18 +37,16 @@ class WriterStats:
 
     published: int = 0
     already_present: int = 0
-    skipped_queue_full: int = 0
-    skipped_low_space: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)  # by reason: queue_full, a guard's
     failed: int = 0
 
 
 class BackgroundWriter:
     """One thread that publishes queued chunks through a :class:`ChunkStore`."""
 
-    def __init__(self, store: ChunkStore, max_queue: int,
-                 space_guard: FreeSpaceGuard | None = None):
+    def __init__(self, store: ChunkStore, max_queue: int, guards: Sequence[StoreGuard] = ()):
         self.store = store
-        self.space_guard = space_guard
+        self.guards = tuple(guards)
         self.stats = WriterStats()
         self._queue: queue.Queue[tuple[str, torch.Tensor, Mapping[str, str]] | None] = \
             queue.Queue(maxsize=max_queue)
@@ -60,7 +60,7 @@ class BackgroundWriter:
             self._queue.put_nowait((key, data, metadata))
             return True
         except queue.Full:
-            self.stats.skipped_queue_full += 1
+            self.stats.skipped["queue_full"] += 1
             return False
 
     def flush(self) -> None:
@@ -94,14 +94,14 @@ class BackgroundWriter:
                 self._queue.task_done()
 
     def _write(self, key: str, data: torch.Tensor, metadata: Mapping[str, str]) -> None:
-        nbytes = data.numel() * data.element_size()
-        if self.space_guard is not None and not self.space_guard.allows(nbytes):
-            self.stats.skipped_low_space += 1
-            self._log_once_a_minute(
-                "low_space", "less than %.1f GB free under %s: stores paused, serving continues "
-                "(%d skipped so far)", self.space_guard.min_free_bytes / 1e9,
-                self.space_guard.path, self.stats.skipped_low_space)
-            return
+        # The file's size: the data and its header, padded to one page (headers fit in one).
+        nbytes = data.numel() * data.element_size() + ALIGNMENT
+        for guard in self.guards:
+            if not guard.allows(nbytes):
+                self.stats.skipped[guard.reason] += 1
+                self._log_once_a_minute(guard.reason, "%s (%d skipped so far)",
+                                        guard.why_paused(), self.stats.skipped[guard.reason])
+                return
         try:
             published = self.store.save(key, data, metadata)
         except OSError as exc:
