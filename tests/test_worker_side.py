@@ -10,6 +10,7 @@ from lmcache_fs.connector.worker import ReadOptions, WorkerSide  # noqa: E402
 
 from lmcache_fs.storage.layout import ChunkLayout, Namespace  # noqa: E402
 from lmcache_fs.storage.store import ChunkStore  # noqa: E402
+from lmcache_fs.storage.usage import BudgetGuard, write_usage  # noqa: E402
 
 LAYERS, BLOCKS, HEADS, BLOCK, HEAD2, PER_CHUNK = 3, 40, 2, 16, 32, 4
 NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
@@ -84,6 +85,22 @@ def test_stats_count_only_the_chunks_that_loaded(tmp_path, layerwise):
                                          LoadOp("r", KEYS[2], 0, (8, 9, 10, 11))]))
     stats = loader.take_stats().data
     assert stats["loaded_chunks"] == 1 and stats["load_errors"] == 1
+
+
+def test_stores_past_the_budget_are_counted_by_reason_once(tmp_path):
+    store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
+    chunk_file = 4096 + LAYERS * PER_CHUNK * HEADS * BLOCK * HEAD2 * 2
+    write_usage(tmp_path, 0)  # a pass measured an empty directory; room for two chunks
+    side = WorkerSide(store, NAMES, PER_CHUNK, BLOCK, save_queue_size=8, can_save=True,
+                      guards=[BudgetGuard(tmp_path, max_bytes=2 * chunk_file)])
+    side.register_kv_caches(dict(zip(NAMES, _caches())))
+    side.save(LMCacheFSMetadata(saves=[SaveOp("w", k, "", i, tuple(range(4 * i, 4 * i + 4)))
+                                       for i, k in enumerate(KEYS)]))
+    side.writer.flush()
+    stats = side.take_stats().data
+    assert stats["stored_chunks"] == 2 and stats["skipped_by_reason"] == {"budget": 1}
+    assert side.take_stats() is None  # reported once
+    side.close()
 
 
 # -- no store may rest on a failed load --------------------------------------------------
