@@ -87,3 +87,13 @@ def read_chunk_file(path: str | os.PathLike[str], out: torch.Tensor,
     finally:
         chunk.close()
     return chunk.header
+
+
+class FakeClock:
+    """A clock for code that takes one (``clock=``): it says ``now`` until a test moves it."""
+
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -5,21 +5,13 @@ import logging
 import os
 
 import pytest
-from cachedir import chunk, make_store, prefix_keys
+from cachedir import FakeClock, chunk, make_store, prefix_keys
 from test_eviction import CHUNK_BYTES
 
 from lmcache_fs.ops.eviction import Evictor
 from lmcache_fs.ops.inventory import scan_chunks, total_size
 from lmcache_fs.storage.usage import BudgetGuard, read_usage, usage_path, write_usage
 from lmcache_fs.storage.writer import BackgroundWriter
-
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 def _directory_bytes(root):
@@ -40,7 +32,7 @@ def test_a_guard_counts_its_stores_from_the_last_measure_and_stops_at_the_budget
 
 
 def test_a_new_pass_restarts_the_count(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     write_usage(tmp_path, 900)
     guard = BudgetGuard(tmp_path, max_bytes=1000, clock=clock)
     assert guard.allows(100) and not guard.allows(100)
@@ -58,7 +50,7 @@ def test_without_a_measure_or_a_budget_every_store_is_allowed(tmp_path):
 
 def test_a_removed_usage_file_forgets_the_measure(tmp_path):
     """``lmcache-fs clear`` removes it: stores go on until the next pass measures."""
-    clock = Clock()
+    clock = FakeClock()
     write_usage(tmp_path, 1000)
     guard = BudgetGuard(tmp_path, max_bytes=1000, clock=clock)
     assert not guard.allows(1)
@@ -71,7 +63,7 @@ def test_a_removed_usage_file_forgets_the_measure(tmp_path):
                                      b'{"directory_bytes": 1.5e9}', b'{"directory_bytes": true}',
                                      b'{"directory_bytes": "9"}', b"{" * 5000])
 def test_a_planted_usage_file_is_ignored(tmp_path, content):
-    clock = Clock()
+    clock = FakeClock()
     write_usage(tmp_path, 990)
     guard = BudgetGuard(tmp_path, max_bytes=1000, clock=clock)
     assert not guard.allows(20)
@@ -142,7 +134,7 @@ def test_several_writers_overshoot_by_at_most_the_room_each_saw(tmp_path):
 
 
 def test_the_next_pass_makes_room_and_stores_resume(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     budget = 10 * CHUNK_BYTES
     store = make_store(tmp_path)
     evictor = Evictor(tmp_path, max_bytes=budget, low_watermark=0.5)

@@ -4,6 +4,7 @@ import os
 import time
 
 import torch
+from cachedir import FakeClock
 
 from lmcache_fs.storage.index import ChunkIndex
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
@@ -39,14 +40,6 @@ def test_longest_prefix_stops_at_the_first_gap(tmp_path):
     assert index.longest_prefix([]) == 0
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
 def test_file_from_another_node_is_found_by_stat_after_the_negative_ttl(tmp_path):
     store = _store(tmp_path)
     calls = []
@@ -55,7 +48,7 @@ def test_file_from_another_node_is_found_by_stat_after_the_negative_ttl(tmp_path
         calls.append(path)
         return os.stat(path)
 
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     index = ChunkIndex(store.layout, negative_ttl_s=2.0, stat=counting_stat, clock=clock)
     assert not index.contains(KEYS[0])
     _save(store, KEYS[0])  # "another node" publishes; no event reaches us

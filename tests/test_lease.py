@@ -6,16 +6,9 @@ import multiprocessing
 import os
 
 import pytest
+from cachedir import FakeClock
 
 from lmcache_fs.ops.lease import Lease, read_lease
-
-
-class FakeClock:
-    def __init__(self, now=1_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
 
 
 def fill_filesystem(monkeypatch):
@@ -45,7 +38,7 @@ def test_a_released_lease_can_be_taken_at_once(tmp_path):
 
 
 def test_an_expired_holder_is_taken_over_and_learns_it_on_renewal(tmp_path):
-    clock = FakeClock()
+    clock = FakeClock(1_000_000.0)
     stalled, taker = Lease(tmp_path / "l", 30, clock=clock), Lease(tmp_path / "l", 30, clock=clock)
     assert stalled.acquire()
     clock.now += 29
@@ -57,7 +50,7 @@ def test_an_expired_holder_is_taken_over_and_learns_it_on_renewal(tmp_path):
 
 
 def test_renewal_keeps_a_live_holder(tmp_path):
-    clock = FakeClock()
+    clock = FakeClock(1_000_000.0)
     holder, other = Lease(tmp_path / "l", 30, clock=clock), Lease(tmp_path / "l", 30, clock=clock)
     holder.acquire()
     for _ in range(5):
@@ -101,7 +94,7 @@ def test_of_many_processes_racing_for_a_free_or_expired_lease_exactly_one_wins(t
 
 
 def test_a_holder_renews_on_a_full_filesystem(tmp_path, monkeypatch):
-    clock = FakeClock()
+    clock = FakeClock(1_000_000.0)
     holder, other = Lease(tmp_path / "l", 30, clock=clock), Lease(tmp_path / "l", 30, clock=clock)
     assert holder.acquire()
     fill_filesystem(monkeypatch)
@@ -113,7 +106,7 @@ def test_a_holder_renews_on_a_full_filesystem(tmp_path, monkeypatch):
 
 
 def test_a_holder_that_cannot_write_keeps_its_lease_until_it_expires(tmp_path, monkeypatch):
-    clock = FakeClock()
+    clock = FakeClock(1_000_000.0)
     holder, other = Lease(tmp_path / "l", 30, clock=clock), Lease(tmp_path / "l", 30, clock=clock)
     assert holder.acquire()
 
