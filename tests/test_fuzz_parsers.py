@@ -1,13 +1,14 @@
 """Fuzzing every parser of a file that others can write: thousands of mutated and truncated files.
 
-Leases, pins, namespace manifests and chunk files all live in the shared
-directory, where anyone with write access can plant any bytes. Starting from
+Leases, the eviction pass's usage record, pins, namespace manifests and chunk
+files all live in the shared directory, where anyone with write access can
+plant any bytes. Starting from
 valid files, hypothesis flips bits, truncates, inserts and overwrites bytes,
 swaps JSON values for values of other types and nests them; each result must
 read as a miss or a clean error:
 
-- ``read_lease`` / a pin store / ``read_manifest``: None / skipped, or a record
-  of the right types (never an exception);
+- ``read_lease`` / ``read_usage`` / a pin store / ``read_manifest``: None /
+  skipped, or a record of the right types (never an exception);
 - ``ChunkStore.load`` (the engine's read path): ``ChunkFileError``, or the
   exact bytes that were stored (a mutation of header padding can leave a
   valid file), never other data; ``verify.check_chunk``: a finding or None.
@@ -33,6 +34,7 @@ from lmcache_fs.ops.verify import Finding, check_chunk
 from lmcache_fs.storage.codec import ChunkFileError
 from lmcache_fs.storage.layout import MANIFEST_NAME, check_key, read_manifest
 from lmcache_fs.storage.store import ChunkStore
+from lmcache_fs.storage.usage import read_usage
 
 SCALE = float(os.environ.get("LMCACHE_FS_FUZZ_SCALE", "1"))
 COUNTS: dict[str, int] = {}  # examples run per target, printed at the end (-s)
@@ -135,6 +137,20 @@ def test_a_planted_lease_file_is_no_lease_or_a_well_typed_one(scratch, content):
     assert record is None or (isinstance(record, LeaseRecord) and isinstance(record.host, str)
                               and type(record.pid) is int and isinstance(record.token, str)
                               and isinstance(record.expires_at, float))
+
+
+# -- the last eviction pass's measure -------------------------------------------------------
+
+USAGE = {"directory_bytes": 47_815_065, "measured_at": 1.7e9}
+
+
+@fuzz(500)
+@given(content=planted(json.dumps(USAGE).encode(), USAGE))
+def test_a_planted_usage_file_is_no_measure_or_a_byte_count(scratch, content):
+    _count("usage")
+    (scratch / "eviction.usage").write_bytes(content)
+    size = read_usage(scratch)
+    assert size is None or (type(size) is int and size >= 0)
 
 
 # -- pins ---------------------------------------------------------------------------------

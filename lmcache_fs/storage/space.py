@@ -17,6 +17,8 @@ import os
 import time
 from typing import Callable, Protocol
 
+from lmcache_fs.log import human_bytes
+
 _RECHECK_S = 1.0
 
 
@@ -72,5 +74,5 @@ class FreeSpaceGuard:
 
     def why_paused(self) -> str:
         """What a log line says while stores are skipped."""
-        return (f"less than {self.min_free_bytes / 1e9:.1f} GB free under {self.path}: "
+        return (f"less than {human_bytes(self.min_free_bytes)} free under {self.path}: "
                 "stores paused, serving continues")

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from lmcache_fs.log import human_bytes
 from lmcache_fs.storage.publish import temp_name
 from lmcache_fs.storage.untrusted import parse_json_object, read_capped
 
@@ -115,9 +116,9 @@ class BudgetGuard:
 
     def why_paused(self) -> str:
         """What a log line says while stores are skipped."""
-        return (f"the cache directory is at its budget of {self.max_bytes / 1e9:.2f} GB "
-                f"({(self._measured or 0) / 1e9:.2f} GB at the last eviction pass, "
-                f"{self._added / 1e9:.2f} GB stored here since): stores paused until the next "
+        return (f"the cache directory is at its budget of {human_bytes(self.max_bytes)} "
+                f"({human_bytes(self._measured or 0)} at the last eviction pass, "
+                f"{human_bytes(self._added)} stored here since): stores paused until the next "
                 "pass makes room (eviction_interval_s)")
 
     def _refresh(self) -> None:
