@@ -22,6 +22,7 @@ SUITES = {
     "ttft-real": "bench.ttft_real",  # the same on the demo's real chat model (SmolLM2-135M)
     "decode": "bench.decode",  # inter-token latency while the connector stores
     "multi": "bench.multi_instance",  # round-robin multi-round chat on two instances
+    "block-copy-cpu": "bench.block_copy_cpu",  # CPU gathers/scatters: numpy vs a copy_ per page
 }
 
 

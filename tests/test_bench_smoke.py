@@ -43,6 +43,15 @@ def test_quick_lookup_run_reports_every_method_and_keeps_its_tree(tmp_path: Path
     assert list((tmp_path / "work" / "lookup-trees").glob("files-600/.complete"))
 
 
+def test_quick_block_copy_run_times_both_ways_of_both_directions(tmp_path: Path) -> None:
+    _quick(tmp_path, "block-copy-cpu")
+    text = (tmp_path / "results" / "block-copy-cpu.md").read_text()
+    for way in ("gather, numpy", "gather, torch copy_ per page", "scatter, numpy",
+                "scatter, torch copy_ per page"):
+        for ids in ("contiguous", "scattered"):
+            assert re.search(rf"^\| {re.escape(way)} \| {ids} \| \d+\.\d\d \|", text, re.M)
+
+
 def test_unknown_suite_is_rejected() -> None:
     with pytest.raises(SystemExit):
         parse_args(["nonsense"])

@@ -40,6 +40,30 @@ def test_gather_then_scatter_moves_exactly_the_chosen_blocks(make_layers):
         assert torch.equal(kv[untouched], before[layer][untouched])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float8_e4m3fn])
+def test_every_kv_dtype_moves_bit_for_bit(dtype):
+    """The CPU copies move same-size integers (numpy knows no bf16 or fp8): bits, not values."""
+    layers = [torch.randn(NUM_BLOCKS, HEADS, BLOCK, HEAD2).to(dtype) for _ in range(2)]
+    buf = torch.empty(2, 3, HEADS, BLOCK, HEAD2, dtype=dtype)
+    gather_blocks(layers, torch.tensor([4, 0, 11]), buf)
+    dst = [torch.zeros_like(kv) for kv in layers]
+    scatter_blocks(buf, dst, torch.tensor([1, 2, 3]))
+    for kv, out in zip(layers, dst):
+        assert torch.equal(out[1:4].view(torch.uint8), kv[[4, 0, 11]].view(torch.uint8))
+
+
+@pytest.mark.parametrize("bad", [NUM_BLOCKS, -1])
+def test_a_block_id_outside_the_cache_is_an_error_not_another_block(bad):
+    layers = _contiguous_layers(2)
+    buf = torch.empty(2, 2, HEADS, BLOCK, HEAD2, dtype=torch.bfloat16)
+    with pytest.raises(IndexError):
+        gather_blocks(layers, torch.tensor([0, bad]), buf)
+    before = [kv.clone() for kv in layers]
+    with pytest.raises(IndexError):
+        scatter_blocks(buf, layers, torch.tensor([0, bad]))
+    assert all(torch.equal(kv, b) for kv, b in zip(layers, before))
+
+
 def test_nhd_view_keeps_its_strides_after_scatter():
     layers = _nhd_layers(1)
     strides = layers[0].stride()
