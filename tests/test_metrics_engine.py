@@ -2,8 +2,9 @@
 
 One ``vllm serve`` engine with lmcache-fs (module-scoped): a prompt is stored,
 loaded back from its chunk files (its engine's prefix cache reset in between),
-then loaded again after a byte of a stored chunk was flipped. After each step
-the API server's ``/metrics`` must show the counters that step moves.
+then loaded again after a byte of a stored chunk was flipped, then another prompt
+is asked while the directory is at its budget. After each step the API server's
+``/metrics`` must show the counters that step moves.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ pytest.importorskip("vllm")
 from lmcache_fs.connector.stats import LMCacheFSStats, load_error_reason  # noqa: E402
 from lmcache_fs.ops.inventory import namespace_dirs, scan_chunks  # noqa: E402
 from lmcache_fs.storage.codec import ChunkFileError  # noqa: E402
+from lmcache_fs.storage.usage import read_usage, usage_path, write_usage  # noqa: E402
 
 CHUNK = 256  # lmcache-fs's default chunk_size
 PROMPT = [random.Random(16).randrange(3, 250) for _ in range(2 * CHUNK + 20)]  # 2 full chunks
+OTHER_PROMPT = [random.Random(17).randrange(3, 250) for _ in range(2 * CHUNK + 20)]
+SKIPPED, STORED = "vllm:lmcache_fs_store_skipped_total", "vllm:lmcache_fs_stored_chunks_total"
 
 
 @pytest.mark.parametrize(("message", "reason"), [
@@ -111,11 +115,16 @@ def _chunk_files(storage: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def engine(synthetic_model, tmp_path_factory, artifacts_dir):
     storage = tmp_path_factory.mktemp("metrics-kv")
+    # A budget far above what the test stores, and one eviction pass (at start-up): the
+    # budget test below then plants the pass's record itself.
+    settings = tmp_path_factory.mktemp("metrics-settings") / "lmcache-fs.yaml"
+    settings.write_text("max_disk_size_gb: 1\neviction_interval_s: 3600\n")
     spec = EngineSpec("metrics", "metrics", free_port(), uses_cache=True)
     group = ProcessGroup()
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1",  # for /reset_prefix_cache
            "VLLM_LOG_STATS_INTERVAL": "1",  # vLLM's periodic stats lines, every second
-           "VLLM_CPU_OMP_THREADS_BIND": str((os.cpu_count() or 1) - 1)}
+           "VLLM_CPU_OMP_THREADS_BIND": str((os.cpu_count() or 1) - 1),
+           "LMCACHE_CONFIG_FILE": str(settings)}
     log = artifacts_dir / "metrics-engine.log"
     group.start("metrics", engine_command(synthetic_model, spec, storage, synthetic=True), log, env)
     try:
@@ -125,12 +134,12 @@ def engine(synthetic_model, tmp_path_factory, artifacts_dir):
         group.stop_all()
 
 
-def _ask(engine) -> None:
+def _ask(engine, prompt: list[int] = PROMPT) -> None:
     """One request, then the engine's own prefix cache is emptied: the next one can only
     hit chunk files."""
     spec, _, model, _ = engine
     response = requests.post(f"{spec.url}/v1/completions", timeout=300, json={
-        "model": model, "prompt": PROMPT, "max_tokens": 2, "temperature": 0.0})
+        "model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0.0})
     assert response.status_code == 200, response.text
     assert requests.post(f"{spec.url}/reset_prefix_cache", timeout=60).json()["success"]
 
@@ -210,3 +219,30 @@ def test_the_engine_logs_through_vllms_format_and_sums_hits_up_periodically(engi
     assert re.search(r"^\(EngineCore pid=\d+\) INFO \S+ \S+ \[lmcache_fs_connector\.py:\d+\] "
                      r"namespace ", text, re.MULTILINE)
     assert not re.search(r"request \S+: hit \d+/\d+ tokens", text)
+
+
+@pytest.mark.engine
+def test_a_directory_at_its_budget_skips_stores_and_counts_them(engine):
+    """The last eviction pass measured the directory full (its record planted so here): the
+    engine answers, stores nothing new, and counts each skipped store under "budget"."""
+    spec, storage, _, log = engine
+    assert read_usage(storage) == 0  # the engine's own evictor measured it at start-up
+    # The test above stores its prompt again after the flipped files: let those stores land
+    # (vLLM reports a store's count at the engine's next step, so only the files tell).
+    deadline = time.monotonic() + 60
+    while len(_chunk_files(storage)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    files = _chunk_files(storage)
+    before = _metrics(spec)
+    write_usage(storage, 10**12)
+    time.sleep(1.5)  # a guard looks at the record once a second at most
+    try:
+        _ask(engine, OTHER_PROMPT)  # two new chunks to store
+        after = _until(spec, lambda m: _value(m, SKIPPED, reason="budget")
+                       >= _value(before, SKIPPED, reason="budget") + 2)
+    finally:
+        usage_path(storage).unlink()
+    assert _value(after, SKIPPED, reason="budget") - _value(before, SKIPPED, reason="budget") == 2
+    assert _value(after, STORED) <= 4  # the test above's: its prompt twice, nothing of this one
+    assert _chunk_files(storage) == files
+    assert "the cache directory is at its budget of 1.0 GB" in log.read_text()
