@@ -197,6 +197,9 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
             # Hit tokens are counted once: by the first full-attention group's loads, on
             # tensor-parallel rank 0 (vLLM sums the stats of every group and every rank).
             counting_group = next((g for g, geo in enumerate(geometries) if geo.kind == "full"), 0)
+            # One set of guards for this worker's groups: their writers share the budget's count.
+            guards = (FreeSpaceGuard(root, int(cfg.min_free_disk_gb * 1e9)),
+                      BudgetGuard(root, int(cfg.max_disk_size_gb * 1e9)))
             for g, (fields_g, geo) in enumerate(zip(group_fields, geometries)):
                 layout = ChunkLayout(root, rank_namespace(fields_g, tp_group.rank_in_group,
                                                           get_pp_group().rank_in_group))
@@ -208,8 +211,7 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
                     geo.held_blocks, block_size, cfg.save_queue_size, can_save,
                     ReadOptions(cfg.use_gds, cfg.staging_buffer_mb << 20, cfg.verify_device_reads,
                                 cfg.layerwise_load),
-                    (FreeSpaceGuard(root, int(cfg.min_free_disk_gb * 1e9)),
-                     BudgetGuard(root, int(cfg.max_disk_size_gb * 1e9))),
+                    guards,
                     any_rank_of(tp_group.cpu_group) if tp_group.world_size > 1 else this_rank_only,
                     async_loads=self._async_loads,
                     counts_tokens=g == counting_group and tp_group.rank_in_group == 0))

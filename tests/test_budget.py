@@ -164,3 +164,22 @@ def test_the_usage_file_is_replaced_whole(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert read_usage(tmp_path) == 123
     assert [p.name for p in tmp_path.iterdir()] == [usage_path(tmp_path).name]
+
+
+def test_the_groups_of_one_worker_share_one_count(tmp_path):
+    """A hybrid model's KV cache groups each have a writer; one guard keeps their sum in budget."""
+    budget = 12 * CHUNK_BYTES
+    stores = [make_store(tmp_path, kv_group=group) for group in range(3)]
+    for key in prefix_keys("before", 4):
+        stores[0].save(key, chunk(key), {})
+    Evictor(tmp_path, max_bytes=budget, high_watermark=1.0, low_watermark=0.5).run_pass()
+    guard = BudgetGuard(tmp_path, budget)
+    writers = [BackgroundWriter(store, max_queue=64, guards=[guard]) for store in stores]
+    for group, writer in enumerate(writers):  # all three threads write at once
+        for key in prefix_keys(f"group {group}", 10):
+            writer.submit(key, chunk(key), {})
+    for writer in writers:
+        writer.close()
+    assert sum(w.stats.published for w in writers) == 8
+    assert sum(w.stats.skipped["budget"] for w in writers) == 22
+    assert _directory_bytes(tmp_path) == budget

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Callable, Protocol
 
@@ -55,22 +56,24 @@ class FreeSpaceGuard:
         self._clock = clock
         self._free: int | None = None
         self._checked_at = 0.0
+        self._lock = threading.Lock()  # one guard serves the writers of all of a worker's groups
 
     def allows(self, nbytes: int) -> bool:
         """True if writing ``nbytes`` now leaves the reserve intact (always True with no reserve)."""
         if self.min_free_bytes <= 0:
             return True
-        now = self._clock()
-        if self._free is None or now - self._checked_at >= _RECHECK_S:
-            try:
-                self._free = free_bytes(self.path, self._statvfs)
-            except OSError:  # cannot tell (e.g. a briefly unreachable share): let the write decide
-                return True
-            self._checked_at = now
-        if self._free - nbytes < self.min_free_bytes:
-            return False
-        self._free -= nbytes
-        return True
+        with self._lock:
+            now = self._clock()
+            if self._free is None or now - self._checked_at >= _RECHECK_S:
+                try:
+                    self._free = free_bytes(self.path, self._statvfs)
+                except OSError:  # cannot tell (a briefly unreachable share): let the write decide
+                    return True
+                self._checked_at = now
+            if self._free - nbytes < self.min_free_bytes:
+                return False
+            self._free -= nbytes
+            return True
 
     def why_paused(self) -> str:
         """What a log line says while stores are skipped."""

@@ -10,10 +10,11 @@ watermark. The pass therefore leaves its result in ``<storage_path>/eviction.usa
 would take the sum past the budget is skipped (a future miss, never a stall)
 until the next pass makes room.
 
-Each writer counts only its own stores, so N engines writing at once can
-together pass the budget by up to N - 1 times the room the last pass left (the
-budget minus what it measured, at least ``1 - eviction_low_watermark`` of it
-after an eviction): a bound in bytes of the budget, not in time.
+Each worker process (one per tensor-parallel rank; its KV cache groups share
+one guard) counts only its own stores, so N of them writing at once can together
+pass the budget by up to N - 1 times the room the last pass left (the budget
+minus what it measured, at least ``1 - eviction_low_watermark`` of it after an
+eviction): a bound in bytes of the budget, not in time.
 
 Anyone who can write the cache directory can plant this file; it is read
 capped and parsed as untrusted. A planted small size is what having no file
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -100,19 +102,22 @@ class BudgetGuard:
         self._version: tuple[int, int, int] | None = None  # of the file last read
         self._measured: int | None = None
         self._added = 0
+        self._lock = threading.Lock()  # one guard serves the writers of all of a worker's groups
 
     def allows(self, nbytes: int) -> bool:
         """True (and counted) if ``nbytes`` more stay within the budget."""
         if self.max_bytes <= 0:
             return True
-        now = self._clock()
-        if self._checked_at is None or now - self._checked_at >= _RECHECK_S:
-            self._checked_at = now
-            self._refresh()
-        if self._measured is not None and self._measured + self._added + nbytes > self.max_bytes:
-            return False
-        self._added += nbytes
-        return True
+        with self._lock:
+            now = self._clock()
+            if self._checked_at is None or now - self._checked_at >= _RECHECK_S:
+                self._checked_at = now
+                self._refresh()
+            if (self._measured is not None
+                    and self._measured + self._added + nbytes > self.max_bytes):
+                return False
+            self._added += nbytes
+            return True
 
     def why_paused(self) -> str:
         """What a log line says while stores are skipped."""
