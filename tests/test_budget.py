@@ -183,3 +183,45 @@ def test_the_groups_of_one_worker_share_one_count(tmp_path):
     assert sum(w.stats.published for w in writers) == 8
     assert sum(w.stats.skipped["budget"] for w in writers) == 22
     assert _directory_bytes(tmp_path) == budget
+
+
+def test_only_bytes_that_reach_the_disk_count(tmp_path, monkeypatch):
+    """A chunk another instance stored first, a failed write, or a store another guard refused
+    takes no room: the guard gives its count back."""
+    budget = 4 * CHUNK_BYTES
+    store = make_store(tmp_path)
+    write_usage(tmp_path, 0)
+    guard = BudgetGuard(tmp_path, budget)
+    keys = prefix_keys("p", 4)
+    for key in keys[:2]:  # stored by "another instance"
+        store.save(key, chunk(key), {})
+    writer = BackgroundWriter(store, max_queue=64, guards=[guard])
+    _store_all(writer, keys)  # two already there, two new
+    assert writer.stats.already_present == 2 and writer.stats.published == 2
+
+    real_save = store.save
+    monkeypatch.setattr(store, "save", lambda *a: (_ for _ in ()).throw(OSError(5, "EIO")))
+    _store_all(writer, prefix_keys("q", 3))
+    assert writer.stats.failed == 3
+    monkeypatch.setattr(store, "save", real_save)
+
+    class Refuses:
+        reason = "refuses"
+
+        def allows(self, nbytes):
+            return False
+
+        def refund(self, nbytes):
+            raise AssertionError("nothing was counted here")
+
+        def why_paused(self):
+            return "a guard after the budget's says no"
+
+    refused = BackgroundWriter(store, max_queue=64, guards=[guard, Refuses()])
+    _store_all(refused, prefix_keys("r", 3))
+    refused.close()
+    assert refused.stats.skipped["refuses"] == 3
+    _store_all(writer, prefix_keys("s", 5))  # room for exactly two more
+    writer.close()
+    assert writer.stats.published == 4 and writer.stats.skipped["budget"] == 3
+    assert _directory_bytes(tmp_path) == budget + 2 * CHUNK_BYTES  # the two planted first

@@ -38,6 +38,10 @@ class StoreGuard(Protocol):
     def allows(self, nbytes: int) -> bool:
         """True (and counted) if a store of ``nbytes`` may go ahead now."""
 
+    def refund(self, nbytes: int) -> None:
+        """Give back ``nbytes`` that :meth:`allows` counted but no file took (already stored
+        elsewhere, failed, or refused by another guard)."""
+
     def why_paused(self) -> str:
         """What a log line says while this guard skips stores."""
 
@@ -74,6 +78,12 @@ class FreeSpaceGuard:
                 return False
             self._free -= nbytes
             return True
+
+    def refund(self, nbytes: int) -> None:
+        """Give back ``nbytes`` that :meth:`allows` counted but no file took."""
+        with self._lock:
+            if self._free is not None:
+                self._free += nbytes
 
     def why_paused(self) -> str:
         """What a log line says while stores are skipped."""

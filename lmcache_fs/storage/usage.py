@@ -119,6 +119,11 @@ class BudgetGuard:
             self._added += nbytes
             return True
 
+    def refund(self, nbytes: int) -> None:
+        """Give back ``nbytes`` that :meth:`allows` counted but no file took."""
+        with self._lock:  # (a new measure may have restarted the count meanwhile)
+            self._added = max(0, self._added - nbytes)
+
     def why_paused(self) -> str:
         """What a log line says while stores are skipped."""
         return (f"the cache directory is at its budget of {human_bytes(self.max_bytes)} "

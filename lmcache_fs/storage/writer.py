@@ -96,8 +96,9 @@ class BackgroundWriter:
     def _write(self, key: str, data: torch.Tensor, metadata: Mapping[str, str]) -> None:
         # The file's size: the data and its header, padded to one page (headers fit in one).
         nbytes = data.numel() * data.element_size() + ALIGNMENT
-        for guard in self.guards:
+        for i, guard in enumerate(self.guards):
             if not guard.allows(nbytes):
+                self._refund(self.guards[:i], nbytes)
                 self.stats.skipped[guard.reason] += 1
                 self._log_once_a_minute(guard.reason, "%s (%d skipped so far)",
                                         guard.why_paused(), self.stats.skipped[guard.reason])
@@ -105,6 +106,7 @@ class BackgroundWriter:
         try:
             published = self.store.save(key, data, metadata)
         except OSError as exc:
+            self._refund(self.guards, nbytes)
             self.stats.failed += 1
             self._log_once_a_minute("failed", "store of chunk %s failed (%s); serving continues, "
                                     "%d failed so far", key[:16], exc.strerror or exc,
@@ -112,8 +114,14 @@ class BackgroundWriter:
             return
         if published:
             self.stats.published += 1
-        else:
+        else:  # another instance stored it first: no byte of ours on the disk
+            self._refund(self.guards, nbytes)
             self.stats.already_present += 1
+
+    @staticmethod
+    def _refund(guards: Sequence[StoreGuard], nbytes: int) -> None:
+        for guard in guards:
+            guard.refund(nbytes)
 
     def _log_once_a_minute(self, kind: str, message: str, *args: object) -> None:
         now = time.monotonic()
