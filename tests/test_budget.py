@@ -225,3 +225,12 @@ def test_only_bytes_that_reach_the_disk_count(tmp_path, monkeypatch):
     writer.close()
     assert writer.stats.published == 4 and writer.stats.skipped["budget"] == 3
     assert _directory_bytes(tmp_path) == budget + 2 * CHUNK_BYTES  # the two planted first
+
+
+def test_the_usage_file_gets_the_configured_mode_whatever_the_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        write_usage(tmp_path, 1, mode=0o664)
+    finally:
+        os.umask(old)
+    assert usage_path(tmp_path).stat().st_mode & 0o777 == 0o664

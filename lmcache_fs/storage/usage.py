@@ -64,6 +64,7 @@ def write_usage(root: str | os.PathLike[str], directory_bytes: int, mode: int = 
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         try:
+            os.fchmod(fd, mode)  # exact bits, whatever the process umask (as chunk files)
             os.write(fd, json.dumps({"directory_bytes": directory_bytes,
                                      "measured_at": time.time()}).encode())
         finally:
