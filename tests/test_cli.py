@@ -328,6 +328,16 @@ def test_stats_reads_the_budget_from_the_engines_config_file(capsys, cache, tmp_
     assert data["budget_used"] == pytest.approx((6 * 5120 + 1) / 100_000)
     assert data["temporaries"] == 1 and data["evictor"] is None
     assert data["filesystem_free_bytes"] > 0 and data["stores_paused"] is False
+    assert data["last_pass_bytes"] is None
+
+
+def test_stats_says_what_the_last_pass_measured_for_the_writers(capsys, cache, tmp_path):
+    code, _ = run(capsys, "gc", "--storage-path", str(tmp_path), "--max-disk-size-gb", "1")
+    assert code == EXIT_OK
+    code, data = run(capsys, "stats", "--storage-path", str(tmp_path))
+    assert code == EXIT_OK and data["last_pass_bytes"] == read_usage(tmp_path) == 6 * 5120
+    main(["stats", "--storage-path", str(tmp_path)])
+    assert "last pass measured 31 KB" in capsys.readouterr().out
 
 
 def test_without_a_storage_path_it_says_how_to_give_one(capsys, monkeypatch):

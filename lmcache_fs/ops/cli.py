@@ -41,7 +41,7 @@ from lmcache_fs.progress import progress, track
 from lmcache_fs.storage.layout import BadKeyError, check_key, chunk_file_path, read_manifest
 from lmcache_fs.storage.quarantine import quarantine, quarantine_dir
 from lmcache_fs.storage.space import free_bytes
-from lmcache_fs.storage.usage import usage_path
+from lmcache_fs.storage.usage import read_usage, usage_path
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1  # bad files found, nothing matched, or the user declined
@@ -410,6 +410,7 @@ def cmd_stats(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
     usage = shutil.disk_usage(root)
     free = free_bytes(root)
     holder = read_lease(lease_path(root))
+    measured = read_usage(root)
     data = {
         "storage_path": str(root), "namespaces": len(rows), "chunks": sum(r.chunks for r in rows),
         "bytes": used, "budget_bytes": budget, "budget_used": used / budget if budget else None,
@@ -421,6 +422,7 @@ def cmd_stats(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
         "min_free_bytes": int(cfg.min_free_disk_gb * 1e9),
         "stores_paused": free < cfg.min_free_disk_gb * 1e9,
         "evictor": holder.describe(time.time()) if holder else None,
+        "last_pass_bytes": measured,  # what writers count their stores from (the budget guard)
         "last_used": _iso(max((r.last_used for r in rows if r.last_used), default=None)),
     }
     budget_text = (f"{human_bytes(budget)} ({100 * used / budget:.0f}% used, evicts above "
@@ -437,7 +439,8 @@ def cmd_stats(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
         + f" below {human_bytes(data['min_free_bytes'])} free",
         f"temporaries    {len(temps)} ({human_bytes(total_size(temps))})",
         f"quarantined    {len(quarantined)} ({human_bytes(total_size(quarantined))})",
-        f"evictor        {data['evictor'] or 'none holds the lease'}",
+        f"evictor        {data['evictor'] or 'none holds the lease'}; last pass measured "
+        + (human_bytes(measured) if measured is not None else "nothing yet"),
     ]
     return Result(EXIT_OK, data, text)
 
