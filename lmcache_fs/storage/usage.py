@@ -35,18 +35,17 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from lmcache_fs.log import human_bytes
 from lmcache_fs.storage.publish import temp_name
+from lmcache_fs.storage.space import StoreGuard
 from lmcache_fs.storage.untrusted import parse_json_object, read_capped
 
 USAGE_NAME = "eviction.usage"
 _MAX_USAGE_FILE = 4096
-_RECHECK_S = 1.0  # a stat of the file at most this often: new passes are seen within a second
 
 
 def usage_path(root: str | os.PathLike[str]) -> Path:
@@ -83,71 +82,50 @@ def read_usage(root: str | os.PathLike[str]) -> int | None:
     return size if type(size) is int and size >= 0 else None
 
 
-class BudgetGuard:
+class BudgetGuard(StoreGuard):
     """Says whether a store of ``nbytes`` keeps the directory within ``max_bytes``.
 
-    The directory's size is the last pass's measure (re-read when the file
-    changes, looked at once a second at most) plus what this guard let through
-    since. Without a budget (0) or before any pass has measured, every store
-    is allowed: the guard never blocks a cache that no pass looks after.
+    The room is the budget less the last pass's measure (re-read when a pass
+    replaced the file, looked at once a second at most), less what this guard
+    let through since. Without a budget (0) or before any pass has measured,
+    every store is allowed: the guard never blocks a cache that no pass looks
+    after.
     """
 
     reason = "budget"
 
     def __init__(self, root: str | os.PathLike[str], max_bytes: int,
                  clock: Callable[[], float] = time.monotonic):
+        super().__init__(clock)
         self.root = Path(root)
         self.max_bytes = max_bytes
-        self._clock = clock
-        self._checked_at: float | None = None
         self._version: tuple[int, int, int] | None = None  # of the file last read
         self._measured: int | None = None
-        self._added = 0
-        self._lock = threading.Lock()  # one guard serves the writers of all of a worker's groups
-
-    def allows(self, nbytes: int) -> bool:
-        """True (and counted) if ``nbytes`` more stay within the budget."""
-        if self.max_bytes <= 0:
-            return True
-        with self._lock:
-            now = self._clock()
-            if self._checked_at is None or now - self._checked_at >= _RECHECK_S:
-                self._checked_at = now
-                self._refresh()
-            if (self._measured is not None
-                    and self._measured + self._added + nbytes > self.max_bytes):
-                return False
-            self._added += nbytes
-            return True
-
-    def refund(self, nbytes: int) -> None:
-        """Give back ``nbytes`` that :meth:`allows` counted but no file took."""
-        with self._lock:  # (a new measure may have restarted the count meanwhile)
-            self._added = max(0, self._added - nbytes)
 
     def why_paused(self) -> str:
         """What a log line says while stores are skipped."""
         return (f"the cache directory is at its budget of {human_bytes(self.max_bytes)} "
-                f"({human_bytes(self._measured or 0)} at the last eviction pass, "
-                f"{human_bytes(self._added)} stored here since): stores paused until the next "
-                "pass makes room (eviction_interval_s)")
+                f"({human_bytes(self._measured or 0)} at the last eviction pass, the rest "
+                "stored since): stores paused until the next pass makes room "
+                "(eviction_interval_s)")
 
-    def _refresh(self) -> None:
-        """Re-read the usage file if a pass replaced it; a new measure restarts the count.
-
-        A removed file (``lmcache-fs clear``) forgets the measure until the next pass.
-        """
+    def _measure_room(self, room: int | None) -> int | None:
+        """A new measure restarts the count; a removed file (``lmcache-fs clear``) forgets it."""
+        if self.max_bytes <= 0:
+            return None
         try:
             st = os.stat(usage_path(self.root), follow_symlinks=False)
         except FileNotFoundError:
             self._version = self._measured = None
-            return
-        except OSError:  # the share briefly unreachable: keep what we know
-            return
+            return None
+        except OSError:  # the share briefly unreachable: keep counting
+            return room
         version = (st.st_ino, st.st_mtime_ns, st.st_size)
         if version == self._version:
-            return
+            return room
         self._version = version
         measured = read_usage(self.root)
-        if measured is not None:
-            self._measured, self._added = measured, 0
+        if measured is None:  # a planted record: the last real measure still holds
+            return room
+        self._measured = measured
+        return self.max_bytes - measured
