@@ -40,7 +40,7 @@ from pathlib import Path
 
 import requests
 
-from bench.common import REPO, RESULTS_DIR
+from bench.common import REPO, RESULTS_DIR, git_commit
 
 sys.path.insert(0, str(REPO / "frontend"))  # the demo's launcher and client (process helpers)
 from engine_client import cache_counters  # noqa: E402
@@ -318,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {**asdict(result),
               "hit_rate_from_directory": result.rate(result.external_hit_tokens),
               "hit_rate_from_local_prefix_cache": result.rate(result.local_hit_tokens),
-              "command": "flock /tmp/lmcache-engine.lock make soak"}
+              "command": " ".join(["python -m bench.soak", *(argv if argv is not None
+                                                               else sys.argv[1:])]),
+              "commit": git_commit()}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 from engine_worker import REPLY_MARKER
+from launcher import EngineSpec, ProcessGroup, engine_command, free_port, wait_until_healthy
 
 START_TIMEOUT_S = 300
 # vLLM's CPU build reserves one more core for an engine with a KV connector, so
@@ -94,3 +96,22 @@ class EngineProcess:
             except Exception:
                 self.proc.kill()
         self._log.close()
+
+
+@contextlib.contextmanager
+def served_with_lmcache_fs(model: Path, name: str, storage: Path, log: Path,
+                           env: Mapping[str, str] = {}) -> Iterator[EngineSpec]:
+    """One ``vllm serve`` (the OpenAI API server) with lmcache-fs on ``storage``, stopped on exit.
+
+    Served as the demo serves it (``frontend/launcher.py``), with ``/reset_prefix_cache``
+    enabled and one compute thread (:data:`SAME_THREADS_ENV`); ``env`` adds to that.
+    """
+    spec = EngineSpec(name, name, free_port(), uses_cache=True)
+    group = ProcessGroup()
+    group.start(name, engine_command(model, spec, storage, synthetic=True), log,
+                {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **SAME_THREADS_ENV, **env})
+    try:
+        wait_until_healthy([spec], group, timeout_s=600, say=lambda _: None)
+        yield spec
+    finally:
+        group.stop_all()

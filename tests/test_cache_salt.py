@@ -9,20 +9,15 @@ Between requests the engine's own prefix cache is reset (vLLM's dev endpoint),
 so every hit counted here came from a chunk file.
 """
 
-import os
 import random
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
+from engine_client import cache_counters
+from engines import served_with_lmcache_fs
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "frontend"))
-from engine_client import cache_counters  # noqa: E402
-from launcher import EngineSpec, ProcessGroup, engine_command, free_port, wait_until_healthy  # noqa: E402
-
-from lmcache_fs.ops.inventory import namespace_dirs, scan_chunks  # noqa: E402
+from lmcache_fs.ops.inventory import namespace_dirs, scan_chunks
 
 pytestmark = pytest.mark.engine
 
@@ -34,17 +29,9 @@ FULL_HIT = 2 * CHUNK
 @pytest.fixture(scope="module")
 def engine(synthetic_model, tmp_path_factory, artifacts_dir):
     storage = tmp_path_factory.mktemp("salted-kv")
-    spec = EngineSpec("salted", "salted", free_port(), uses_cache=True)
-    group = ProcessGroup()
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1",  # for /reset_prefix_cache
-           "VLLM_CPU_OMP_THREADS_BIND": str((os.cpu_count() or 1) - 1)}
-    group.start("salted", engine_command(synthetic_model, spec, storage, synthetic=True),
-                artifacts_dir / "cache-salt-engine.log", env)
-    try:
-        wait_until_healthy([spec], group, timeout_s=600, say=lambda _: None)
+    with served_with_lmcache_fs(synthetic_model, "salted", storage,
+                                artifacts_dir / "cache-salt-engine.log") as spec:
         yield spec, storage, synthetic_model.name
-    finally:
-        group.stop_all()
 
 
 def _chunk_keys(storage):

@@ -9,7 +9,6 @@ is asked while the directory is at its budget. After each step the API server's
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import time
@@ -18,7 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 from cachedir import flip_byte
-from launcher import EngineSpec, ProcessGroup, engine_command, free_port, wait_until_healthy
+from engines import served_with_lmcache_fs
+from launcher import EngineSpec
 from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("vllm")
@@ -119,19 +119,11 @@ def engine(synthetic_model, tmp_path_factory, artifacts_dir):
     # budget test below then plants the pass's record itself.
     settings = tmp_path_factory.mktemp("metrics-settings") / "lmcache-fs.yaml"
     settings.write_text("max_disk_size_gb: 1\neviction_interval_s: 3600\n")
-    spec = EngineSpec("metrics", "metrics", free_port(), uses_cache=True)
-    group = ProcessGroup()
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1",  # for /reset_prefix_cache
-           "VLLM_LOG_STATS_INTERVAL": "1",  # vLLM's periodic stats lines, every second
-           "VLLM_CPU_OMP_THREADS_BIND": str((os.cpu_count() or 1) - 1),
-           "LMCACHE_CONFIG_FILE": str(settings)}
     log = artifacts_dir / "metrics-engine.log"
-    group.start("metrics", engine_command(synthetic_model, spec, storage, synthetic=True), log, env)
-    try:
-        wait_until_healthy([spec], group, timeout_s=600, say=lambda _: None)
+    with served_with_lmcache_fs(synthetic_model, "metrics", storage, log, {
+            "VLLM_LOG_STATS_INTERVAL": "1",  # vLLM's periodic stats lines, every second
+            "LMCACHE_CONFIG_FILE": str(settings)}) as spec:
         yield spec, storage, synthetic_model.name, log
-    finally:
-        group.stop_all()
 
 
 def _ask(engine, prompt: list[int] = PROMPT) -> None:
