@@ -87,7 +87,8 @@ def test_a_budgeted_pass_shares_what_the_directory_holds_after_it(tmp_path):
         store.save(key, chunk(key), {})
     report = Evictor(tmp_path, max_bytes=8 * CHUNK_BYTES, low_watermark=0.5).run_pass()
     assert report.evicted_chunks == 6
-    assert read_usage(tmp_path) == report.bytes_after == _directory_bytes(tmp_path)
+    assert read_usage(tmp_path) == (report.bytes_after, 8 * CHUNK_BYTES)
+    assert report.bytes_after == _directory_bytes(tmp_path)
 
 
 def test_only_a_pass_that_ran_with_a_budget_shares_a_measure(tmp_path):
@@ -162,7 +163,7 @@ def test_the_usage_file_is_replaced_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_usage(tmp_path, 456)
     monkeypatch.undo()
-    assert read_usage(tmp_path) == 123
+    assert read_usage(tmp_path).directory_bytes == 123
     assert [p.name for p in tmp_path.iterdir()] == [usage_path(tmp_path).name]
 
 
@@ -234,3 +235,13 @@ def test_the_usage_file_gets_the_configured_mode_whatever_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert usage_path(tmp_path).stat().st_mode & 0o777 == 0o664
+
+
+def test_an_engine_without_a_budget_holds_the_one_the_pass_enforced(tmp_path):
+    """Engines with max_disk_size_gb 0 beside a `gc --daemon` with a budget (README)."""
+    write_usage(tmp_path, 900, budget_bytes=1000)
+    assert BudgetGuard(tmp_path, max_bytes=0).allows(100)
+    assert not BudgetGuard(tmp_path, max_bytes=0).allows(101)
+    assert BudgetGuard(tmp_path, max_bytes=5000).allows(4000)  # its own budget wins
+    write_usage(tmp_path, 900)  # a pass without a budget: nothing to hold
+    assert BudgetGuard(tmp_path, max_bytes=0).allows(10**12)

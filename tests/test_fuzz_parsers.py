@@ -141,16 +141,16 @@ def test_a_planted_lease_file_is_no_lease_or_a_well_typed_one(scratch, content):
 
 # -- the last eviction pass's measure -------------------------------------------------------
 
-USAGE = {"directory_bytes": 47_815_065, "measured_at": 1.7e9}
+USAGE = {"directory_bytes": 47_815_065, "budget_bytes": 50_331_648, "measured_at": 1.7e9}
 
 
 @fuzz(500)
 @given(content=planted(json.dumps(USAGE).encode(), USAGE))
-def test_a_planted_usage_file_is_no_measure_or_a_byte_count(scratch, content):
+def test_a_planted_usage_file_is_no_measure_or_byte_counts(scratch, content):
     _count("usage")
     (scratch / "eviction.usage").write_bytes(content)
-    size = read_usage(scratch)
-    assert size is None or (type(size) is int and size >= 0)
+    usage = read_usage(scratch)
+    assert usage is None or all(type(n) is int and n >= 0 for n in usage)
 
 
 # -- pins ---------------------------------------------------------------------------------

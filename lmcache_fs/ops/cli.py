@@ -410,7 +410,8 @@ def cmd_stats(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
     usage = shutil.disk_usage(root)
     free = free_bytes(root)
     holder = read_lease(lease_path(root))
-    measured = read_usage(root)
+    last_pass = read_usage(root)
+    measured = last_pass.directory_bytes if last_pass else None
     data = {
         "storage_path": str(root), "namespaces": len(rows), "chunks": sum(r.chunks for r in rows),
         "bytes": used, "budget_bytes": budget, "budget_used": used / budget if budget else None,

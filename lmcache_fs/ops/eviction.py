@@ -211,7 +211,7 @@ class Evictor:
     def _share_usage(self, directory_bytes: int) -> None:
         """Tell every writer what the directory holds now (their budget guards count from it)."""
         try:
-            write_usage(self.root, directory_bytes, self.file_mode)
+            write_usage(self.root, directory_bytes, self.max_bytes, self.file_mode)
         except OSError as exc:  # e.g. ENOSPC: the writers' guards keep counting from the last one
             logger.warning("cannot write %s (%s): writers keep the previous measure",
                            usage_path(self.root), exc.strerror or exc)

@@ -4,11 +4,11 @@ Eviction is a pass every ``eviction_interval_s`` under one lease (see
 :mod:`lmcache_fs.ops.eviction`), so between passes, and for a lease TTL after
 the evicting process dies, nothing else would hold the directory to
 ``max_disk_size_gb``: a soak run measured the directory at 2.5x its high
-watermark. The pass therefore leaves its result in ``<storage_path>/eviction.usage``
-(a small JSON file, replaced atomically), and every writer's
-:class:`BudgetGuard` adds what it stored since it read that file: a store that
-would take the sum past the budget is skipped (a future miss, never a stall)
-until the next pass makes room.
+watermark. The pass therefore leaves its result, and the budget it enforced, in
+``<storage_path>/eviction.usage`` (a small JSON file, replaced atomically), and
+every writer's :class:`BudgetGuard` adds what it stored since it read that file:
+a store that would take the sum past the budget (the engine's own, else the
+pass's) is skipped (a future miss, never a stall) until the next pass makes room.
 
 Each worker process (one per tensor-parallel rank; its KV cache groups share
 one guard) counts only its own stores, so N of them writing at once can together
@@ -18,14 +18,14 @@ eviction): a bound in bytes of the budget, not in time.
 
 Anyone who can write the cache directory can plant this file; it is read
 capped and parsed as untrusted. A planted small size is what having no file
-means (stores go on, the next pass rewrites it); a planted large one pauses
-stores until the next pass, which anyone able to plant it could do more simply
-by filling the disk.
+means (stores go on, the next pass rewrites it); a planted large one (or a
+small budget, for engines without their own) pauses stores until the next
+pass, which anyone able to plant it could do more simply by filling the disk.
 
 Example:
     >>> import tempfile
     >>> root = tempfile.mkdtemp()
-    >>> write_usage(root, 900)
+    >>> write_usage(root, 900, budget_bytes=1000)
     >>> guard = BudgetGuard(root, max_bytes=1000)
     >>> guard.allows(60), guard.allows(60)
     (True, False)
@@ -37,7 +37,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from lmcache_fs.log import human_bytes
 from lmcache_fs.storage.publish import temp_name
@@ -53,8 +53,16 @@ def usage_path(root: str | os.PathLike[str]) -> Path:
     return Path(root) / USAGE_NAME
 
 
-def write_usage(root: str | os.PathLike[str], directory_bytes: int, mode: int = 0o644) -> None:
-    """Replace the usage file with ``directory_bytes`` (readers see the old file or the new one).
+class Usage(NamedTuple):
+    """What the last eviction pass measured, and the budget it enforced (0: none recorded)."""
+
+    directory_bytes: int
+    budget_bytes: int
+
+
+def write_usage(root: str | os.PathLike[str], directory_bytes: int, budget_bytes: int = 0,
+                mode: int = 0o644) -> None:
+    """Replace the usage file (readers see the old file or the new one).
 
     Raises:
         OSError: the write or the rename failed (ENOSPC...); nothing is left behind.
@@ -65,6 +73,7 @@ def write_usage(root: str | os.PathLike[str], directory_bytes: int, mode: int = 
         try:
             os.fchmod(fd, mode)  # exact bits, whatever the process umask (as chunk files)
             os.write(fd, json.dumps({"directory_bytes": directory_bytes,
+                                     "budget_bytes": budget_bytes,
                                      "measured_at": time.time()}).encode())
         finally:
             os.close(fd)
@@ -74,12 +83,16 @@ def write_usage(root: str | os.PathLike[str], directory_bytes: int, mode: int = 
         raise
 
 
-def read_usage(root: str | os.PathLike[str]) -> int | None:
-    """The directory's size in the usage file; None if missing, unreadable or not a usage record."""
+def read_usage(root: str | os.PathLike[str]) -> Usage | None:
+    """The usage file's record; None if missing, unreadable or not a usage record."""
     data = read_capped(usage_path(root), _MAX_USAGE_FILE)
     record = None if data is None else parse_json_object(data, _MAX_USAGE_FILE, max_depth=1)
-    size = None if record is None else record.get("directory_bytes")
-    return size if type(size) is int and size >= 0 else None
+    if record is None:
+        return None
+    size, budget = record.get("directory_bytes"), record.get("budget_bytes", 0)
+    if not all(type(n) is int and n >= 0 for n in (size, budget)):
+        return None
+    return Usage(size, budget)
 
 
 class BudgetGuard(StoreGuard):
@@ -87,9 +100,11 @@ class BudgetGuard(StoreGuard):
 
     The room is the budget less the last pass's measure (re-read when a pass
     replaced the file, looked at once a second at most), less what this guard
-    let through since. Without a budget (0) or before any pass has measured,
-    every store is allowed: the guard never blocks a cache that no pass looks
-    after.
+    let through since. Without a budget of its own (0) the guard holds the one
+    the pass enforced (an engine without ``max_disk_size_gb`` beside a
+    ``gc --daemon`` with one); before any pass has measured, or when no pass
+    has a budget, every store is allowed: the guard never blocks a cache that
+    no pass looks after.
     """
 
     reason = "budget"
@@ -100,23 +115,23 @@ class BudgetGuard(StoreGuard):
         self.root = Path(root)
         self.max_bytes = max_bytes
         self._version: tuple[int, int, int] | None = None  # of the file last read
-        self._measured: int | None = None
+        self._usage: Usage | None = None
 
     def why_paused(self) -> str:
         """What a log line says while stores are skipped."""
-        return (f"the cache directory is at its budget of {human_bytes(self.max_bytes)} "
-                f"({human_bytes(self._measured or 0)} at the last eviction pass, the rest "
+        usage = self._usage or Usage(0, 0)
+        return (f"the cache directory is at its budget of "
+                f"{human_bytes(self.max_bytes or usage.budget_bytes)} "
+                f"({human_bytes(usage.directory_bytes)} at the last eviction pass, the rest "
                 "stored since): stores paused until the next pass makes room "
                 "(eviction_interval_s)")
 
     def _measure_room(self, room: int | None) -> int | None:
         """A new measure restarts the count; a removed file (``lmcache-fs clear``) forgets it."""
-        if self.max_bytes <= 0:
-            return None
         try:
             st = os.stat(usage_path(self.root), follow_symlinks=False)
         except FileNotFoundError:
-            self._version = self._measured = None
+            self._version = self._usage = None
             return None
         except OSError:  # the share briefly unreachable: keep counting
             return room
@@ -124,8 +139,9 @@ class BudgetGuard(StoreGuard):
         if version == self._version:
             return room
         self._version = version
-        measured = read_usage(self.root)
-        if measured is None:  # a planted record: the last real measure still holds
+        usage = read_usage(self.root)
+        if usage is None:  # a planted record: the last real measure still holds
             return room
-        self._measured = measured
-        return self.max_bytes - measured
+        self._usage = usage
+        budget = self.max_bytes if self.max_bytes > 0 else usage.budget_bytes
+        return budget - usage.directory_bytes if budget > 0 else None
