@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from lmcache_fs.storage.publish import publish
+from lmcache_fs.storage.publish import publish, replace
 
 
 def _files(directory):
@@ -83,3 +83,15 @@ def test_racing_processes_publish_exactly_one_complete_file(tmp_path):
     content = (tmp_path / "chunk").read_bytes()
     assert len(content) == 100_000 and len(set(content)) == 1
     assert _files(tmp_path) == ["chunk"]
+
+
+def test_replace_puts_the_new_file_whole_and_never_writes_through_a_planted_link(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"theirs")
+    (tmp_path / "record").symlink_to(target)
+    replace(tmp_path / "record", lambda fd: os.write(fd, b"first"))
+    replace(tmp_path / "record", lambda fd: os.write(fd, b"second"))
+    record = tmp_path / "record"
+    assert record.read_bytes() == b"second" and not record.is_symlink()
+    assert target.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "record"]

@@ -1,5 +1,8 @@
 """Atomic publish: readers never see a partial file, and the first writer wins.
 
+(:func:`replace` is the same write for records that a newer one supersedes:
+there the last writer wins.)
+
 A writer creates a uniquely named temporary (host, pid, random) in the target
 directory, writes and closes it, then hard-links it to the final name. ``link``
 fails if the name exists, so of two racing writers exactly one publishes; the
@@ -75,13 +78,8 @@ def publish_at(dir_fd: int, name: str, write: Callable[[int], object], mode: int
     after it was opened cannot redirect the write.
     """
     tmp = temp_name(name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
     try:
-        try:
-            os.fchmod(fd, mode)  # exact bits, whatever the process umask
-            write(fd)
-        finally:
-            os.close(fd)
+        _write_temporary(dir_fd, tmp, write, mode)
         try:
             os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
             return True
@@ -97,7 +95,42 @@ def publish_at(dir_fd: int, name: str, write: Callable[[int], object], mode: int
                 os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                 return True
     finally:
-        try:
-            os.unlink(tmp, dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
+        _remove(dir_fd, tmp)
+
+
+def replace(final: str | os.PathLike[str], write: Callable[[int], object],
+            mode: int = 0o644) -> None:
+    """Write a file through ``write(fd)`` and put it at ``final`` atomically, replacing
+    whatever is there: readers see the old file or the new one, the last writer wins
+    (for records that a newer one supersedes, such as the eviction pass's measure).
+
+    Raises:
+        OSError: from writing or renaming (ENOSPC...); the temporary is removed.
+    """
+    final = Path(final)
+    dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    tmp = temp_name(final.name)
+    try:
+        _write_temporary(dir_fd, tmp, write, mode)
+        os.replace(tmp, final.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        _remove(dir_fd, tmp)
+        os.close(dir_fd)
+
+
+def _write_temporary(dir_fd: int, tmp: str, write: Callable[[int], object], mode: int) -> None:
+    """Create ``tmp`` (``O_EXCL | O_NOFOLLOW``) with exactly ``mode`` and write it whole."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)  # exact bits, whatever the process umask
+        write(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(dir_fd: int, name: str) -> None:
+    """Remove a temporary if it is still there (it is not once linked-and-replaced or renamed)."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from lmcache_fs.log import human_bytes
-from lmcache_fs.storage.publish import temp_name
+from lmcache_fs.storage.publish import replace
 from lmcache_fs.storage.space import StoreGuard
 from lmcache_fs.storage.untrusted import parse_json_object, read_capped
 
@@ -67,20 +67,9 @@ def write_usage(root: str | os.PathLike[str], directory_bytes: int, budget_bytes
     Raises:
         OSError: the write or the rename failed (ENOSPC...); nothing is left behind.
     """
-    tmp = Path(root) / temp_name(USAGE_NAME)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # exact bits, whatever the process umask (as chunk files)
-            os.write(fd, json.dumps({"directory_bytes": directory_bytes,
-                                     "budget_bytes": budget_bytes,
-                                     "measured_at": time.time()}).encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, usage_path(root))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    record = json.dumps({"directory_bytes": directory_bytes, "budget_bytes": budget_bytes,
+                         "measured_at": time.time()}).encode()
+    replace(usage_path(root), lambda fd: os.write(fd, record), mode)
 
 
 def read_usage(root: str | os.PathLike[str]) -> Usage | None:
