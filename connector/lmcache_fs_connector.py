@@ -43,7 +43,13 @@ from lmcache_fs.storage.usage import BudgetGuard
 from .groups import geometry_of
 from .hybrid import GroupedWorkers
 from .metadata import LMCacheFSMetadata
-from .namespace import check_hash_seed, is_plain_full_attention, namespace_fields, rank_namespace
+from .namespace import (
+    check_hash_seed,
+    is_plain_full_attention,
+    layer_specs,
+    namespace_fields,
+    rank_namespace,
+)
 from .ranks import any_rank_of
 from .scheduler import SchedulerSide
 from .stats import LMCacheFSPromMetrics, LMCacheFSStats
@@ -84,9 +90,7 @@ def check_supported(kv_cache_config: "KVCacheConfig", parallel: "ParallelConfig"
     """
     groups = kv_cache_config.kv_cache_groups
     for group in groups:
-        spec = group.kv_cache_spec
-        inner = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: one per layer
-        for one in (inner.values() if inner else [spec]):
+        for one in layer_specs(group.kv_cache_spec):
             if type(one) not in _STORED_SPECS:
                 raise ConfigError(
                     f"lmcache-fs cannot store the KV cache of layer {group.layer_names[0]} "
@@ -200,6 +204,10 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
             # One set of guards for this worker's groups: their writers share the budget's count.
             guards = (FreeSpaceGuard(root, int(cfg.min_free_disk_gb * 1e9)),
                       BudgetGuard(root, int(cfg.max_disk_size_gb * 1e9)))
+            read_options = ReadOptions(cfg.use_gds, cfg.staging_buffer_mb << 20,
+                                       cfg.verify_device_reads, cfg.layerwise_load)
+            any_rank = (any_rank_of(tp_group.cpu_group) if tp_group.world_size > 1
+                        else this_rank_only)
             for g, (fields_g, geo) in enumerate(zip(group_fields, geometries)):
                 layout = ChunkLayout(root, rank_namespace(fields_g, tp_group.rank_in_group,
                                                           get_pp_group().rank_in_group))
@@ -208,11 +216,8 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
                 workers.append(WorkerSide(
                     ChunkStore(layout, cfg.file_mode, mac_key=mac_key),
                     kv_cache_config.kv_cache_groups[g].layer_names,
-                    geo.held_blocks, block_size, cfg.save_queue_size, can_save,
-                    ReadOptions(cfg.use_gds, cfg.staging_buffer_mb << 20, cfg.verify_device_reads,
-                                cfg.layerwise_load),
-                    guards,
-                    any_rank_of(tp_group.cpu_group) if tp_group.world_size > 1 else this_rank_only,
+                    geo.held_blocks, block_size, cfg.save_queue_size, can_save, read_options,
+                    guards, any_rank,
                     async_loads=self._async_loads,
                     counts_tokens=g == counting_group and tp_group.rank_in_group == 0))
             self._worker = GroupedWorkers(workers) if self._async_loads else workers[0]

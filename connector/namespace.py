@@ -52,17 +52,20 @@ def kv_layout_name(vllm_config: "VllmConfig", head_size: int, block_size: int) -
     return f"{current_platform.device_type}-logical"
 
 
+def layer_specs(spec: "KVCacheSpec") -> list["KVCacheSpec"]:
+    """The specs of a group's layers: one per layer where vLLM groups layers of one type whose
+    specs differ (``UniformTypeKVCacheSpecs``), else the group's spec alone."""
+    inner = getattr(spec, "kv_cache_specs", None)
+    return list(inner.values()) if inner else [spec]
+
+
 def is_plain_full_attention(kv_cache_config: "KVCacheConfig") -> bool:
     """One KV cache group of full attention: the layout lmcache-fs had before hybrid models."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 
     groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        return False
-    spec = groups[0].kv_cache_spec
-    inner = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: one per layer
-    return all(type(one) in (FullAttentionSpec, MLAAttentionSpec)
-               for one in (inner.values() if inner else [spec]))
+    return len(groups) == 1 and all(type(one) in (FullAttentionSpec, MLAAttentionSpec)
+                                    for one in layer_specs(groups[0].kv_cache_spec))
 
 
 def _kernel_block_size(spec: "KVCacheSpec") -> int:
@@ -97,9 +100,7 @@ def split_page_field(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig"
     from vllm.v1.kv_cache_interface import AttentionSpec, compute_layer_kv_cache_shape_bytes
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
-    inner = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: one per layer
-    if inner:
-        spec = next(iter(inner.values()))
+    spec = layer_specs(spec)[0]
     layout = (getattr(kv_cache_config, "kv_cache_layout", None)
               or getattr(vllm_config.cache_config, "kv_cache_layout", None))
     kernel = _kernel_block_size(spec)

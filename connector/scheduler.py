@@ -61,6 +61,7 @@ class SchedulerSide:
             [(geo, list(idx)) for geo, idx in groups] or
             [(GroupGeometry("full", 0, 0, block_size, self.blocks_per_chunk,
                             self.blocks_per_chunk), self.indexes)])
+        self._full = [g for g, (geo, _) in enumerate(self.groups) if geo.kind == "full"]
         self._windowed = [g for g, (geo, _) in enumerate(self.groups) if geo.kind != "full"]
         self.hashes_per_chunk = chunk_size // hash_block_size
         self.can_load = can_load
@@ -129,8 +130,7 @@ class SchedulerSide:
         keys = self.chunk_keys(request, loadable + self.chunk_size)
         hit_chunks = 0
         for key in keys:
-            if not all(self._present(key, g) for g, (geo, _) in enumerate(self.groups)
-                       if geo.kind == "full"):
+            if not all(self._present(key, g) for g in self._full):
                 break
             hit_chunks += 1
         hit = min(hit_chunks * self.chunk_size, loadable)
