@@ -29,9 +29,8 @@ from lmcache_fs.ops.inventory import (
     find_namespace,
     namespace_dirs,
     scan_chunks,
+    scan_directory,
     scan_namespace_temporaries,
-    scan_quarantine,
-    scan_temporaries,
     summarize,
     total_size,
 )
@@ -403,9 +402,9 @@ def cmd_stats(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
     """Totals against the budget, free space, temporaries, quarantine and who is evicting."""
     root = Path(cfg.storage_path)
     with progress("scan") as bar:
-        rows = summarize(root, bar.update)
-    temps, quarantined = list(scan_temporaries(root)), list(scan_quarantine(root))
-    used = sum(r.bytes for r in rows) + total_size(temps) + total_size(quarantined)
+        contents = scan_directory(root, bar.update)
+    rows, temps, quarantined = contents.namespaces, contents.temporaries, contents.quarantined
+    used = contents.bytes
     budget = int(cfg.max_disk_size_gb * 1e9)
     usage = shutil.disk_usage(root)
     free = free_bytes(root)

@@ -29,7 +29,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from lmcache_fs.config import LMCacheFSConfig
 from lmcache_fs.ops.eviction import EvictionReport, Evictor, lease_path, lease_ttl_s
-from lmcache_fs.ops.inventory import scan_quarantine, scan_temporaries, summarize, total_size
+from lmcache_fs.ops.inventory import scan_directory, total_size
 from lmcache_fs.ops.lease import read_lease
 from lmcache_fs.storage.space import free_bytes
 
@@ -106,12 +106,11 @@ class DirectoryMetrics:
             quarantined = (report.quarantined_files, report.quarantined_bytes)
             used = report.bytes_after
         else:  # this process scanned nothing: the scan `lmcache-fs stats` makes
-            rows = summarize(self.root)
-            temps, q = list(scan_temporaries(self.root)), list(scan_quarantine(self.root))
-            temporaries = len(temps)
-            namespaces = {s.name: (s.chunks, s.bytes) for s in rows}
-            quarantined = (len(q), total_size(q))
-            used = sum(s.bytes for s in rows) + total_size(temps) + total_size(q)
+            contents = scan_directory(self.root)
+            temporaries = len(contents.temporaries)
+            namespaces = {s.name: (s.chunks, s.bytes) for s in contents.namespaces}
+            quarantined = (len(contents.quarantined), total_size(contents.quarantined))
+            used = contents.bytes
         self.directory_bytes.set(used)
         self.temporary_files.set(temporaries)
         self.quarantined_files.set(quarantined[0])

@@ -181,6 +181,28 @@ def total_size(entries: Iterable[FileEntry]) -> int:
     return sum(e.size for e in entries)
 
 
+@dataclass(frozen=True)
+class DirectoryContents:
+    """Everything a cache directory holds that counts against its budget."""
+
+    namespaces: list[NamespaceSummary]
+    temporaries: list[FileEntry]
+    quarantined: list[FileEntry]
+
+    @property
+    def bytes(self) -> int:
+        """Chunk files, temporaries and quarantine: what an eviction pass measures."""
+        return (sum(n.bytes for n in self.namespaces) + total_size(self.temporaries)
+                + total_size(self.quarantined))
+
+
+def scan_directory(root: str | os.PathLike[str],
+                   on_chunk: Callable[[], None] = lambda: None) -> DirectoryContents:
+    """:func:`summarize` every namespace and list the temporaries and the quarantine."""
+    return DirectoryContents(summarize(root, on_chunk), list(scan_temporaries(root)),
+                             list(scan_quarantine(root)))
+
+
 def expected_chunk_geometry(manifest: dict) -> tuple[tuple[int, ...], str] | None:
     """The shape and dtype name every chunk of a namespace must have, from its manifest.
 
