@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
+from typing import Callable, Sized, TypeVar
 
 import torch
 
@@ -12,6 +14,8 @@ from lmcache_fs.ops.inspection import open_chunk_path
 from lmcache_fs.storage.codec import ChunkHeader
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
 from lmcache_fs.storage.store import ChunkStore
+
+ListingT = TypeVar("ListingT", bound=Sized)
 
 # The manifest fields the vLLM connector writes, for a tiny geometry: chunks of
 # 2 layers x 1 block x 1 head x 16 tokens x 2*8 bf16 values = 1 KiB of data.
@@ -97,3 +101,18 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def wait_for_count(listing: Callable[[], ListingT], count: int, timeout_s: float = 60,
+                   what: str = "chunk files") -> ListingT:
+    """``listing()`` once it holds at least ``count`` entries (stores publish in the background).
+
+    Raises:
+        AssertionError: not within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while len(found := listing()) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {len(found)} of {count} {what} appeared")
+        time.sleep(0.1)
+    return found

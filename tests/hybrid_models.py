@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from cachedir import wait_for_count
 
 from lmcache_fs.storage.layout import TEMP_PREFIX
 
@@ -124,14 +124,8 @@ def files_by_group(storage: Path) -> dict[Path, int]:
     return found
 
 
-def wait_for_files(storage: Path, count: int, timeout_s: float = 60) -> dict[Path, int]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        files = files_by_group(storage)
-        if len(files) >= count:
-            return files
-        time.sleep(0.2)
-    raise AssertionError(f"only {len(files_by_group(storage))} of {count} chunk files appeared")
+def wait_for_files(storage: Path, count: int) -> dict[Path, int]:
+    return wait_for_count(lambda: files_by_group(storage), count)
 
 
 def kv_capacity(engine: Any) -> int:

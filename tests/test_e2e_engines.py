@@ -10,12 +10,11 @@ Each prompt is fresh random tokens, so no test depends on another's files.
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from cachedir import read_chunk_file
+from cachedir import read_chunk_file, wait_for_count
 from engines import EngineProcess
 
 from lmcache_fs.ops.inspection import read_header
@@ -75,14 +74,8 @@ def _chunk_files(storage: Path) -> list[Path]:
                   if not p.name.startswith(TEMP_PREFIX))
 
 
-def _wait_for_chunks(storage: Path, count: int, timeout_s: float = 60) -> list[Path]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        files = _chunk_files(storage)
-        if len(files) >= count:
-            return files
-        time.sleep(0.1)
-    raise AssertionError(f"only {len(_chunk_files(storage))} of {count} chunk files appeared")
+def _wait_for_chunks(storage: Path, count: int) -> list[Path]:
+    return wait_for_count(lambda: _chunk_files(storage), count)
 
 
 def _files_of(storage: Path, prompt_files_before: set[Path]) -> list[Path]:

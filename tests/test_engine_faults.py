@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cachedir import read_chunk_file
+from cachedir import read_chunk_file, wait_for_count
 from engines import EngineProcess
 from mounts import bindfs_view, read_only_view
 
@@ -101,11 +101,8 @@ def _chunk_files(source):
     return {c.key: Path(c.path) for ns in namespace_dirs(source) for c in scan_chunks(ns)}
 
 
-def _wait_for_chunks(source, n, timeout_s=60):
-    deadline = time.monotonic() + timeout_s
-    while len(_chunk_files(source)) < n and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return _chunk_files(source)
+def _wait_for_chunks(source, n):
+    return wait_for_count(lambda: _chunk_files(source), n)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from cachedir import flip_byte
+from cachedir import flip_byte, wait_for_count
 from engines import served_with_lmcache_fs
 from launcher import EngineSpec
 from prometheus_client.parser import text_string_to_metric_families
@@ -154,10 +154,7 @@ def test_a_hit_a_store_and_a_corrupt_chunk_move_the_engines_series(engine, artif
     assert ("vllm:lmcache_fs_load_errors_total", frozenset({("reason", "checksum")})) in before
 
     _ask(engine)  # stores both chunks
-    deadline = time.monotonic() + 60
-    while len(_chunk_files(storage)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    files = _chunk_files(storage)
+    files = wait_for_count(lambda: _chunk_files(storage), 2)
     assert len(files) == 2
 
     _ask(engine)  # both chunks from the files
@@ -221,10 +218,7 @@ def test_a_directory_at_its_budget_skips_stores_and_counts_them(engine):
     assert read_usage(storage) == (0, 10**9)  # its own evictor measured it at start-up
     # The test above stores its prompt again after the flipped files: let those stores land
     # (vLLM reports a store's count at the engine's next step, so only the files tell).
-    deadline = time.monotonic() + 60
-    while len(_chunk_files(storage)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    files = _chunk_files(storage)
+    files = wait_for_count(lambda: _chunk_files(storage), 2)
     before = _metrics(spec)
     write_usage(storage, 10**12)
     time.sleep(1.5)  # a guard looks at the record once a second at most
