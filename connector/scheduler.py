@@ -18,6 +18,7 @@ from lmcache_fs.storage.index import ChunkIndex
 
 from .groups import GroupGeometry
 from .metadata import HitSummary, LMCacheFSMetadata, LoadOp, SaveOp
+from .vllm_compat import resumed_requests
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -120,6 +121,18 @@ class SchedulerSide:
 
     # -- vLLM hooks ---------------------------------------------------------
 
+    def may_hit(self, request: "Request") -> bool:
+        """A cheap guess that a lookup will hit: the prompt's first chunk is on disk.
+
+        (vLLM 0.34's ``may_load_async``, asked whenever a request enters the waiting
+        queues: one set lookup, or one stat, per full-attention group and rank.)
+        """
+        if not self.can_load or (request.num_tokens - 1) // self.block_size * self.block_size \
+                < self.chunk_size:
+            return False
+        key = self.chunk_keys(request, self.chunk_size)[0]
+        return all(self._present(key, g) for g in self._full)
+
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> int:
         """Block-aligned tokens beyond ``num_computed_tokens`` that chunk files hold."""
         self._local_tokens[request.request_id] = num_computed_tokens
@@ -198,13 +211,16 @@ class SchedulerSide:
             if tracked is not None:
                 tracked.block_ids = [list(ids) for ids in new.block_ids]
                 self._plan_saves(tracked, new.num_computed_tokens + scheduled[new.req_id], meta)
+        # A preempted request that runs again comes with its whole new block table: as a new
+        # request (vLLM 0.34), or as a resumed cached one (0.32, 0.33).
         cached = scheduler_output.scheduled_cached_reqs
+        resumed = resumed_requests(cached)
         for i, req_id in enumerate(cached.req_ids):
             tracked = self._tracked.get(req_id)
             if tracked is None:
                 continue
             new_ids = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
+            if req_id in resumed:
                 tracked.block_ids = ([list(ids) for ids in new_ids] if new_ids
                                      else [[] for _ in self.groups])
             elif new_ids:

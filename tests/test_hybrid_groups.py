@@ -1,7 +1,6 @@
 """Hybrid KV cache groups without an engine: window arithmetic against vLLM's own managers,
 hits every group can serve, loads that skip vLLM's null blocks, saves of the window's blocks."""
 
-import hashlib
 import json
 from types import SimpleNamespace
 
@@ -9,6 +8,8 @@ import pytest
 import torch
 
 pytest.importorskip("vllm")
+
+from vllm_objects import blocks, new_request, request, step  # noqa: E402
 
 from lmcache_fs.connector.groups import describe_groups, geometry_of  # noqa: E402
 from lmcache_fs.connector.scheduler import SchedulerSide  # noqa: E402
@@ -75,12 +76,7 @@ def test_group_specs_differing_in_any_field_describe_differently():
 # -- the scheduler with a sliding group (window 20: files hold 2 of 4 blocks) and a full one --
 
 def _request(req_id, num_tokens):
-    hashes, parent = [], b"seed"
-    for _ in range(num_tokens // BLOCK):
-        parent = hashlib.sha256(parent).digest()
-        hashes.append(parent)
-    return SimpleNamespace(request_id=req_id, block_hashes=hashes, num_tokens=num_tokens,
-                           num_prompt_tokens=num_tokens, num_computed_tokens=0)
+    return request(req_id, num_tokens, BLOCK)
 
 
 def _side(tmp_path):
@@ -89,14 +85,6 @@ def _side(tmp_path):
     groups = [(geometry_of(_spec(SlidingWindowSpec, sliding_window=20), CHUNK), [sliding]),
               (geometry_of(_spec(FullAttentionSpec), CHUNK), [full])]
     return SchedulerSide([sliding, full], CHUNK, BLOCK, BLOCK, True, True, groups), sliding, full
-
-
-def _blocks(per_group):
-    """vLLM's KVCacheBlocks: ids per group, None for its null block."""
-    blocks = tuple([SimpleNamespace(block_id=b or 0, is_null=b is None) for b in ids]
-                   for ids in per_group)
-    return SimpleNamespace(blocks=blocks,
-                           get_block_ids=lambda: tuple([b.block_id for b in g] for g in blocks))
 
 
 def test_the_hit_is_what_every_group_can_serve(tmp_path):
@@ -125,13 +113,9 @@ def test_loads_skip_null_blocks_and_saves_take_the_windows_blocks(tmp_path):
     # window 20 at token 128: vLLM skips 109 tokens, 6 whole blocks (nulls), keeps 6 and 7.
     sliding_ids = [None] * 6 + [106, 107, 108, 109, 110, 111, 112]
     full_ids = list(range(200, 213))
-    side.update_state_after_alloc(req, _blocks([sliding_ids, full_ids]), hit)
-    new = SimpleNamespace(req_id="r", block_ids=([b or 0 for b in sliding_ids], full_ids),
-                          num_computed_tokens=hit)
-    meta = side.build_connector_meta(SimpleNamespace(
-        scheduled_new_reqs=[new], num_scheduled_tokens={"r": CHUNK + 5},
-        scheduled_cached_reqs=SimpleNamespace(req_ids=[], resumed_req_ids=set(),
-                                              new_block_ids=[], num_computed_tokens=[])))
+    side.update_state_after_alloc(req, blocks(sliding_ids, full_ids), hit)
+    new = new_request(req, ([b or 0 for b in sliding_ids], full_ids), hit)
+    meta = side.build_connector_meta(step([new], scheduled={"r": CHUNK + 5}))
     loads = [(op.group, op.key, op.first_block, op.block_ids) for op in meta.loads]
     assert loads == [(0, keys[1], 0, (106, 107)),  # the file's two blocks: chunk 1's last two
                      (1, keys[0], 0, (200, 201, 202, 203)), (1, keys[1], 0, (204, 205, 206, 207))]

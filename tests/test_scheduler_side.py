@@ -1,11 +1,10 @@
 """Scheduler-side planning: block-aligned hits, the right blocks loaded, each chunk stored once."""
 
-import hashlib
-from types import SimpleNamespace
-
 import pytest
 
 pytest.importorskip("vllm")
+
+from vllm_objects import as_of_0_34, blocks, cached_requests, new_request, request, step  # noqa: E402
 
 from lmcache_fs.connector.scheduler import SchedulerSide  # noqa: E402
 
@@ -16,12 +15,7 @@ BLOCK, CHUNK = 16, 64  # 4 blocks per chunk
 
 
 def _request(req_id, num_tokens, salt=b""):
-    hashes, parent = [], b"seed" + salt
-    for _ in range(num_tokens // BLOCK):
-        parent = hashlib.sha256(parent).digest()
-        hashes.append(parent)
-    return SimpleNamespace(request_id=req_id, block_hashes=hashes, num_tokens=num_tokens,
-                           num_prompt_tokens=num_tokens, num_computed_tokens=0)
+    return request(req_id, num_tokens, BLOCK, salt)
 
 
 def _side(tmp_path, can_load=True, can_save=True):
@@ -30,14 +24,7 @@ def _side(tmp_path, can_load=True, can_save=True):
 
 
 def _blocks(ids):
-    return SimpleNamespace(get_block_ids=lambda: (list(ids),))
-
-
-def _step(new=(), cached=None, scheduled=None):
-    cached = cached or SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[],
-                                       num_computed_tokens=[])
-    return SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached,
-                           num_scheduled_tokens=scheduled or {})
+    return blocks(list(ids))
 
 
 def test_hit_is_whole_chunks_and_leaves_the_last_token_to_compute(tmp_path):
@@ -65,8 +52,8 @@ def test_consumer_only_role_never_plans_saves(tmp_path):
     req = _request("r", 2 * CHUNK)
     side.get_num_new_matched_tokens(req, 0)
     side.update_state_after_alloc(req, _blocks(range(8)), 0)
-    new = SimpleNamespace(req_id="r", block_ids=(list(range(8)),), num_computed_tokens=0)
-    assert side.build_connector_meta(_step([new], scheduled={"r": 2 * CHUNK})).saves == []
+    new = new_request(req, (list(range(8)),), 0)
+    assert side.build_connector_meta(step([new], scheduled={"r": 2 * CHUNK})).saves == []
 
 
 def test_loads_target_the_blocks_after_the_local_prefix(tmp_path):
@@ -78,7 +65,7 @@ def test_loads_target_the_blocks_after_the_local_prefix(tmp_path):
     assert ext == 3 * CHUNK - BLOCK
     block_ids = list(range(100, 113))
     side.update_state_after_alloc(req, _blocks(block_ids), ext)
-    meta = side.build_connector_meta(_step())
+    meta = side.build_connector_meta(step())
     keys = side.chunk_keys(req, req.num_tokens)
     assert [(op.key, op.first_block, op.block_ids) for op in meta.loads] == [
         (keys[0], 1, (101, 102, 103)),
@@ -96,14 +83,13 @@ def test_chunked_prefill_saves_each_chunk_once_when_it_is_complete(tmp_path):
     side.update_state_after_alloc(req, _blocks(ids[:6]), 0)
     keys = side.chunk_keys(req, req.num_tokens)
     # Step 1: 96 tokens computed: only chunk 0 (64 tokens) is complete.
-    new = SimpleNamespace(req_id="r", block_ids=(ids[:6],), num_computed_tokens=0)
-    saves = side.build_connector_meta(_step([new], scheduled={"r": 96})).saves
+    new = new_request(req, (ids[:6],), 0)
+    saves = side.build_connector_meta(step([new], scheduled={"r": 96})).saves
     assert [(s.key, s.chunk_index, s.block_ids, s.parent_key) for s in saves] == [
         (keys[0], 0, (0, 1, 2, 3), "")]
     # Step 2: up to 202 tokens: chunks 1 and 2 complete.
-    cached = SimpleNamespace(req_ids=["r"], resumed_req_ids=set(), new_block_ids=[(ids[6:],)],
-                             num_computed_tokens=[96])
-    saves = side.build_connector_meta(_step(cached=cached, scheduled={"r": 106})).saves
+    cached = cached_requests(("r", 96, (ids[6:],)))
+    saves = side.build_connector_meta(step(cached=cached, scheduled={"r": 106})).saves
     assert [(s.chunk_index, s.block_ids, s.parent_key) for s in saves] == [
         (1, (4, 5, 6, 7), keys[0]), (2, (8, 9, 10, 11), keys[1])]
 
@@ -115,9 +101,8 @@ def test_chunks_already_on_disk_or_already_queued_are_not_rewritten(tmp_path):
     for req in (first, second):
         side.get_num_new_matched_tokens(req, 0)
         side.update_state_after_alloc(req, _blocks(range(8)), 0)
-    news = [SimpleNamespace(req_id=r, block_ids=(list(range(8)),), num_computed_tokens=0)
-            for r in ("a", "b")]
-    saves = side.build_connector_meta(_step(news, scheduled={"a": 128, "b": 128})).saves
+    news = [new_request(r, (list(range(8)),), 0) for r in (first, second)]
+    saves = side.build_connector_meta(step(news, scheduled={"a": 128, "b": 128})).saves
     assert [s.chunk_index for s in saves] == [1]
 
 
@@ -136,15 +121,14 @@ def test_failed_load_forgets_the_chunk_and_stores_the_recomputed_one_again(tmp_p
     ext = side.get_num_new_matched_tokens(req, 0)
     ids = list(range(13))
     side.update_state_after_alloc(req, _blocks(ids), ext)
-    new = SimpleNamespace(req_id="r", block_ids=(ids,), num_computed_tokens=0)
-    assert side.build_connector_meta(_step([new], scheduled={"r": 5})).saves == []  # all present
+    new = new_request(req, (ids,), 0)
+    assert side.build_connector_meta(step([new], scheduled={"r": 5})).saves == []  # all present
     # Another node evicted chunk 1: its blocks 4..7 failed to load.
     index.discard(keys[1])
     side.loads_failed({4, 5, 6, 7})
     assert keys[1] not in index._keys
-    cached = SimpleNamespace(req_ids=["r"], resumed_req_ids=set(), new_block_ids=[None],
-                             num_computed_tokens=[CHUNK])
-    saves = side.build_connector_meta(_step(cached=cached, scheduled={"r": 2 * CHUNK + 5})).saves
+    cached = cached_requests(("r", CHUNK, None))
+    saves = side.build_connector_meta(step(cached=cached, scheduled={"r": 2 * CHUNK + 5})).saves
     assert [s.key for s in saves] == [keys[1]]  # chunk 2 is still on disk
 
 
@@ -154,8 +138,8 @@ def test_a_chunk_just_planned_for_storing_is_found_at_once_despite_the_negative_
     req = _request("r", CHUNK + 1)
     side.get_num_new_matched_tokens(req, 0)  # miss: now in the negative cache
     side.update_state_after_alloc(req, _blocks(range(5)), 0)
-    new = SimpleNamespace(req_id="r", block_ids=(list(range(5)),), num_computed_tokens=0)
-    (save,) = side.build_connector_meta(_step([new], scheduled={"r": CHUNK + 1})).saves
+    new = new_request(req, (list(range(5)),), 0)
+    (save,) = side.build_connector_meta(step([new], scheduled={"r": CHUNK + 1})).saves
     path = index.layout.chunk_path(save.key)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"published by the worker")
@@ -172,14 +156,13 @@ def _hit_then_compute(side, index, req_id="r", salt=b""):
     assert ext == CHUNK
     ids = list(range(13))
     side.update_state_after_alloc(req, _blocks(ids), ext)
-    new = SimpleNamespace(req_id=req_id, block_ids=(ids,), num_computed_tokens=CHUNK)
-    return keys, side.build_connector_meta(_step([new], scheduled={req_id: 2 * CHUNK + 5}))
+    new = new_request(req, (ids,), CHUNK)
+    return keys, side.build_connector_meta(step([new], scheduled={req_id: 2 * CHUNK + 5}))
 
 
 def _decode_step(side, req_id, computed):
-    cached = SimpleNamespace(req_ids=[req_id], resumed_req_ids=set(), new_block_ids=[None],
-                             num_computed_tokens=[computed])
-    return side.build_connector_meta(_step(cached=cached, scheduled={req_id: 1}))
+    cached = cached_requests((req_id, computed, None))
+    return side.build_connector_meta(step(cached=cached, scheduled={req_id: 1}))
 
 
 def test_a_reported_failed_load_plans_the_withheld_saves_of_the_last_steps_again(tmp_path):
@@ -205,11 +188,56 @@ def test_a_request_that_computed_over_a_failed_block_without_being_reset_stores_
     b.block_hashes[:CHUNK // BLOCK] = side._tracked["a"].request.block_hashes[:CHUNK // BLOCK]
     side.get_num_new_matched_tokens(b, CHUNK)
     side.update_state_after_alloc(b, _blocks([0, 1, 2, 3] + list(range(20, 29))), 0)
-    new = SimpleNamespace(req_id="b", block_ids=([0, 1, 2, 3] + list(range(20, 29)),),
-                          num_computed_tokens=CHUNK)
-    side.build_connector_meta(_step([new], scheduled={"b": 2 * CHUNK + 5}))
+    new = new_request(b, ([0, 1, 2, 3] + list(range(20, 29)),), CHUNK)
+    side.build_connector_meta(step([new], scheduled={"b": 2 * CHUNK + 5}))
     side._tracked["a"].request.num_computed_tokens = 0  # what vLLM does before telling us
     side._tracked["b"].request.num_computed_tokens = 3 * CHUNK + 5
     side.loads_failed({0, 1, 2, 3})
     assert [s.key for s in _decode_step(side, "a", 3 * CHUNK + 5).saves] == keys[:3]
     assert _decode_step(side, "b", 3 * CHUNK + 6).saves == []  # b's own chunks 1 and 2: never
+
+
+@pytest.mark.parametrize("release", ["0.32", "0.34"])
+def test_a_preempted_request_that_runs_again_stores_from_its_new_block_table(tmp_path, release):
+    # vLLM 0.32/0.33 send a resumed request as a cached one listed in resumed_req_ids, with
+    # its whole new block table; 0.34 sends it as a new request, and its cached requests'
+    # new_block_ids are only ever appended.
+    side, _ = _side(tmp_path)
+    req, other = _request("r", 3 * CHUNK + 10), _request("o", 2 * CHUNK, salt=b"other")
+    for r, ids in ((req, range(13)), (other, range(50, 58))):
+        side.get_num_new_matched_tokens(r, 0)
+        side.update_state_after_alloc(r, _blocks(ids), 0)
+    first = side.build_connector_meta(step(
+        [new_request(req, (list(range(6)),), 0), new_request(other, (list(range(50, 54)),), 0)],
+        scheduled={"r": 96, "o": CHUNK}))
+    keys = side.chunk_keys(req, req.num_tokens)
+    assert [(s.key, s.block_ids) for s in first.saves if s.req_id == "r"] == [(keys[0], (0, 1, 2, 3))]
+    # Preempted: its blocks are freed; back in the waiting queue, it is looked up again
+    # and gets other blocks.
+    side.get_num_new_matched_tokens(req, 0)
+    moved = list(range(100, 113))
+    side.update_state_after_alloc(req, _blocks(moved), 0)
+    running = ("o", CHUNK, (list(range(54, 58)),))
+    scheduled = {"r": 3 * CHUNK + 10, "o": CHUNK}
+    if release == "0.32":
+        output = step(cached=cached_requests(("r", 0, (moved,)), running, resumed={"r"}),
+                      scheduled=scheduled)
+    else:
+        output = as_of_0_34(step([new_request(req, (moved,), 0)], cached_requests(running),
+                                 scheduled=scheduled))
+    saves = side.build_connector_meta(output).saves
+    assert [(s.key, s.block_ids) for s in saves if s.req_id == "r"] == [
+        (keys[1], (104, 105, 106, 107)), (keys[2], (108, 109, 110, 111))]  # chunk 0: stored
+    assert [s.block_ids for s in saves if s.req_id == "o"] == [(54, 55, 56, 57)]
+
+
+def test_may_hit_is_a_cheap_guess_from_the_first_chunk(tmp_path):
+    # vLLM 0.34 asks it (as may_load_async) whenever a request enters the waiting queues.
+    side, index = _side(tmp_path)
+    req = _request("r", 3 * CHUNK)
+    assert not side.may_hit(req)
+    index.add(side.chunk_keys(req, CHUNK)[0])
+    assert side.may_hit(req)
+    assert not side.may_hit(_request("short", CHUNK))  # one chunk, last token computed: no hit
+    consumer_less, _ = _side(tmp_path, can_load=False)
+    assert not consumer_less.may_hit(req)

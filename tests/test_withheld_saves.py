@@ -8,14 +8,13 @@ chunks that rest only on sound blocks, and the worker stores them from the
 copy it took when they were computed.
 """
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 
-from test_scheduler_side import CHUNK, _blocks, _request, _side, _step  # noqa: E402
+from test_scheduler_side import CHUNK, _blocks, _request, _side  # noqa: E402
+from vllm_objects import cached_requests, new_request, step  # noqa: E402
 from test_worker_side import _caches, _stored, _worker  # noqa: E402
 
 
@@ -33,10 +32,9 @@ def _first_step(tmp_path):
     scheduler.update_state_after_alloc(a, _blocks(blocks_a), hit)
     scheduler.get_num_new_matched_tokens(b, 0)
     scheduler.update_state_after_alloc(b, _blocks(blocks_b), 0)
-    new = [SimpleNamespace(req_id="a", block_ids=(blocks_a,), num_computed_tokens=CHUNK),
-           SimpleNamespace(req_id="b", block_ids=(blocks_b,), num_computed_tokens=0)]
-    meta = scheduler.build_connector_meta(_step(new, scheduled={"a": 2 * CHUNK + 5,
-                                                                "b": 2 * CHUNK + 5}))
+    new = [new_request(a, (blocks_a,), CHUNK), new_request(b, (blocks_b,), 0)]
+    meta = scheduler.build_connector_meta(step(new, scheduled={"a": 2 * CHUNK + 5,
+                                                               "b": 2 * CHUNK + 5}))
     assert {s.key for s in meta.saves} == set(keys_a[1:3] + keys_b[:2])
     worker.load(meta)
     worker.save(meta)
@@ -64,7 +62,7 @@ def test_a_request_that_finishes_in_the_withheld_step_still_gets_its_chunks_stor
         layer[20:28] = 0  # another request's KV now
     a.num_computed_tokens = 0
     scheduler.loads_failed(failed)
-    after = scheduler.build_connector_meta(_step())
+    after = scheduler.build_connector_meta(step())
     worker.load(after)
     worker.save(after)
     worker.writer.flush()
@@ -83,14 +81,13 @@ def test_saves_resting_on_a_failed_block_are_dropped_and_planned_again(tmp_path)
     failed = worker.take_failed_blocks()
     a.num_computed_tokens = 0
     scheduler.loads_failed(failed)
-    after = scheduler.build_connector_meta(_step())
+    after = scheduler.build_connector_meta(step())
     assert not set(after.released_saves) & set(keys_a)
     worker.save(after)
     worker.writer.flush()
     assert _stored_keys(worker.store, keys_a) == []
     assert worker.take_stats().data["skipped_stores"] == 2  # a's chunks 1 and 2
-    cached = SimpleNamespace(req_ids=["a"], resumed_req_ids=set(), new_block_ids=[None],
-                             num_computed_tokens=[3 * CHUNK + 5])
-    replanned = scheduler.build_connector_meta(_step(cached=cached, scheduled={"a": 1}))
+    cached = cached_requests(("a", 3 * CHUNK + 5, None))
+    replanned = scheduler.build_connector_meta(step(cached=cached, scheduled={"a": 1}))
     assert [s.key for s in replanned.saves] == keys_a[:3]  # recomputed: stored again
     worker.close()
