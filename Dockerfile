@@ -8,12 +8,12 @@
 #     --kv-transfer-config '{"kv_connector":"LMCacheFSConnector","kv_role":"kv_both",
 #                            "kv_connector_extra_config":{"storage_path":"/kv"}}'
 #
-# vLLM 0.32's images are built for CUDA 13.0 (VLLM_MAIN_CUDA_VERSION in vllm/envs.py), hence the
-# `cuda` extra (kvikio-cu13). For a CUDA 12 base image pass --build-arg VLLM_IMAGE=...
+# vLLM's images (0.32 to 0.34, the releases lmcache-fs is tested with; the newest by default) are
+# built for CUDA 13.0 (VLLM_MAIN_CUDA_VERSION in vllm/envs.py), hence the `cuda` extra (kvikio-cu13). For a CUDA 12 base image pass --build-arg VLLM_IMAGE=...
 # --build-arg CUDA_EXTRA=cuda12 --build-arg CUDA_MAJOR=12 --build-arg CUDA_APT=12-9
 # --build-arg CUDA_HOME_DIR=/usr/local/cuda-12.9: the build fails if the extra's CUDA differs from
 # the image's torch.
-ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.34.0
 ARG PAGE_IMAGE=python:3.12-slim
 
 # ---- kernels: compile the CUDA kernels once, with nvcc, for the GPUs listed (no GPU needed) ----

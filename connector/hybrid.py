@@ -71,6 +71,10 @@ class GroupedWorkers:
             stats[0].aggregate(more)
         return stats[0]
 
+    def quiesce(self) -> None:
+        for worker in self.workers:
+            worker.quiesce()
+
     def close(self) -> None:
         for worker in self.workers:
             worker.close()

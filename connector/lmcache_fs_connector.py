@@ -30,6 +30,7 @@ from vllm.v1.kv_cache_interface import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from lmcache_fs import __version__
 from lmcache_fs.config import ConfigError, LMCacheFSConfig, load_config
 from lmcache_fs.log import init_logging
 from lmcache_fs.ops.eviction import BackgroundEvictor, start_background_evictor
@@ -53,10 +54,11 @@ from .namespace import (
 from .ranks import any_rank_of
 from .scheduler import SchedulerSide
 from .stats import LMCacheFSPromMetrics, LMCacheFSStats
+from .vllm_compat import drafter_keeps_kv, log_vllm_version
 from .worker import ReadOptions, WorkerSide, this_rank_only
 
 if TYPE_CHECKING:
-    from vllm.config import ParallelConfig, VllmConfig
+    from vllm.config import KVTransferConfig, ParallelConfig, VllmConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import PromMetric, PromMetricT
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
@@ -74,7 +76,8 @@ logger = logging.getLogger("lmcache_fs.connector")
 _STORED_SPECS = (FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec, ChunkedLocalAttentionSpec)
 
 
-def check_supported(kv_cache_config: "KVCacheConfig", parallel: "ParallelConfig") -> None:
+def check_supported(kv_cache_config: "KVCacheConfig", parallel: "ParallelConfig",
+                    speculative: Any = None) -> None:
     """Refuse engines whose KV lmcache-fs could not store and load faithfully.
 
     - KV cache groups other than full, sliding-window and chunked-local attention:
@@ -84,6 +87,8 @@ def check_supported(kv_cache_config: "KVCacheConfig", parallel: "ParallelConfig"
     - Pipeline parallelism: a stage whose load fails cannot tell the others before
       they store what they computed over it (vLLM keeps several steps in flight).
     - Context parallelism: each rank holds only some tokens of a block.
+    - A speculative decoder with a KV cache of its own (EAGLE, MTP, a draft model):
+      its KV at a chunk's last positions depends on tokens past the chunk.
 
     Raises:
         ConfigError: naming the reason and the fix.
@@ -115,6 +120,11 @@ def check_supported(kv_cache_config: "KVCacheConfig", parallel: "ParallelConfig"
             raise ConfigError(f"lmcache-fs does not support context parallelism ({name}="
                               f"{getattr(parallel, name)}): set it to 1, or remove the "
                               "kv-transfer-config")
+    if drafter_keeps_kv(speculative):
+        raise ConfigError(f"lmcache-fs does not store the KV cache of a speculative decoder "
+                          f"(method {speculative.method!r} keeps one: its KV at a chunk's end "
+                          "depends on tokens past the chunk, which chunk keys do not cover): use "
+                          "the 'ngram' or 'suffix' method, or remove the kv-transfer-config")
 
 
 class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
@@ -145,7 +155,10 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
         can_save = transfer.kv_role in ("kv_both", "kv_producer")
         root = self.config.check_storage_path(writable=can_save)
 
-        check_supported(kv_cache_config, vllm_config.parallel_config)
+        if role == KVConnectorRole.SCHEDULER:
+            log_vllm_version(__version__)
+        check_supported(kv_cache_config, vllm_config.parallel_config,
+                        vllm_config.speculative_config)
         group = kv_cache_config.kv_cache_groups[0]
         spec = group.kv_cache_spec
         block_size = int(spec.block_size)
@@ -232,11 +245,26 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
                         transfer.kv_load_failure_policy)
             transfer.kv_load_failure_policy = "recompute"
 
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: "KVTransferConfig") -> bool:
+        """vLLM 0.33+: yes. The KV cache keeps its addresses across sleep, so the views a
+        worker registered stay valid (see :meth:`unregister_kv_caches`)."""
+        return True
+
     # ============================== worker side ==============================
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches)
+
+    def unregister_kv_caches(self) -> None:
+        """vLLM 0.33+, before sleep: no read or device copy may still use the KV cache."""
+        assert self._worker is not None
+        self._worker.quiesce()
+
+    def restore_kv_caches(self) -> None:
+        """vLLM 0.33+, after wake-up: nothing to redo (the registered views are still valid;
+        the KV they hold was discarded, and vLLM's prefix cache forgot it too)."""
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         assert self._worker is not None
@@ -301,6 +329,13 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
         assert self._scheduler is not None
         hit = self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
         return hit, self._async_loads and hit > 0
+
+    def may_load_async(self, request: "Request") -> bool:
+        """vLLM 0.34: whether the lookup may answer ``load_kv_async``; only engines of several
+        KV cache groups load asynchronously, and only a request whose first chunk is on disk.
+        With ``--max-num-inflight-kv-loads`` such loads may start while the batch is full."""
+        return self._async_loads and self._scheduler is not None and \
+            self._scheduler.may_hit(request)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:

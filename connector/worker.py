@@ -359,6 +359,12 @@ class WorkerSide:
         stats, self.stats = self.stats, LMCacheFSStats()
         return stats
 
+    def quiesce(self) -> None:
+        """End every read into the KV cache and every copy out of it (before vLLM's sleep)."""
+        self.finish_load()
+        if self.saver is not None:
+            self.saver.flush()
+
     def close(self) -> None:
         """Finish queued writes and stop the I/O threads."""
         self.finish_load()

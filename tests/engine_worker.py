@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--max-num-batched-tokens", type=int, default=0)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--speculative-config", default="", help="JSON speculative_config, or empty")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -33,6 +34,8 @@ def main() -> None:
     if args.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
         kwargs["enable_chunked_prefill"] = True
+    if args.speculative_config:
+        kwargs["speculative_config"] = json.loads(args.speculative_config)
     llm = LLM(args.model, enforce_eager=True, kv_cache_memory_bytes=512 << 20,
               max_model_len=args.max_model_len, seed=0, dtype=args.dtype, **kwargs)
 

@@ -28,7 +28,8 @@ class EngineProcess:
 
     def __init__(self, model: Path, log_path: Path, connector: dict[str, Any] | None = None,
                  max_num_batched_tokens: int = 0, env: dict[str, str] | None = None,
-                 max_model_len: int = 8192, dtype: str = "float32"):
+                 max_model_len: int = 8192, dtype: str = "float32",
+                 speculative: dict[str, Any] | None = None):
         # float32 by default: a random model's logits are often nearly tied, and in
         # bf16 the rounding of another, equally correct computation order (chunked
         # prefill, a prefix loaded from the cache) can flip a greedy pick. In float32
@@ -39,6 +40,8 @@ class EngineProcess:
             cmd += ["--connector-config", json.dumps(connector)]
         if max_num_batched_tokens:
             cmd += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
+        if speculative is not None:
+            cmd += ["--speculative-config", json.dumps(speculative)]
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -119,8 +119,20 @@ def test_the_engine_installs_the_cuda_extra_with_the_kvikio_of_the_images_cuda()
     # The build stops if the base image's torch runs another CUDA than the extra's kvikio.
     assert "torch.version.cuda.split('.')[0] == '${CUDA_MAJOR}'" in engine.runs()
     assert "import kvikio" in engine.runs()
-    # vLLM 0.32's images are CUDA 13 builds, the cu13 kvikio's.
-    assert engine.args["CUDA_MAJOR"] == "13"
+
+
+
+def test_the_default_image_is_the_newest_tested_vllm_with_the_kvikio_of_its_cuda():
+    from vllm_sources import release_sources
+
+    from lmcache_fs.connector.vllm_compat import TESTED_RELEASES
+
+    newest = TESTED_RELEASES[-1]
+    assert parse()[0]["VLLM_IMAGE"] == f"vllm/vllm-openai:v{newest}"
+    # The CUDA that release's images are built for, read in its own sources.
+    envs = (release_sources(newest) / "vllm" / "envs.py").read_text()
+    cuda = re.search(r'VLLM_MAIN_CUDA_VERSION: str = "(\d+)\.', envs).group(1)
+    assert stage("engine").args["CUDA_MAJOR"] == cuda
 
 
 def test_the_engine_ships_the_prebuilt_kernels_where_the_loader_looks():
