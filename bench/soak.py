@@ -57,7 +57,7 @@ from launcher import (  # noqa: E402
 
 from lmcache_fs.ops.inventory import expected_chunk_geometry, namespace_dirs, scan_chunks  # noqa: E402
 from lmcache_fs.ops.verify import ReadBuffer, check_chunk  # noqa: E402
-from lmcache_fs.storage.layout import read_manifest  # noqa: E402
+from lmcache_fs.storage.manifest import read_manifest  # noqa: E402
 
 HIGH_WATERMARK = 0.95  # lmcache-fs's default eviction_high_watermark
 CHUNK = 256  # lmcache-fs's default chunk_size

@@ -49,6 +49,7 @@ from bench.lmcache_proxy import LMCacheError, LMCacheWorker
 from bench.plot import Panel, Series, grouped_bars
 from lmcache_fs.storage.codec import checksum
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
+from lmcache_fs.storage.manifest import write_manifest
 from lmcache_fs.storage.store import ChunkStore
 from lmcache_fs.storage.writer import BackgroundWriter
 from lmcache_fs.transfer.chunk_reader import ChunkReader, ReadBackend, ReadPath
@@ -200,7 +201,7 @@ class ChunkStoreTrial(_LocalTrial):
                  mac_key: bytes | None = None):
         super().__init__(chunks, threads)
         layout = ChunkLayout(directory, Namespace({"model": "bench/storage", "tokens": tokens}))
-        layout.write_manifest()
+        write_manifest(layout)
         self.store_ = ChunkStore(layout, mac_key=mac_key)
         self.keys = _chunk_keys(len(chunks))
         self.meta = [_metadata(i, self.keys, tokens) for i in range(len(chunks))]

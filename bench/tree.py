@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bench.common import progress
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
+from lmcache_fs.storage.manifest import write_manifest
 
 _PROGRESS_EVERY = 100_000
 
@@ -34,7 +35,7 @@ def ensure_tree(root: Path, files: int) -> ChunkLayout:
     if marker.exists() and marker.read_text().strip() == str(files):
         return layout
     progress(f"creating {files:,} empty chunk files under {layout.directory} (kept for later runs)")
-    layout.write_manifest()
+    write_manifest(layout)
     for fan in range(256):
         (layout.directory / f"{fan:02x}").mkdir(exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT

@@ -37,6 +37,7 @@ from lmcache_fs.ops.eviction import BackgroundEvictor, start_background_evictor
 from lmcache_fs.storage.index import ChunkIndex
 from lmcache_fs.storage.integrity import key_id
 from lmcache_fs.storage.layout import ChunkLayout
+from lmcache_fs.storage.manifest import write_manifest
 from lmcache_fs.storage.space import FreeSpaceGuard
 from lmcache_fs.storage.store import ChunkStore
 from lmcache_fs.storage.usage import BudgetGuard
@@ -225,7 +226,7 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
                 layout = ChunkLayout(root, rank_namespace(fields_g, tp_group.rank_in_group,
                                                           get_pp_group().rank_in_group))
                 if can_save:
-                    layout.write_manifest(cfg.file_mode)
+                    write_manifest(layout, cfg.file_mode)
                 workers.append(WorkerSide(
                     ChunkStore(layout, cfg.file_mode, mac_key=mac_key),
                     kv_cache_config.kv_cache_groups[g].layer_names,

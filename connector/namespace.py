@@ -7,21 +7,17 @@ import json
 import logging
 import math
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmcache_fs.model_identity import model_identity, weights_fingerprint
-from lmcache_fs.storage.layout import FieldValue, Namespace
+from lmcache_fs.storage.layout import FieldValue, Namespace, seed_marker_name, seed_of_marker
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 
 logger = logging.getLogger(__name__)
-
-HASH_SEED_MARKER_PREFIX = "hashseed-"
-_SEED_MARKER_RE = re.compile(rf"^{HASH_SEED_MARKER_PREFIX}([0-9a-f]{{12}})$")
 
 
 def _settings_hash(value: object) -> str:
@@ -177,7 +173,9 @@ def hash_seed_fingerprint(hash_algo: str) -> str | None:
     from vllm.v1.core import kv_cache_utils
 
     hash_fn = get_hash_fn_by_name(hash_algo)
-    if os.environ.get("PYTHONHASHSEED") is None and hash_fn in kv_cache_utils._NON_CRYPTO_HASH_FUNCTIONS:
+    # vLLM's non-cryptographic hashes (xxhash, xxhash_cbor) take a random seed per process
+    # unless PYTHONHASHSEED is set; sha256 and sha256_cbor take a fixed default.
+    if os.environ.get("PYTHONHASHSEED") is None and hash_algo.startswith("xxhash"):
         return None
     seed = kv_cache_utils.resolve_none_hash_seed(hash_fn)
     return hashlib.sha256(bytes(hash_fn(seed))).hexdigest()[:12]
@@ -200,10 +198,10 @@ def check_hash_seed(directory: Path, hash_algo: str) -> None:
         return
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _leave_marker(directory / f"{HASH_SEED_MARKER_PREFIX}{fingerprint}")
+        _leave_marker(directory / seed_marker_name(fingerprint))
         # Only names of our own shape are compared and logged: anyone may create files here.
-        others = sorted({m.group(1) for m in map(_SEED_MARKER_RE.match, os.listdir(directory))
-                         if m and m.group(1) != fingerprint})
+        others = sorted({seed for seed in map(seed_of_marker, os.listdir(directory))
+                         if seed is not None and seed != fingerprint})
     except OSError:  # a read-only replica cannot leave its marker: nothing to compare
         return
     if others:

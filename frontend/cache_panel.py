@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmcache_fs.ops.inventory import NamespaceSummary, namespace_dirs, summarize_namespace
-from lmcache_fs.storage.layout import Namespace, read_manifest
+from lmcache_fs.storage.layout import Namespace
+from lmcache_fs.storage.manifest import read_manifest
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 from lmcache_fs.ops.inspection import open_chunk_path
 from lmcache_fs.storage.codec import ChunkHeader
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
+from lmcache_fs.storage.manifest import write_manifest
 from lmcache_fs.storage.store import ChunkStore
 
 ListingT = TypeVar("ListingT", bound=Sized)
@@ -29,7 +30,7 @@ SHAPE = (2, 1, 1, 16, 16)
 def make_store(root: str | os.PathLike[str], **fields: object) -> ChunkStore:
     """A store for a namespace like the connector's (fields override FIELDS), manifest written."""
     layout = ChunkLayout(root, Namespace({**FIELDS, **fields}))
-    layout.write_manifest()
+    write_manifest(layout)
     return ChunkStore(layout)
 
 

@@ -10,7 +10,8 @@ from test_eviction import CHUNK_BYTES
 
 from lmcache_fs.ops.eviction import Evictor
 from lmcache_fs.ops.inventory import scan_chunks, total_size
-from lmcache_fs.storage.usage import BudgetGuard, read_usage, usage_path, write_usage
+from lmcache_fs.storage.layout import usage_path
+from lmcache_fs.storage.usage import BudgetGuard, read_usage, write_usage
 from lmcache_fs.storage.writer import BackgroundWriter
 
 

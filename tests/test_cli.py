@@ -16,7 +16,7 @@ from cachedir import make_store, prefix_keys, save_prefix, set_mtime
 from lmcache_fs.model_identity import model_identity
 from lmcache_fs.ops import pins
 from lmcache_fs.ops.cli import EXIT_BUSY, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, main
-from lmcache_fs.ops.eviction import lease_path
+from lmcache_fs.storage.layout import lease_path
 from lmcache_fs.ops.lease import Lease
 from lmcache_fs.ops.pins import PinStore
 from lmcache_fs.progress import progress

@@ -31,7 +31,7 @@ from lmcache_fs.ops.inventory import (
     scan_temporaries,
 )
 from lmcache_fs.storage.codec import ChunkFileError, write_chunk_file
-from lmcache_fs.storage.layout import chunk_file_path
+from lmcache_fs.storage.layout import chunk_path
 
 pytestmark = pytest.mark.engine
 
@@ -257,7 +257,7 @@ class TestTwoNodesWithoutSharedFileEvents:
         # Once vLLM has recomputed, B stores chunk 0 again, and chunks 2 and 3 for the first
         # time; TestRestart checks that an engine loading all four answers like no cache.
         for c in (0, 2, 3):
-            _wait_for_valid_chunk(chunk_file_path(files[keys[0]].parent.parent, keys[c]),
+            _wait_for_valid_chunk(chunk_path(files[keys[0]].parent.parent, keys[c]),
                                   f"chunk {c}")
         run["notes"]["failed_load_same_step"] = "chunks 2-3 withheld, stored after the recompute"
 

@@ -12,7 +12,8 @@ from test_lease import fill_filesystem
 
 from lmcache_fs.config import load_config
 from lmcache_fs.ops import eviction
-from lmcache_fs.ops.eviction import BackgroundEvictor, Evictor, lease_path
+from lmcache_fs.ops.eviction import BackgroundEvictor, Evictor
+from lmcache_fs.storage.layout import lease_path
 from lmcache_fs.ops.inventory import scan_chunks, total_size
 from lmcache_fs.ops.lease import Lease
 from lmcache_fs.ops.pins import PinStore

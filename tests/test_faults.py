@@ -27,7 +27,7 @@ from lmcache_fs.ops.eviction import Evictor
 from lmcache_fs.ops.inventory import scan_chunks, scan_temporaries
 from lmcache_fs.ops.verify import verify_namespace
 from lmcache_fs.storage.codec import ChunkFileError, write_chunk_file
-from lmcache_fs.storage.quarantine import quarantine_dir
+from lmcache_fs.storage.layout import quarantine_dir
 from lmcache_fs.storage.space import FreeSpaceGuard
 from lmcache_fs.storage.writer import BackgroundWriter
 

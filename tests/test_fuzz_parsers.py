@@ -29,10 +29,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmcache_fs.ops.lease import LeaseRecord, read_lease
-from lmcache_fs.ops.pins import PINS_DIR, Pin, PinStore
+from lmcache_fs.ops.pins import Pin, PinStore
 from lmcache_fs.ops.verify import Finding, check_chunk
 from lmcache_fs.storage.codec import ChunkFileError
-from lmcache_fs.storage.layout import MANIFEST_NAME, check_key, read_manifest
+from lmcache_fs.storage.layout import MANIFEST_NAME, PINS_DIR, check_key
+from lmcache_fs.storage.manifest import read_manifest
 from lmcache_fs.storage.store import ChunkStore
 from lmcache_fs.storage.usage import read_usage
 

@@ -17,11 +17,11 @@ from cachedir import make_store, prefix_keys, save_prefix, set_mtime
 
 from lmcache_fs.config import load_config
 from lmcache_fs.ops import eviction
-from lmcache_fs.ops.eviction import lease_path
 from lmcache_fs.ops.inventory import scan_chunks, total_size
 from lmcache_fs.ops.lease import Lease, read_lease
-from lmcache_fs.ops.pins import PINS_DIR, PinStore
-from lmcache_fs.storage.layout import MANIFEST_NAME, TEMP_PREFIX, read_manifest
+from lmcache_fs.ops.pins import PinStore
+from lmcache_fs.storage.layout import HASH_SEED_MARKER_PREFIX, MANIFEST_NAME, PINS_DIR, TEMP_PREFIX, lease_path
+from lmcache_fs.storage.manifest import read_manifest, write_manifest
 
 CHUNK_BYTES = 4096 + 1024  # header page + 1 KiB of data (cachedir.SHAPE)
 DEEP = b"[" * 200_000 + b"]" * 200_000  # past any recursion limit: RecursionError in json
@@ -59,7 +59,7 @@ def test_a_symlink_planted_at_the_manifest_name_is_never_written_through(tmp_pat
     manifest = store.layout.directory / MANIFEST_NAME
     manifest.unlink()
     manifest.symlink_to(outside)
-    store.layout.write_manifest()
+    write_manifest(store.layout)
     assert _untouched(outside)
     assert manifest.is_symlink()  # left as planted; the first entry at the name wins
     assert read_manifest(store.layout.directory) is None  # and it is not read through either
@@ -71,7 +71,7 @@ def test_a_symlink_planted_at_the_temporary_name_is_never_written_through(tmp_pa
     (directory / MANIFEST_NAME).unlink()
     # The name the manifest's temporary used to have (predictable: the pid).
     (directory / f"{TEMP_PREFIX}{os.getpid()}.{MANIFEST_NAME}").symlink_to(outside)
-    store.layout.write_manifest()
+    write_manifest(store.layout)
     assert _untouched(outside)
     manifest = directory / MANIFEST_NAME
     assert not manifest.is_symlink()
@@ -84,17 +84,13 @@ def test_a_symlink_planted_at_the_namespace_directory_is_never_written_through(t
     layout = store.layout
     shutil.rmtree(layout.directory)
     layout.directory.symlink_to(outside.parent, target_is_directory=True)
-    layout.write_manifest()
+    write_manifest(layout)
     assert sorted(p.name for p in outside.parent.iterdir()) == ["victim.txt"]
 
 
 def test_a_symlink_planted_at_the_hash_seed_marker_is_never_followed(tmp_path, outside):
     pytest.importorskip("vllm")
-    from lmcache_fs.connector.namespace import (
-        HASH_SEED_MARKER_PREFIX,
-        check_hash_seed,
-        hash_seed_fingerprint,
-    )
+    from lmcache_fs.connector.namespace import check_hash_seed, hash_seed_fingerprint
 
     root = tmp_path / "cache"
     root.mkdir()
@@ -113,7 +109,7 @@ def test_a_symlink_planted_at_the_hash_seed_marker_is_never_followed(tmp_path, o
 
 def test_hash_seed_markers_of_other_shapes_are_not_reported(tmp_path, caplog):
     pytest.importorskip("vllm")
-    from lmcache_fs.connector.namespace import HASH_SEED_MARKER_PREFIX, check_hash_seed
+    from lmcache_fs.connector.namespace import check_hash_seed
 
     (tmp_path / f"{HASH_SEED_MARKER_PREFIX}\x1b[2Jfake\nWARNING forged").write_text("")
     with caplog.at_level(logging.WARNING):

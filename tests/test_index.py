@@ -27,17 +27,17 @@ def test_start_up_scan_finds_what_is_on_disk(tmp_path):
         _save(store, key)
     index = ChunkIndex(store.layout)
     assert index.scan() == 3
-    assert index.longest_prefix(KEYS) == 3
+    assert [index.contains(k) for k in KEYS[:3]] == [True] * 3
+    assert index.stats["stat_hits"] == 0  # all from the scan
 
 
-def test_longest_prefix_stops_at_the_first_gap(tmp_path):
+def test_a_gap_is_absent_and_the_chunks_after_it_present(tmp_path):
     store = _store(tmp_path)
     for key in (KEYS[0], KEYS[1], KEYS[3]):
         _save(store, key)
     index = ChunkIndex(store.layout)
     index.scan()
-    assert index.longest_prefix(KEYS) == 2
-    assert index.longest_prefix([]) == 0
+    assert [index.contains(k) for k in KEYS[:4]] == [True, True, False, True]
 
 
 def test_file_from_another_node_is_found_by_stat_after_the_negative_ttl(tmp_path):

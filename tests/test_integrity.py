@@ -10,7 +10,7 @@ from lmcache_fs.config import ConfigError, load_config
 from lmcache_fs.ops.verify import verify_namespace
 from lmcache_fs.storage.codec import ChunkFileError
 from lmcache_fs.storage.integrity import key_id, read_key_file
-from lmcache_fs.storage.quarantine import quarantine_dir
+from lmcache_fs.storage.layout import quarantine_dir
 from lmcache_fs.storage.store import ChunkStore
 
 KEY = b"k" * 32

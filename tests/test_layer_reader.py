@@ -11,7 +11,7 @@ import torch
 from cachedir import flip_byte
 
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
-from lmcache_fs.storage.quarantine import quarantine_dir
+from lmcache_fs.storage.layout import quarantine_dir
 from lmcache_fs.storage.store import ChunkStore
 from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
 

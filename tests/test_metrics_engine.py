@@ -26,7 +26,8 @@ pytest.importorskip("vllm")
 from lmcache_fs.connector.stats import LMCacheFSStats, load_error_reason  # noqa: E402
 from lmcache_fs.ops.inventory import namespace_dirs, scan_chunks  # noqa: E402
 from lmcache_fs.storage.codec import ChunkFileError  # noqa: E402
-from lmcache_fs.storage.usage import read_usage, usage_path, write_usage  # noqa: E402
+from lmcache_fs.storage.layout import usage_path  # noqa: E402
+from lmcache_fs.storage.usage import read_usage, write_usage  # noqa: E402
 
 CHUNK = 256  # lmcache-fs's default chunk_size
 PROMPT = [random.Random(16).randrange(3, 250) for _ in range(2 * CHUNK + 20)]  # 2 full chunks

@@ -8,7 +8,8 @@ from cachedir import make_store, prefix_keys, save_prefix
 
 from lmcache_fs.ops import pins as pins_module
 from lmcache_fs.ops.inspection import prefix_keys as stored_prefix
-from lmcache_fs.ops.pins import PINS_DIR, PinStore
+from lmcache_fs.ops.pins import PinStore
+from lmcache_fs.storage.layout import PINS_DIR
 from lmcache_fs.storage.layout import BadKeyError
 
 

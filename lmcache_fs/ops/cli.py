@@ -23,7 +23,7 @@ from lmcache_fs import __version__
 from lmcache_fs.config import CONFIG_FILE_ENV, ConfigError, LMCacheFSConfig, load_config
 from lmcache_fs.log import human_bytes, init_logging
 from lmcache_fs.model_identity import model_identity
-from lmcache_fs.ops.eviction import BackgroundEvictor, EvictionReport, Evictor, lease_path
+from lmcache_fs.ops.eviction import BackgroundEvictor, EvictionReport, Evictor
 from lmcache_fs.ops.inventory import (
     NamespaceNotFoundError,
     find_namespace,
@@ -35,12 +35,14 @@ from lmcache_fs.ops.inventory import (
     total_size,
 )
 from lmcache_fs.ops.lease import read_lease
-from lmcache_fs.ops.pins import PINS_DIR, PinStore
+from lmcache_fs.ops.pins import PinStore
 from lmcache_fs.progress import progress, track
-from lmcache_fs.storage.layout import BadKeyError, check_key, chunk_file_path, read_manifest
-from lmcache_fs.storage.quarantine import quarantine, quarantine_dir
+from lmcache_fs.storage.layout import (BadKeyError, check_key, chunk_path, lease_path, pins_dir,
+                                       quarantine_dir, usage_path)
+from lmcache_fs.storage.manifest import read_manifest
+from lmcache_fs.storage.quarantine import quarantine
 from lmcache_fs.storage.space import free_bytes
-from lmcache_fs.storage.usage import read_usage, usage_path
+from lmcache_fs.storage.usage import read_usage
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1  # bad files found, nothing matched, or the user declined
@@ -131,7 +133,7 @@ def cmd_inspect(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
         paths = [Path(args.target)]
     else:
         check_key(args.target)
-        paths = [chunk_file_path(ns, args.target) for ns in _namespaces(root, args.namespace)]
+        paths = [chunk_path(ns, args.target) for ns in _namespaces(root, args.namespace)]
         paths = [p for p in paths if os.path.lexists(p)]
         if not paths:
             return Result(EXIT_PROBLEMS, {"files": []}, [f"no chunk {args.target} under {root}"])
@@ -317,7 +319,7 @@ def cmd_pin(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
     if args.list:
         pins = [{"namespace": ns.name, "name": p.name, "chunks": len(p.keys), "note": p.note,
                  "pinned_at": _iso(p.pinned_at), "host": p.host,
-                 "present": sum(os.path.exists(chunk_file_path(ns, k)) for k in p.keys)}
+                 "present": sum(os.path.exists(chunk_path(ns, k)) for k in p.keys)}
                 for ns in _namespaces(root, args.namespace) for p in PinStore(ns).pins()]
         return Result(EXIT_OK, {"pins": pins}, _table(
             ["NAMESPACE", "PIN", "CHUNKS", "PRESENT", "PINNED", "NOTE"],
@@ -332,7 +334,7 @@ def cmd_pin(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
             new = PinStore(ns, cfg.file_mode).pin(keys, args.note)
         except ValueError as exc:  # a pin too large to be read back: the message names the fix
             raise ConfigError(str(exc)) from exc
-        present = sum(os.path.exists(chunk_file_path(ns, k)) for k in keys)
+        present = sum(os.path.exists(chunk_path(ns, k)) for k in keys)
         done.append({"namespace": ns.name, "name": keys[-1], "chunks": len(keys),
                      "present": present, "new": new, "complete_prefix": complete})
     if not done:
@@ -387,7 +389,7 @@ def cmd_clear(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
         except FileNotFoundError:
             pass
     for ns in targets:
-        shutil.rmtree(ns / PINS_DIR, ignore_errors=True)
+        shutil.rmtree(pins_dir(ns), ignore_errors=True)
         for temp in scan_namespace_temporaries(ns):
             Path(temp.path).unlink(missing_ok=True)
     if args.all:

@@ -61,11 +61,11 @@ from lmcache_fs.ops.inventory import (
 )
 from lmcache_fs.ops.lease import Lease
 from lmcache_fs.ops.pins import PinStore
-from lmcache_fs.storage.usage import usage_path, write_usage
+from lmcache_fs.storage.layout import lease_path, usage_path
+from lmcache_fs.storage.usage import write_usage
 
 logger = logging.getLogger(__name__)
 
-LEASE_NAME = "eviction.lease"
 LEASE_TTL_INTERVALS = 3  # a silent evictor is replaced after this many intervals
 _MIN_LEASE_TTL_S = 30.0
 
@@ -91,11 +91,6 @@ class EvictionReport:
     quarantined_files: int = 0
     quarantined_bytes: int = 0
     temporary_files: int = 0
-
-
-def lease_path(root: str | os.PathLike[str]) -> Path:
-    """The eviction lease file of the cache at ``root``."""
-    return Path(root) / LEASE_NAME
 
 
 def lease_ttl_s(interval_s: float) -> float:

@@ -28,9 +28,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from lmcache_fs.config import LMCacheFSConfig
-from lmcache_fs.ops.eviction import EvictionReport, Evictor, lease_path, lease_ttl_s
+from lmcache_fs.ops.eviction import EvictionReport, Evictor, lease_ttl_s
 from lmcache_fs.ops.inventory import scan_directory, total_size
 from lmcache_fs.ops.lease import read_lease
+from lmcache_fs.storage.layout import lease_path
 from lmcache_fs.storage.space import free_bytes
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,7 @@ from typing import Mapping, Sequence
 import torch
 
 from lmcache_fs.storage.codec import ChunkFileError, ChunkHeader
-from lmcache_fs.storage.layout import BadKeyError, chunk_file_path
-from lmcache_fs.storage.quarantine import QUARANTINE_DIR
+from lmcache_fs.storage.layout import QUARANTINE_DIR, BadKeyError, chunk_path
 from lmcache_fs.storage.store import OpenChunk, open_chunk_at
 
 _MAX_CHAIN = 100_000  # chunks in one prefix; a cycle in planted files must not loop forever
@@ -74,10 +73,10 @@ def prefix_keys(namespace_dir: str | os.PathLike[str], key: str) -> tuple[list[s
         BadKeyError: ``key`` is not a chunk key.
     """
     keys = [key]
-    parent = read_header(chunk_file_path(namespace_dir, key)).metadata.get("parent_key", "")
+    parent = read_header(chunk_path(namespace_dir, key)).metadata.get("parent_key", "")
     while parent and len(keys) < _MAX_CHAIN:
         try:
-            header = read_header(chunk_file_path(namespace_dir, parent))
+            header = read_header(chunk_path(namespace_dir, parent))
         except (ChunkFileError, BadKeyError):
             return keys[::-1], False
         keys.append(parent)

@@ -26,14 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from lmcache_fs.ops.pins import PINS_DIR, PinStore
+from lmcache_fs.ops.pins import PinStore
 from lmcache_fs.storage.layout import (
-    TEMP_PREFIX,
+    PINS_DIR,
+    is_fanout_name,
     is_namespace_name,
+    is_temporary,
     iter_chunk_files,
-    read_manifest,
+    quarantine_dir,
 )
-from lmcache_fs.storage.quarantine import quarantine_dir
+from lmcache_fs.storage.manifest import read_manifest
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def scan_irregular(namespace_dir: str | os.PathLike[str]) -> Iterator[FileEntry]
     except FileNotFoundError:
         return
     for sub in top:
-        if len(sub.name) == 2 and not sub.is_dir(follow_symlinks=False):
+        if is_fanout_name(sub.name) and not sub.is_dir(follow_symlinks=False):
             yield _entry(sub)
     for _, entry in iter_chunk_files(namespace_dir):
         if not entry.is_file(follow_symlinks=False):
@@ -136,13 +138,13 @@ def scan_namespace_temporaries(namespace_dir: str | os.PathLike[str]) -> Iterato
     """Writers' temporary files in one namespace (its fan-out and pins directories included)."""
     yield from _temporaries_in(namespace_dir)
     for sub in _scandir(namespace_dir):  # never into a symlinked directory
-        if (len(sub.name) == 2 or sub.name == PINS_DIR) and sub.is_dir(follow_symlinks=False):
+        if (is_fanout_name(sub.name) or sub.name == PINS_DIR) and sub.is_dir(follow_symlinks=False):
             yield from _temporaries_in(sub.path)
 
 
 def _temporaries_in(directory: str | os.PathLike[str]) -> Iterator[FileEntry]:
     for entry in _scandir(directory):
-        if entry.name.startswith(TEMP_PREFIX):
+        if is_temporary(entry.name):
             yield _entry(entry)
 
 

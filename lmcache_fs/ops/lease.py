@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from lmcache_fs.storage.layout import TEMP_PREFIX
+from lmcache_fs.storage.layout import temp_name
 from lmcache_fs.storage.publish import publish
 from lmcache_fs.storage.untrusted import parse_json_object, read_capped
 
@@ -245,7 +245,7 @@ class Lease:
 
     def _take_over(self) -> bool:
         """Move the expired lease aside; True if the lease name is now free for us to publish."""
-        aside = self.path.parent / f"{TEMP_PREFIX}stale.{self._token}.{self.path.name}"
+        aside = self.path.parent / temp_name(self.path.name)  # removed by later passes if left
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:

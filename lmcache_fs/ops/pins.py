@@ -35,14 +35,12 @@ from pathlib import Path
 from typing import Sequence
 
 from lmcache_fs.log import human_bytes
-from lmcache_fs.storage.layout import BadKeyError, check_key
+from lmcache_fs.storage.layout import BadKeyError, check_key, key_of_pin, pin_file_name, pins_dir
 from lmcache_fs.storage.publish import publish
 from lmcache_fs.storage.untrusted import parse_json_object, read_capped
 
 logger = logging.getLogger(__name__)
 
-PINS_DIR = "pins"
-PIN_SUFFIX = ".json"
 # A key takes 69 bytes of a pin file, so 16 MiB is about 240k keys: a prompt of
 # 3.9M tokens at chunk_size 16. pin() refuses more, so no pin is written that
 # eviction would not read.
@@ -68,11 +66,11 @@ class PinStore:
     """The pins of one namespace directory."""
 
     def __init__(self, namespace_dir: str | os.PathLike[str], mode: int = 0o644):
-        self.directory = Path(namespace_dir) / PINS_DIR
+        self.directory = pins_dir(namespace_dir)
         self.mode = mode
 
     def _path(self, name: str) -> Path:
-        return self.directory / f"{check_key(name)}{PIN_SUFFIX}"
+        return self.directory / pin_file_name(name)
 
     def pin(self, keys: Sequence[str], note: str = "") -> bool:
         """Pin the prefix made of ``keys`` (chunk keys in prompt order).
@@ -117,7 +115,7 @@ class PinStore:
             return []
         found = []
         for name in names:
-            if name.startswith(".") or not name.endswith(PIN_SUFFIX):
+            if key_of_pin(name) is None:  # a temporary, a stray name
                 continue
             pin = _read_pin(self.directory / name)
             if pin is None:
@@ -154,6 +152,6 @@ def _read_pin(path: Path) -> Pin | None:
         checked = tuple(check_key(k) for k in keys)
     except BadKeyError:
         return None
-    if path.name != checked[-1] + PIN_SUFFIX:
+    if key_of_pin(path.name) != checked[-1]:
         return None
     return Pin(checked, note, float(pinned_at), host)

@@ -21,7 +21,7 @@ import torch
 from lmcache_fs.ops.inspection import open_chunk_path
 from lmcache_fs.ops.inventory import expected_chunk_geometry, scan_chunks, scan_irregular
 from lmcache_fs.storage.codec import ChunkFileError, ChunkHeader
-from lmcache_fs.storage.layout import read_manifest
+from lmcache_fs.storage.manifest import read_manifest
 from lmcache_fs.storage.quarantine import is_bad_entry
 
 

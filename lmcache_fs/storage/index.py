@@ -19,8 +19,8 @@ Example:
     >>> idx = ChunkIndex(ChunkLayout("/nonexistent", Namespace({"model": "m"})))
     >>> idx.scan()
     0
-    >>> idx.longest_prefix(["ab" * 8])
-    0
+    >>> idx.contains("ab" * 8)
+    False
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
-from lmcache_fs.storage.layout import CHUNK_SUFFIX, ChunkLayout, check_key
+from lmcache_fs.storage.layout import ChunkLayout, chunk_location, key_of
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class ChunkIndex:
                  stat: Callable[[str], os.stat_result] = os.stat,
                  clock: Callable[[], float] = time.monotonic):
         self.layout = layout
+        self._directory = str(layout.directory)
         self.negative_ttl_s = negative_ttl_s
         self._stat = stat
         self._clock = clock
@@ -86,7 +87,7 @@ class ChunkIndex:
         if not recheck and self._absent_until.get(key, 0.0) > now:
             return False
         try:
-            self._stat(self.layout.chunk_file(key))
+            self._stat(chunk_location(key).under(self._directory))
         except OSError:  # absent, ESTALE, EACCES: all a miss, retried after the TTL
             self.stats["stat_misses"] += 1
             with self._lock:
@@ -97,13 +98,6 @@ class ChunkIndex:
         self.stats["stat_hits"] += 1
         self.add(key)
         return True
-
-    def longest_prefix(self, keys: Sequence[str]) -> int:
-        """How many of ``keys`` (chunk keys in prompt order) exist from the start."""
-        for i, key in enumerate(keys):
-            if not self.contains(key):
-                return i
-        return len(keys)
 
     # -- watching -----------------------------------------------------------
 
@@ -152,13 +146,9 @@ class ChunkIndex:
 
     def _on_paths(self, paths: Iterable[str | bytes], present: bool) -> None:
         for path in paths:
-            name = os.path.basename(os.fsdecode(path))
-            if name.startswith(".") or not name.endswith(CHUNK_SUFFIX):
-                continue
-            key = name[: -len(CHUNK_SUFFIX)]
-            try:
-                check_key(key)
-            except ValueError:
+            fanout, name = os.path.split(os.fsdecode(path))
+            key = key_of(name, os.path.basename(fanout))
+            if key is None:  # a temporary, a pin, a stray name
                 continue
             self.stats["events"] += 1
             if present:

@@ -24,20 +24,12 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
-import socket
 from pathlib import Path
 from typing import Callable
 
-from lmcache_fs.storage.layout import TEMP_PREFIX
+from lmcache_fs.storage.layout import temp_name
 
-_HOST = socket.gethostname().replace("/", "_").replace(".", "_")[:32] or "host"
 _NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
-
-
-def temp_name(final_name: str) -> str:
-    """A temporary name beside ``final_name`` that no other process can choose."""
-    return f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.{secrets.token_hex(6)}.{final_name}"
 
 
 def publish(final: str | os.PathLike[str], write: Callable[[int], object],

@@ -17,17 +17,16 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import secrets
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
+
+from lmcache_fs.storage.layout import quarantine_dir, quarantined_name
 
 if TYPE_CHECKING:  # the codec imports torch; operators' commands that only list files do not need it
     from lmcache_fs.storage.codec import ChunkFileError
 
 logger = logging.getLogger(__name__)
-
-QUARANTINE_DIR = "quarantine"
 
 # open()/read() errors that prove the entry itself is wrong (a symlink, a
 # directory where a file should be, a file where a directory should be).
@@ -42,11 +41,6 @@ def is_bad_entry(exc: ChunkFileError) -> bool:
     # No OS error: the bytes were read and failed a check (size, header,
     # namespace, key, shape, dtype or checksum).
     return True
-
-
-def quarantine_dir(root: str | os.PathLike[str]) -> Path:
-    """Where quarantined entries of the cache at ``root`` go."""
-    return Path(root) / QUARANTINE_DIR
 
 
 def quarantine(root: str | os.PathLike[str], path: str | os.PathLike[str], reason: str) -> Path | None:
@@ -75,8 +69,7 @@ def quarantine_at(root: str | os.PathLike[str], dir_fd: int, name: str,
 
 def _move(root: Path, parts: tuple[str, ...], rename: Callable[[Path], None],
           reason: str) -> Path | None:
-    relative = "__".join(parts)
-    target = quarantine_dir(root) / f"{relative}.{int(time.time())}.{secrets.token_hex(4)}"
+    target = quarantine_dir(root) / quarantined_name(parts, int(time.time()))
     try:
         target.parent.mkdir(exist_ok=True)
         rename(target)

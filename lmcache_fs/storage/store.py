@@ -42,7 +42,7 @@ import torch
 
 from lmcache_fs.storage.codec import (ChunkFileError, ChunkHeader, DataCheck, byte_view,
                                       check_header, read_header, write_chunk_to_fd)
-from lmcache_fs.storage.layout import CHUNK_SUFFIX, BadKeyError, ChunkLayout, check_key
+from lmcache_fs.storage.layout import BadKeyError, ChunkLayout, ChunkLocation, chunk_location
 from lmcache_fs.storage.publish import publish_at
 from lmcache_fs.storage.quarantine import is_bad_entry, quarantine_at
 
@@ -192,10 +192,10 @@ class ChunkStore:
             OSError: the write failed (disk full, permissions, a symlinked
                 directory on the path...); nothing is left behind.
         """
-        check_key(key)
+        where = chunk_location(key)
         meta = {**metadata, **self.identity(key)}
-        name = key + CHUNK_SUFFIX
-        dir_fd = self._open_fanout(key, create=True)
+        name = where.name
+        dir_fd = self._open_fanout(where, create=True)
         try:
             published = publish_at(dir_fd, name,
                                    lambda fd: write_chunk_to_fd(fd, data, meta, self.mac_key),
@@ -220,19 +220,18 @@ class ChunkStore:
                 symlinked directory (an entry proven bad is quarantined first).
         """
         try:
-            check_key(key)
+            where = chunk_location(key)
         except BadKeyError as exc:
             raise ChunkFileError(str(exc)) from exc
         try:
-            dir_fd = self._open_fanout(key, create=False)
+            dir_fd = self._open_fanout(where, create=False)
         except FileNotFoundError as exc:
             raise ChunkFileError("missing") from exc
         except OSError as exc:  # a bad directory is already quarantined
             raise ChunkFileError(f"cannot open its directory: {exc.strerror}") from exc
-        name = key + CHUNK_SUFFIX
-        parts = (self.layout.namespace.name, key[:2], name)
+        parts = (self.layout.namespace.name, where.fanout, where.name)
         try:
-            return open_chunk_at(dir_fd, name, key=key, expect=self.identity(key), dtype=dtype,
+            return open_chunk_at(dir_fd, where.name, key=key, expect=self.identity(key), dtype=dtype,
                                  shape=shape, mac_key=self.mac_key, parts=parts,
                                  reject=lambda fd, exc: self._reject(dir_fd, fd, parts, exc))
         except ChunkFileError:
@@ -265,8 +264,8 @@ class ChunkStore:
         self.finish(chunk)
         return chunk.header
 
-    def _open_fanout(self, key: str, *, create: bool) -> int:
-        """A descriptor of ``key``'s fan-out directory, reached without following any link.
+    def _open_fanout(self, where: ChunkLocation, *, create: bool) -> int:
+        """A descriptor of a chunk's fan-out directory, reached without following any link.
 
         Raises:
             FileNotFoundError: a directory on the way is missing (``create`` False).
@@ -281,7 +280,7 @@ class ChunkStore:
             self.layout.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.layout.root, os.O_RDONLY | os.O_DIRECTORY)
         namespace = self.layout.namespace.name
-        for parts in ((namespace,), (namespace, key[:2])):
+        for parts in ((namespace,), (namespace, where.fanout)):
             fd = self._open_subdir(fd, parts, create)
         return fd
 

@@ -40,17 +40,12 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from lmcache_fs.log import human_bytes
+from lmcache_fs.storage.layout import usage_path
 from lmcache_fs.storage.publish import replace
 from lmcache_fs.storage.space import StoreGuard
 from lmcache_fs.storage.untrusted import parse_json_object, read_capped
 
-USAGE_NAME = "eviction.usage"
 _MAX_USAGE_FILE = 4096
-
-
-def usage_path(root: str | os.PathLike[str]) -> Path:
-    """The usage file of the cache at ``root``."""
-    return Path(root) / USAGE_NAME
 
 
 class Usage(NamedTuple):
