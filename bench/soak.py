@@ -55,9 +55,8 @@ from launcher import (  # noqa: E402
     wait_until_healthy,
 )
 
-from lmcache_fs.ops.inventory import expected_chunk_geometry, namespace_dirs, scan_chunks  # noqa: E402
-from lmcache_fs.ops.verify import ReadBuffer, check_chunk  # noqa: E402
-from lmcache_fs.storage.manifest import read_manifest  # noqa: E402
+from lmcache_fs.ops.inventory import namespace_dirs, scan_chunks  # noqa: E402
+from lmcache_fs.ops.verify import PIECE_BYTES, check_chunk  # noqa: E402
 
 HIGH_WATERMARK = 0.95  # lmcache-fs's default eviction_high_watermark
 CHUNK = 256  # lmcache-fs's default chunk_size
@@ -195,13 +194,12 @@ def directory_bytes(root: Path) -> int:
 
 def check_directory(kv_dir: Path, result: SoakResult, stop: threading.Event) -> None:
     """Verify every published chunk file, again and again; track the directory's size."""
-    buffer = ReadBuffer()
+    buffer = bytearray(PIECE_BYTES)
     while not stop.is_set():
         result.max_directory_bytes = max(result.max_directory_bytes, directory_bytes(kv_dir))
         for ns in namespace_dirs(kv_dir):
-            geometry = expected_chunk_geometry(read_manifest(ns) or {})
             for entry in scan_chunks(ns):
-                finding = check_chunk(entry.path, ns.name, entry.key, geometry, buffer)
+                finding = check_chunk(entry.path, ns.name, entry.key, buffer)
                 result.files_checked += 1
                 if finding is not None and finding.damaged:
                     result.partial_files_seen += 1

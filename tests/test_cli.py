@@ -277,25 +277,50 @@ def test_an_unknown_namespace_is_exit_2_and_lists_the_known_ones(capsys, cache, 
     assert code == EXIT_USAGE and cache.layout.namespace.name in data["error"]
 
 
-@pytest.mark.parametrize("command", ["ls", "verify", "gc"])
-def test_a_directory_it_may_not_read_is_named_with_the_fix_not_a_traceback(
-        capsys, cache, tmp_path, monkeypatch, command):
-    # The tests run as root, who reads a 0700 directory anyway: refuse the namespace
-    # directory (and what is below it) as the kernel does for another user.
-    refused = str(cache.layout.directory)
+def _refuse(monkeypatch, directory: Path) -> None:
+    """Refuse ``directory`` (and what is below it) as the kernel does for another user:
+    the tests run as root, who reads a 0700 directory anyway."""
+    refused = str(directory)
     for name in ("scandir", "open"):
         real = getattr(os, name)
 
         def refusing(path, *args, real=real, **kwargs):
-            if os.fspath(path).startswith(refused):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+            by_name = path if isinstance(path, str) else None
+            if by_name is not None and (by_name.startswith(refused) or (
+                    kwargs.get("dir_fd") is not None and by_name == directory.name)):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), by_name)
             return real(path, *args, **kwargs)
 
         monkeypatch.setattr(os, name, refusing)
-    assert main([*command.split(), "--storage-path", str(tmp_path)]) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert err.startswith(f"lmcache-fs: error: Permission denied ({refused}")
-    assert err.rstrip().endswith("): run as the engines' user or fix the permissions")
+
+
+@pytest.mark.parametrize("command", ["ls", "verify", "stats"])
+def test_a_namespace_it_may_not_read_is_skipped_and_named_with_the_fix(
+        capsys, cache, tmp_path, monkeypatch, command):
+    # Without malice: an engine with umask 077 on a directory several accounts share.
+    other = make_store(tmp_path, model="readable")
+    save_prefix(other, prefix_keys("c", 2))
+    _refuse(monkeypatch, cache.layout.directory)
+    code = main([command, "--storage-path", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == (EXIT_OK if command == "stats" else EXIT_PROBLEMS)
+    assert str(cache.layout.directory) in out
+    assert "cannot read" in out or "cannot be read" in out
+    if command == "ls":
+        assert other.layout.namespace.name in out  # the rest is listed
+
+
+def test_one_unreadable_namespace_does_not_stop_eviction_of_the_others(
+        capsys, cache, tmp_path, monkeypatch):
+    other = make_store(tmp_path, model="readable")
+    keys = prefix_keys("c", 4)
+    save_prefix(other, keys)
+    _refuse(monkeypatch, cache.layout.directory)
+    code, data = run(capsys, "gc", "--storage-path", str(tmp_path),
+                     "--max-disk-size-gb", str(2 * (4096 + 1024) / 1e9))
+    assert code == EXIT_OK and data["unreadable_entries"] == 1
+    assert data["evicted_chunks"] >= 2
+    assert sum(other.layout.chunk_path(k).exists() for k in keys) <= 2
 
 
 @pytest.mark.parametrize("content,message", [
@@ -325,7 +350,11 @@ def test_stats_reads_the_budget_from_the_engines_config_file(capsys, cache, tmp_
     code, data = run(capsys, "stats", "--config", str(config))
     assert code == EXIT_OK
     assert data["chunks"] == 6 and data["budget_bytes"] == 100_000
-    assert data["budget_used"] == pytest.approx((6 * 5120 + 1) / 100_000)
+    # the chunks, the temporary and the config file (a foreign file, since the test put it
+    # in the cache directory): every byte under the directory counts but the cache's records
+    used = 6 * 5120 + 1 + config.stat().st_size
+    assert data["budget_used"] == pytest.approx(used / 100_000)
+    assert data["foreign"] == 1 and data["foreign_bytes"] == config.stat().st_size
     assert data["temporaries"] == 1 and data["evictor"] is None
     assert data["filesystem_free_bytes"] > 0 and data["stores_paused"] is False
     assert data["last_pass_bytes"] is None

@@ -278,15 +278,16 @@ def test_a_scan_that_outlasts_the_lease_renews_it_and_finishes(tmp_path, store, 
     clock = [time.time()]
     rival = Lease(lease_path(tmp_path), 30, clock=lambda: clock[0])
     rival_won = []
-    real_scan = eviction.scan_chunks
+    real_scan = eviction.scan_or_stop
 
-    def slow_scan(ns):  # each entry takes 20 s (NFS): the scan lasts four lease TTLs
-        for entry in real_scan(ns):
+    def slow_scan(root, keep_going):  # each entry takes 20 s (NFS): the scan lasts 4 lease TTLs
+        def each_chunk():
             clock[0] += 20
             rival_won.append(rival.acquire())
-            yield entry
+            return keep_going()
+        return real_scan(root, each_chunk)
 
-    monkeypatch.setattr(eviction, "scan_chunks", slow_scan)
+    monkeypatch.setattr(eviction, "scan_or_stop", slow_scan)
     report = _clocked(tmp_path, 2 * CHUNK_BYTES, clock).run_pass()
     assert rival_won == [False] * 6
     assert report.ran and report.evicted_chunks == 5
@@ -299,14 +300,18 @@ def test_a_pass_that_loses_the_lease_mid_scan_stops_and_says_it_did_not_run(tmp_
     save_prefix(store, keys)
     clock = [time.time()]
     rival = Lease(lease_path(tmp_path), 30, clock=lambda: clock[0])
-    real_scan = eviction.scan_chunks
+    real_scan = eviction.scan_or_stop
 
-    def stalled_scan(ns):
-        clock[0] += 31  # stalled for longer than the lease: the rival takes it over
-        assert rival.acquire()
-        yield from real_scan(ns)
+    def stalled_scan(root, keep_going):
+        def first_chunk():
+            if clock[0] < stalled_at + 31:
+                clock[0] += 31  # stalled for longer than the lease: the rival takes it over
+                assert rival.acquire()
+            return keep_going()
+        return real_scan(root, first_chunk)
 
-    monkeypatch.setattr(eviction, "scan_chunks", stalled_scan)
+    stalled_at = clock[0]
+    monkeypatch.setattr(eviction, "scan_or_stop", stalled_scan)
     report = _clocked(tmp_path, CHUNK_BYTES, clock).run_pass()
     assert not report.ran and f"pid {os.getpid()}" in report.lease_holder
     assert _present(store, keys) == keys

@@ -258,7 +258,7 @@ def test_verify_reports_a_planted_chunk_file_or_accepts_the_stored_bytes(chunk_s
     _count("chunk verify")
     path = chunk_store.layout.chunk_path(KEY)
     _plant(path, content)
-    finding = check_chunk(path, chunk_store.layout.namespace.name, KEY, (SHAPE, "bfloat16"))
+    finding = check_chunk(path, chunk_store.layout.namespace.name, KEY)
     assert finding is None or isinstance(finding, Finding)
 
 
@@ -270,3 +270,87 @@ def _plant(path, content: bytes) -> None:
     os.replace(tmp, path)
 
 
+
+
+# -- planted entries: any kind, at any place of the on-disk map ---------------------------
+
+PLACES = ("root", "namespace", "fanout", "the chunk's fanout", "pins", "quarantine")
+NAMES = ("namespace.json", "eviction.lease", "eviction.usage", "quarantine", "pins", "ab",
+         "hashseed-0123456789ab", ".tmp.h.1.x.f", "stray", "ab" * 32 + ".safetensors",
+         "ab" * 32 + ".json", "a\nb")
+KINDS = ("file", "empty", "dir", "dir with a file", "link outside", "link to a chunk", "fifo",
+         "sparse", "unreadable dir")
+
+
+def _plant_entry(root, store, outside, place: str, name: str, kind: str) -> None:
+    parent = {"root": root, "namespace": store.layout.directory,
+              "fanout": store.layout.directory / "ab",
+              "the chunk's fanout": store.layout.chunk_path(KEY).parent,
+              "pins": store.layout.directory / PINS_DIR, "quarantine": root / "quarantine"}[place]
+    if os.path.islink(parent) or (parent.exists() and not parent.is_dir()):
+        return  # an earlier entry of this example took the parent's name
+    parent.mkdir(parents=True, exist_ok=True)
+    path = parent / name
+    if os.path.lexists(path):
+        return
+    if kind in ("file", "empty", "sparse"):
+        with open(path, "wb") as f:
+            f.write(b"" if kind == "empty" else b"planted" * 50)
+            if kind == "sparse":
+                f.truncate(8 << 30)
+    elif kind in ("dir", "dir with a file", "unreadable dir"):
+        path.mkdir()
+        if kind != "dir":
+            (path / "inside").write_bytes(b"x" * 100)
+        if kind == "unreadable dir":
+            path.chmod(0)
+    elif kind == "link outside":
+        path.symlink_to(outside)
+    elif kind == "link to a chunk":
+        path.symlink_to(store.layout.chunk_path(KEY))
+    elif kind == "fifo":
+        os.mkfifo(path)
+
+
+@fuzz(200)
+@given(planted=st.lists(st.tuples(st.sampled_from(PLACES), st.sampled_from(NAMES),
+                                  st.sampled_from(KINDS)), min_size=1, max_size=6))
+def test_planted_entries_never_reach_outside_never_hang_and_never_remove_a_good_chunk(
+        scratch, planted):
+    from lmcache_fs.ops.cli import main
+    from lmcache_fs.ops.eviction import Evictor
+    from lmcache_fs.ops.inventory import scan_directory
+    from lmcache_fs.ops.verify import verify_namespace
+
+    _count("planted entries")
+    with tempfile.TemporaryDirectory(dir=scratch) as work:
+        root, outside = os.path.join(work, "kv"), os.path.join(work, "outside")
+        os.mkdir(outside)
+        with open(os.path.join(outside, "victim"), "w") as f:
+            f.write("precious")
+        from pathlib import Path
+
+        store = make_store(Path(root))
+        store.save(KEY, chunk(KEY), {})
+        for place, name, kind in planted:
+            _plant_entry(Path(root), store, Path(outside), place, name, kind)
+        contents = scan_directory(root)
+        assert KEY in {c.key for c in contents.chunks}
+        report = Evictor(root, max_bytes=10**12).run_pass()  # far under budget: removes no chunk
+        assert report.evicted_chunks == 0
+        assert not [f for f in verify_namespace(store.layout.directory)
+                    if f.path == str(store.layout.chunk_path(KEY))]
+        out = torch.empty(SHAPE, dtype=torch.bfloat16)
+        store.load(KEY, out)  # the good chunk is still there and loads
+        with open(os.devnull, "w") as quiet:
+            import contextlib
+
+            with contextlib.redirect_stdout(quiet):
+                main(["clear", "--all", "--yes", "--storage-path", root, "--json"])
+                main(["gc", "--remove-foreign", "--storage-path", root, "--json"])
+        assert sorted(os.listdir(outside)) == ["victim"]
+        with open(os.path.join(outside, "victim")) as f:
+            assert f.read() == "precious"
+        for dirpath, dirnames, _ in os.walk(work):  # let TemporaryDirectory clean up
+            for d in dirnames:
+                os.chmod(os.path.join(dirpath, d), 0o755)

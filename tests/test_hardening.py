@@ -223,15 +223,15 @@ def test_the_background_evictor_survives_an_unexpected_error_and_logs_it(tmp_pat
                                                                           caplog):
     store = make_store(tmp_path)
     _over_budget(tmp_path, store)
-    real, calls = eviction.namespace_dirs, []
+    real, calls = eviction.scan_or_stop, []
 
-    def broken_once(root):
+    def broken_once(root, keep_going):
         calls.append(root)
         if len(calls) == 1:
             raise RecursionError("maximum recursion depth exceeded")  # not an OSError
-        return real(root)
+        return real(root, keep_going)
 
-    monkeypatch.setattr(eviction, "namespace_dirs", broken_once)
+    monkeypatch.setattr(eviction, "scan_or_stop", broken_once)
     budget = 4 * CHUNK_BYTES
     cfg = load_config({"storage_path": str(tmp_path), "max_disk_size_gb": budget / 1e9,
                        "eviction_interval_s": 0.05})

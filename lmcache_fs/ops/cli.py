@@ -25,20 +25,22 @@ from lmcache_fs.log import human_bytes, init_logging
 from lmcache_fs.model_identity import model_identity
 from lmcache_fs.ops.eviction import BackgroundEvictor, EvictionReport, Evictor
 from lmcache_fs.ops.inventory import (
+    FileEntry,
     NamespaceNotFoundError,
     find_namespace,
     namespace_dirs,
     scan_chunks,
+    parts_below,
+    remove_entry,
     scan_directory,
-    scan_namespace_temporaries,
-    summarize,
+    scan_namespace,
     total_size,
 )
 from lmcache_fs.ops.lease import read_lease
 from lmcache_fs.ops.pins import PinStore
 from lmcache_fs.progress import progress, track
-from lmcache_fs.storage.layout import (BadKeyError, check_key, chunk_path, lease_path, pins_dir,
-                                       quarantine_dir, usage_path)
+from lmcache_fs.storage.layout import (PINS_DIR, QUARANTINE_DIR, USAGE_NAME, BadKeyError,
+                                       check_key, chunk_path, lease_path)
 from lmcache_fs.storage.manifest import read_manifest
 from lmcache_fs.storage.quarantine import quarantine
 from lmcache_fs.storage.space import free_bytes
@@ -113,13 +115,25 @@ def _namespaces(root: Path, name: str | None) -> list[Path]:
 def cmd_ls(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
     """Namespaces with their model, chunk count, size and last use."""
     with progress("scan") as bar:
-        rows = summarize(cfg.storage_path, bar.update)
+        contents = scan_directory(cfg.storage_path, bar.update)
+    rows = contents.namespaces
     data = {"storage_path": cfg.storage_path,
-            "namespaces": [{**asdict(s), "last_used": _iso(s.last_used)} for s in rows]}
+            "namespaces": [{**asdict(s), "last_used": _iso(s.last_used)} for s in rows],
+            "unreadable": [e.path for e in contents.unreadable]}
     text = _table(["NAMESPACE", "MODEL", "CHUNKS", "SIZE", "LAST USED", "PINS"],
                   [(s.name, s.model, s.chunks, human_bytes(s.bytes), _ago(s.last_used), s.pins)
                    for s in rows]) if rows else [f"no namespaces under {cfg.storage_path}"]
-    return Result(EXIT_OK, data, text)
+    text += _unreadable_text(contents.unreadable)
+    return Result(EXIT_PROBLEMS if contents.unreadable else EXIT_OK, data, text)
+
+
+def _unreadable_text(unreadable: Sequence[FileEntry]) -> list[str]:
+    """A line naming what this user could not read, and the fix (nothing is failed for it)."""
+    if not unreadable:
+        return []
+    shown = ", ".join(e.path for e in unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
+    return [f"skipped {len(unreadable)} entries this user cannot read ({shown}): run as the "
+            "engines' user or fix the permissions"]
 
 
 def cmd_inspect(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
@@ -171,7 +185,6 @@ def cmd_verify(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
     (EIO, ESTALE, EACCES) may be a good chunk behind a flaky mount or the wrong
     user: it is reported as unreadable and left in place.
     """
-    from lmcache_fs.ops.eviction import remove_entry
     from lmcache_fs.ops.verify import count_entries, verify_namespace
 
     root = Path(cfg.storage_path)
@@ -185,7 +198,9 @@ def cmd_verify(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
                     unreadable.append(entry)
                     continue
                 done = (quarantine(root, finding.path, finding.problem) is not None
-                        if args.quarantine else remove_entry(finding.path) if args.delete else False)
+                        if args.quarantine
+                        else remove_entry(root, parts_below(root, finding.path)) if args.delete
+                        else False)
                 bad.append({**entry, "action": action if done else ""})
             checked += bar.n
     text = [f"{f['path']}: {f['problem']}" + (f" ({f['action']})" if f["action"] else "")
@@ -207,12 +222,25 @@ def _report_text(report: EvictionReport) -> str:
             f"(budget {budget}): evicted {report.evicted_chunks} chunks "
             f"({human_bytes(report.evicted_bytes)}), removed {report.removed_quarantined} "
             f"quarantined and {report.removed_temporaries} stale temporary files, "
-            f"kept {report.skipped_pinned} pinned and {report.skipped_recently_used} just used")
+            f"kept {report.skipped_pinned} pinned and {report.skipped_recently_used} just used"
+            + _foreign_text(report))
+
+
+def _foreign_text(report: EvictionReport) -> str:
+    parts = []
+    if report.removed_foreign:
+        parts.append(f"removed {report.removed_foreign} foreign entries")
+    if report.foreign_files:
+        parts.append(f"{report.foreign_files} foreign entries ({human_bytes(report.foreign_bytes)}) "
+                     "counted, not removed (--remove-foreign removes them)")
+    if report.unreadable_entries:
+        parts.append(f"{report.unreadable_entries} entries this user cannot read, skipped")
+    return "".join(f"; {p}" for p in parts)
 
 
 def cmd_gc(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
     """One eviction pass (or, with --daemon, one every interval until SIGTERM/SIGINT)."""
-    evictor = Evictor.from_config(cfg)
+    evictor = Evictor.from_config(cfg, remove_foreign=args.remove_foreign)
     if args.metrics_port is not None and not args.daemon:
         raise ConfigError("--metrics-port serves the daemon's metrics: add --daemon")
     if not args.daemon:
@@ -381,21 +409,16 @@ def cmd_clear(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
             raise ConfigError(f"clear would delete {what}: pass --yes to confirm (no terminal to ask)")
         if input(f"Delete {what}? [y/N] ").strip().lower() not in ("y", "yes"):
             return Result(EXIT_PROBLEMS, {"deleted_chunks": 0}, ["nothing deleted"])
-    deleted = 0
-    for chunk in track(chunks, "clear", len(chunks)):
-        try:
-            os.unlink(chunk.path)
-            deleted += 1
-        except FileNotFoundError:
-            pass
+    # By descriptor (ops/inventory.py): a planted symlink is removed itself, never followed.
+    deleted = sum(remove_entry(root, chunk.parts) for chunk in track(chunks, "clear", len(chunks)))
     for ns in targets:
-        shutil.rmtree(pins_dir(ns), ignore_errors=True)
-        for temp in scan_namespace_temporaries(ns):
-            Path(temp.path).unlink(missing_ok=True)
+        remove_entry(root, (ns.name, PINS_DIR))
+        for temp in scan_namespace(ns).temporaries:
+            remove_entry(root, temp.parts)
     if args.all:
-        shutil.rmtree(quarantine_dir(root), ignore_errors=True)
+        remove_entry(root, (QUARANTINE_DIR,))
     # The last pass's measure no longer holds: writers store again until the next pass measures.
-    usage_path(root).unlink(missing_ok=True)
+    remove_entry(root, (USAGE_NAME,))
     return Result(EXIT_OK, {"deleted_chunks": deleted, "deleted_pins": pins},
                   [f"deleted {deleted} chunk files and {pins} pins"])
 
@@ -420,6 +443,8 @@ def cmd_stats(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
         "pins": sum(r.pins for r in rows),
         "temporaries": len(temps), "temporary_bytes": total_size(temps),
         "quarantined": len(quarantined), "quarantined_bytes": total_size(quarantined),
+        "foreign": len(contents.foreign), "foreign_bytes": total_size(contents.foreign),
+        "unreadable": len(contents.unreadable),
         "filesystem_bytes": usage.total, "filesystem_free_bytes": free,
         "min_free_bytes": int(cfg.min_free_disk_gb * 1e9),
         "stores_paused": free < cfg.min_free_disk_gb * 1e9,
@@ -441,8 +466,11 @@ def cmd_stats(args: argparse.Namespace, cfg: LMCacheFSConfig) -> Result:
         + f" below {human_bytes(data['min_free_bytes'])} free",
         f"temporaries    {len(temps)} ({human_bytes(total_size(temps))})",
         f"quarantined    {len(quarantined)} ({human_bytes(total_size(quarantined))})",
+        f"foreign        {len(contents.foreign)} ({human_bytes(total_size(contents.foreign))}), "
+        "counted, never removed unless `gc --remove-foreign`",
         f"evictor        {data['evictor'] or 'none holds the lease'}; last pass measured "
         + (human_bytes(measured) if measured is not None else "nothing yet"),
+        *_unreadable_text(contents.unreadable),
     ]
     return Result(EXIT_OK, data, text)
 
@@ -520,6 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--eviction-interval-s", type=float, help="seconds between passes (daemon)")
     gc.add_argument("--temp-file-grace-s", type=float,
                     help="remove writers' temporary files older than this (at least 60)")
+    gc.add_argument("--remove-foreign", action="store_true",
+                    help="also remove every entry the cache did not create (a file or directory "
+                         "at a name it never uses, a symlink, FIFO or device): counted against "
+                         "the budget and reported, but otherwise never removed")
     gc.add_argument("--metrics-port", type=int, metavar="PORT",
                     help="with --daemon: serve Prometheus /metrics and /health on PORT "
                          "(default: off; 0 picks a free port)")

@@ -1,8 +1,11 @@
 """Keep the whole cache directory within one budget, whoever writes to it.
 
 ``max_disk_size_gb`` is one budget for the directory, not per instance: a pass
-adds up every namespace's chunk files, the quarantine and the temporaries.
-Above the high watermark it removes, until the directory is below the low
+adds up every byte under it (see :mod:`lmcache_fs.ops.inventory`: chunk files,
+the quarantine, temporaries, the cache's own records and foreign entries, by the
+blocks they occupy). Foreign entries are counted, never removed unless the
+pass is asked to (``gc --remove-foreign``); an entry this user cannot read is
+skipped and counted. Above the high watermark it removes, until the directory is below the low
 watermark, first quarantined files and then chunk files least recently used
 first. "Used" is the file's mtime, which every instance sets when it loads
 or stores a chunk (atime is unreliable on NFS). Pinned chunks are never
@@ -40,8 +43,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,11 +53,10 @@ from lmcache_fs.config import LMCacheFSConfig
 from lmcache_fs.log import human_bytes
 from lmcache_fs.ops.inventory import (
     ChunkEntry,
+    DirectoryContents,
     FileEntry,
-    namespace_dirs,
-    scan_chunks,
-    scan_quarantine,
-    scan_temporaries,
+    remove_entry,
+    scan_or_stop,
     total_size,
 )
 from lmcache_fs.ops.lease import Lease
@@ -91,6 +91,10 @@ class EvictionReport:
     quarantined_files: int = 0
     quarantined_bytes: int = 0
     temporary_files: int = 0
+    foreign_files: int = 0
+    foreign_bytes: int = 0
+    removed_foreign: int = 0
+    unreadable_entries: int = 0
 
 
 def lease_ttl_s(interval_s: float) -> float:
@@ -106,7 +110,7 @@ class Evictor:
                  temp_grace_s: float = 600.0, lease_ttl: float = _MIN_LEASE_TTL_S,
                  file_mode: int = 0o644,
                  on_evicted: Callable[[str, str], None] | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, remove_foreign: bool = False):
         """
         Args:
             root: the cache directory (``storage_path``).
@@ -118,6 +122,8 @@ class Evictor:
             on_evicted: called with ``(namespace, key)`` for each removed chunk
                 (e.g. to drop it from this process's index).
             clock: wall-clock time (mtimes and the lease are wall-clock).
+            remove_foreign: also remove every foreign entry (anything the on-disk
+                map does not name), whatever the budget.
         """
         if not 0 < low_watermark < high_watermark <= 1:
             raise ValueError(f"need 0 < low_watermark < high_watermark <= 1, got "
@@ -131,15 +137,17 @@ class Evictor:
         self.lease = Lease(lease_path(root), lease_ttl, file_mode, clock)
         self._on_evicted = on_evicted
         self._clock = clock
+        self.remove_foreign = remove_foreign
 
     @classmethod
     def from_config(cls, config: LMCacheFSConfig,
-                    on_evicted: Callable[[str, str], None] | None = None) -> "Evictor":
+                    on_evicted: Callable[[str, str], None] | None = None,
+                    remove_foreign: bool = False) -> "Evictor":
         """An evictor with the budget, watermarks, grace and interval of ``config``."""
         return cls(config.storage_path, int(config.max_disk_size_gb * 1e9),
                    config.eviction_high_watermark, config.eviction_low_watermark,
                    config.temp_file_grace_s, lease_ttl_s(config.eviction_interval_s),
-                   config.file_mode, on_evicted)
+                   config.file_mode, on_evicted, remove_foreign=remove_foreign)
 
     def run_pass(self) -> EvictionReport:
         """Clean temporaries and, above the high watermark, evict down to the low one.
@@ -158,26 +166,25 @@ class Evictor:
         if budgeted and not self._take_lease():
             report.ran, report.lease_holder = False, self._holder_text()
             return report
-        temporaries = self._remove_old_temporaries(report)
-        chunks: list[ChunkEntry] = []
-        for ns in namespace_dirs(self.root):
-            report.namespace_chunks[ns.name] = report.namespace_bytes[ns.name] = 0
-            for chunk in scan_chunks(ns):
-                # Renewed entry by entry: on NFS one namespace's scan can outlast the lease.
-                if budgeted and not self.lease.renew_if_due():
-                    report.ran = False  # nothing evicted: the new holder enforces the budget
-                    return self._lost_lease(report)
-                chunks.append(chunk)
-        quarantined = list(scan_quarantine(self.root))
-        report.bytes_before = report.bytes_after = (
-            total_size(chunks) + total_size(quarantined) + total_size(temporaries))
-        for chunk in chunks:
+        # Renewed entry by entry: on NFS one namespace's scan can outlast the lease.
+        contents = scan_or_stop(self.root, self.lease.renew_if_due if budgeted else lambda: True)
+        if contents is None:
+            report.ran = False  # nothing evicted: the new holder enforces the budget
+            return self._lost_lease(report)
+        contents.temporaries = self._remove_old_temporaries(report, contents.temporaries)
+        if self.remove_foreign:
+            contents.foreign = self._remove_all(report, contents.foreign)
+        report.bytes_before = report.bytes_after = contents.bytes
+        for chunk in contents.chunks:
             _count(report, chunk, 1)
-        report.quarantined_files, report.quarantined_bytes = len(quarantined), total_size(quarantined)
-        report.temporary_files = len(temporaries)
+        report.quarantined_files = len(contents.quarantined)
+        report.quarantined_bytes = total_size(contents.quarantined)
+        report.temporary_files = len(contents.temporaries)
+        report.foreign_files, report.foreign_bytes = len(contents.foreign), total_size(contents.foreign)
+        report.unreadable_entries = len(contents.unreadable)
         if budgeted and report.bytes_before > self.high_watermark * self.max_bytes:
-            self._evict(report, quarantined, chunks)
-        self._log(report)
+            self._evict(report, contents)
+        self._log(report, contents)
         if budgeted:
             self._share_usage(report.bytes_after)
         return report
@@ -222,30 +229,40 @@ class Evictor:
                        self.root, report.lease_holder)
         return report
 
-    def _remove_old_temporaries(self, report: EvictionReport) -> list[FileEntry]:
+    def _remove_old_temporaries(self, report: EvictionReport,
+                                temporaries: list[FileEntry]) -> list[FileEntry]:
         """Remove temporaries older than the grace period; returns those that stay."""
         cutoff = self._clock() - self.temp_grace_s
         kept = []
-        for temp in scan_temporaries(self.root):
-            if temp.mtime <= cutoff and remove_entry(temp.path):
+        for temp in temporaries:
+            if temp.mtime <= cutoff and remove_entry(self.root, temp.parts):
                 report.removed_temporaries += 1
             else:
                 kept.append(temp)
         return kept
 
-    def _evict(self, report: EvictionReport, quarantined: list[FileEntry],
-               chunks: list[ChunkEntry]) -> None:
+    def _remove_all(self, report: EvictionReport, foreign: list[FileEntry]) -> list[FileEntry]:
+        """Remove foreign entries (``gc --remove-foreign``); returns those that stay."""
+        kept = []
+        for entry in foreign:
+            if remove_entry(self.root, entry.parts):
+                report.removed_foreign += 1
+            else:
+                kept.append(entry)
+        return kept
+
+    def _evict(self, report: EvictionReport, contents: DirectoryContents) -> None:
         target = self.low_watermark * self.max_bytes
         pins = _PinnedKeys(self.root)
-        for entry in sorted(quarantined, key=lambda e: e.mtime):
+        for entry in sorted(contents.quarantined, key=lambda e: e.mtime):
             if report.bytes_after <= target:
                 return
-            if remove_entry(entry.path):
+            if remove_entry(self.root, entry.parts):
                 report.removed_quarantined += 1
             report.bytes_after -= entry.size
             report.quarantined_files -= 1
             report.quarantined_bytes -= entry.size
-        for chunk in sorted(chunks, key=lambda c: c.mtime):
+        for chunk in sorted(contents.chunks, key=lambda c: c.mtime):
             if report.bytes_after <= target:
                 return
             if not self.lease.renew_if_due():
@@ -258,7 +275,7 @@ class Evictor:
                 if os.lstat(chunk.path).st_mtime > chunk.mtime:
                     report.skipped_recently_used += 1  # loaded since the scan: no longer the LRU
                     continue
-                removed = remove_entry(chunk.path)
+                removed = remove_entry(self.root, chunk.parts)
             except FileNotFoundError:
                 removed = False
             report.bytes_after -= chunk.size  # gone either way (if not by us, by another instance)
@@ -270,20 +287,30 @@ class Evictor:
             if self._on_evicted is not None:
                 self._on_evicted(chunk.namespace, chunk.key)
 
-    def _log(self, report: EvictionReport) -> None:
-        if report.evicted_chunks or report.removed_quarantined or report.removed_temporaries:
+    def _log(self, report: EvictionReport, contents: DirectoryContents) -> None:
+        if contents.unreadable:
+            logger.warning("eviction pass on %s skipped %d entries this user cannot read (e.g. "
+                           "%s): their bytes are not counted; give the evicting user read access "
+                           "(or run engines with a umask that lets it read)", self.root,
+                           len(contents.unreadable), contents.unreadable[0].path)
+        if (report.evicted_chunks or report.removed_quarantined or report.removed_temporaries
+                or report.removed_foreign):
             logger.info("eviction pass on %s: %s -> %s (budget %s), evicted %d chunks (%s), "
-                        "removed %d quarantined and %d stale temporary files, %d pinned kept",
+                        "removed %d quarantined, %d stale temporary and %d foreign files, "
+                        "%d pinned kept",
                         self.root, human_bytes(report.bytes_before),
                         human_bytes(report.bytes_after), human_bytes(report.budget_bytes),
                         report.evicted_chunks, human_bytes(report.evicted_bytes),
                         report.removed_quarantined, report.removed_temporaries,
-                        report.skipped_pinned)
+                        report.removed_foreign, report.skipped_pinned)
         if self.max_bytes and report.bytes_after > self.high_watermark * self.max_bytes:
+            foreign = (f"; {report.foreign_files} foreign entries ({human_bytes(report.foreign_bytes)}) "
+                       "count against it: `lmcache-fs gc --remove-foreign` removes them"
+                       if report.foreign_files else "")
             logger.warning("%s still holds %s, over %.0f%% of its %s budget: pinned chunks "
-                           "(%d seen) or other instances' new files keep it full", self.root,
+                           "(%d seen) or other instances' new files keep it full%s", self.root,
                            human_bytes(report.bytes_after), 100 * self.high_watermark,
-                           human_bytes(self.max_bytes), report.skipped_pinned)
+                           human_bytes(self.max_bytes), report.skipped_pinned, foreign)
 
 
 def _count(report: EvictionReport, chunk: ChunkEntry, sign: int) -> None:
@@ -315,18 +342,6 @@ class _PinnedKeys:
         if seen is None or seen[0] != version:
             seen = self._seen[chunk.namespace] = (version, store.pinned_keys())
         return chunk.key in seen[1]
-
-
-def remove_entry(path: str | os.PathLike[str]) -> bool:
-    """Remove a file, symlink or (quarantined) directory; False if it was already gone."""
-    try:
-        if stat.S_ISDIR(os.lstat(path).st_mode):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 class BackgroundEvictor:

@@ -45,13 +45,15 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from lmcache_fs.storage.layout import temp_name
+from lmcache_fs.storage.layout import MAX_LEASE_BYTES, temp_name
 from lmcache_fs.storage.publish import publish
 from lmcache_fs.storage.untrusted import parse_json_object, read_capped
 
@@ -60,7 +62,7 @@ logger = logging.getLogger(__name__)
 # A Linux host name is at most 64 bytes, so every record fits: renewals then
 # rewrite exactly the bytes the file already has.
 _RECORD_BYTES = 256
-_MAX_LEASE_FILE = 4096  # a page: more than any record, and what a renewal reads
+_MAX_LEASE_FILE = MAX_LEASE_BYTES
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
@@ -145,7 +147,7 @@ class Lease:
             return self.renew()
         if current is not None and current.expires_at > self._clock():
             return False
-        if current is None and not self._unreadable_and_old():
+        if current is None and not (self._planted() or self._unreadable_and_old()):
             return False  # being replaced right now, or garbage younger than a TTL
         return self._take_over() and self._publish_new()
 
@@ -205,9 +207,10 @@ class Lease:
     def _rewrite_own_record(self, expires_at: float) -> bool:
         """Write a new expiry over our record in place; False if the lease file is not ours."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
+            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ELOOP):  # gone, or a planted symlink: not ours
+            # gone, or a planted symlink, directory or device: not ours
+            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.ENXIO):
                 return False
             raise
         try:
@@ -233,6 +236,13 @@ class Lease:
     def _written(self, now: float) -> None:
         """Note a record written at ``now``: held one TTL, renewed after a third of it."""
         self._expires_at, self._next_renewal = now + self.ttl_s, now + self.ttl_s / 3
+
+    def _planted(self) -> bool:
+        """Something no lease ever is holds the name (a directory, link, FIFO): take it over."""
+        try:
+            return not stat.S_ISREG(os.lstat(self.path).st_mode)
+        except FileNotFoundError:
+            return False
 
     def _unreadable_and_old(self) -> bool:
         # A lease file is written whole (a reader racing a renewal may see an
@@ -262,4 +272,7 @@ class Lease:
                 return False
             return True
         finally:
-            os.unlink(aside)
+            if stat.S_ISDIR(os.lstat(aside).st_mode):  # planted: all it holds goes too
+                shutil.rmtree(aside)
+            else:
+                os.unlink(aside)

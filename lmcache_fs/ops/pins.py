@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Sequence
 
 from lmcache_fs.log import human_bytes
-from lmcache_fs.storage.layout import BadKeyError, check_key, key_of_pin, pin_file_name, pins_dir
-from lmcache_fs.storage.publish import publish
+from lmcache_fs.storage.layout import (MAX_PIN_BYTES, PINS_DIR, BadKeyError, check_key,
+                                       key_of_pin, pin_file_name, pins_dir)
+from lmcache_fs.storage.publish import publish_at
 from lmcache_fs.storage.untrusted import parse_json_object, read_capped
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 # A key takes 69 bytes of a pin file, so 16 MiB is about 240k keys: a prompt of
 # 3.9M tokens at chunk_size 16. pin() refuses more, so no pin is written that
 # eviction would not read.
-_MAX_PIN_FILE = 16 << 20
+_MAX_PIN_FILE = MAX_PIN_BYTES
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,6 @@ class PinStore:
         self.directory = pins_dir(namespace_dir)
         self.mode = mode
 
-    def _path(self, name: str) -> Path:
-        return self.directory / pin_file_name(name)
-
     def pin(self, keys: Sequence[str], note: str = "") -> bool:
         """Pin the prefix made of ``keys`` (chunk keys in prompt order).
 
@@ -94,15 +92,47 @@ class PinStore:
             raise ValueError(f"a pin of {len(keys)} chunk keys takes {human_bytes(len(text))}, "
                              f"over the {human_bytes(_MAX_PIN_FILE)} a pin file may hold: pin a "
                              "shorter prefix of it")
-        return publish(self._path(keys[-1]), lambda fd: os.write(fd, text), self.mode)
+        dir_fd = self._open_directory(create=True)
+        try:
+            return publish_at(dir_fd, pin_file_name(keys[-1]), lambda fd: os.write(fd, text),
+                              self.mode)
+        finally:
+            os.close(dir_fd)
 
     def unpin(self, name: str) -> bool:
         """Remove the pin named ``name``; False if there was none."""
+        file_name = pin_file_name(name)
         try:
-            os.unlink(self._path(name))
+            dir_fd = self._open_directory(create=False)
+        except FileNotFoundError:
+            return False
+        try:
+            os.unlink(file_name, dir_fd=dir_fd)
             return True
         except FileNotFoundError:
             return False
+        finally:
+            os.close(dir_fd)
+
+    def _open_directory(self, create: bool) -> int:
+        """The pins directory, opened without following a link planted at its name.
+
+        Raises:
+            FileNotFoundError: it does not exist (``create`` False).
+            OSError: ELOOP or ENOTDIR: something else than a directory holds its name.
+        """
+        if create:
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+        parent_fd = os.open(self.directory.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if create:
+                try:
+                    os.mkdir(PINS_DIR, dir_fd=parent_fd)
+                except FileExistsError:
+                    pass
+            return os.open(PINS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
 
     def pins(self) -> list[Pin]:
         """Every readable pin of the namespace (unreadable pin files are logged and skipped)."""

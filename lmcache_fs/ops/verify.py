@@ -1,12 +1,18 @@
 """Check every chunk file of a namespace as the loader would, and say what is wrong.
 
-Each file is read in full with the loader's own checks (size, header,
-namespace and key, checksum) plus the shape and dtype that the namespace's
-manifest implies. Symlinks, directories and files where a chunk or fan-out
-directory should be are findings too. Temporaries are not: eviction cleans
-them up after their grace period. A file that could not be read (EIO,
-ESTALE, EACCES) is a finding that is not proven damaged: it may be a good
-chunk behind a flaky mount or the wrong user, so nothing may remove it.
+Each file is read in full with the loader's own checks: its size against its
+header, the namespace and key it names, its checksum (and MAC, with an
+integrity key). The block geometry is not checked here: only an engine knows
+it for sure (sliding-window groups hold fewer blocks, split pages have
+another shape, MLA pages no K/V halves), and a manifest anyone can plant must
+never make ``verify --delete`` remove a good chunk; a chunk of the wrong
+shape is still refused, and quarantined, by the loader. Data is read in
+pieces of :data:`PIECE_BYTES`, so a huge (sparse) file costs time, never
+memory. Foreign entries where chunks or fan-out directories should be are
+findings too. Temporaries are not: eviction cleans them up after their grace
+period. A file that could not be read (EIO, ESTALE, EACCES) is a finding that
+is not proven damaged: it may be a good chunk behind a flaky mount or the wrong
+user, so nothing may remove it.
 """
 
 from __future__ import annotations
@@ -16,13 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
-
 from lmcache_fs.ops.inspection import open_chunk_path
-from lmcache_fs.ops.inventory import expected_chunk_geometry, scan_chunks, scan_irregular
-from lmcache_fs.storage.codec import ChunkFileError, ChunkHeader
-from lmcache_fs.storage.manifest import read_manifest
+from lmcache_fs.ops.inventory import scan_namespace
+from lmcache_fs.storage.codec import ChunkFileError
 from lmcache_fs.storage.quarantine import is_bad_entry
+
+PIECE_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -36,44 +41,27 @@ class Finding:
     merely could not be read (see :func:`lmcache_fs.storage.quarantine.is_bad_entry`)."""
 
 
-class ReadBuffer:
-    """One reusable read buffer, grown to the largest chunk seen: verifying a million
-    files (or planted headers of many shapes) allocates a few times at most."""
-
-    def __init__(self) -> None:
-        self._bytes = torch.empty(0, dtype=torch.uint8)
-
-    def view(self, header: ChunkHeader) -> torch.Tensor:
-        """A tensor of the header's dtype and shape over the buffer's first bytes."""
-        if self._bytes.numel() < header.nbytes:
-            self._bytes = torch.empty(header.nbytes, dtype=torch.uint8)
-        return self._bytes[:header.nbytes].view(header.dtype).view(header.shape)
-
-
 def check_chunk(path: str | os.PathLike[str], namespace: str, key: str,
-                geometry: tuple[tuple[int, ...], str] | None = None,
-                buffer: ReadBuffer | None = None, mac_key: bytes | None = None) -> Finding | None:
-    """What is wrong with one chunk file, or None if the loader would accept it.
+                buffer: bytearray | None = None, mac_key: bytes | None = None) -> Finding | None:
+    """What is wrong with one chunk file, or None if the loader's checks of its file pass.
 
     Args:
         path: the chunk file.
         namespace, key: what its metadata must say.
-        geometry: the shape and dtype name the namespace expects, if known.
-        buffer: a read buffer to reuse across calls.
+        buffer: a read buffer of :data:`PIECE_BYTES` to reuse across calls.
         mac_key: the integrity key, to check MACs too.
     """
-    buffer = buffer or ReadBuffer()
-    dtype, shape = None, None
-    if geometry is not None:
-        shape, dtype_name = geometry
-        dtype = getattr(torch, dtype_name, None)
-        dtype = dtype if isinstance(dtype, torch.dtype) else None
+    piece = memoryview(buffer if buffer is not None else bytearray(PIECE_BYTES))
     try:
-        # The header's size is checked against the file's before anything is
-        # allocated: a planted header cannot make verify allocate more.
-        chunk = open_chunk_path(path, {"namespace": namespace, "key": key}, dtype, shape, mac_key)
+        # The header's size is checked against the file's before any byte is read.
+        chunk = open_chunk_path(path, {"namespace": namespace, "key": key}, mac_key=mac_key)
         try:
-            chunk.read_checked(buffer.view(chunk.header))
+            check = chunk.data_check()
+            for offset in range(0, chunk.header.nbytes, len(piece)):
+                part = piece[:min(len(piece), chunk.header.nbytes - offset)]
+                chunk.read_at([part], offset)
+                check.update(part)
+            check.verify()
         finally:
             chunk.close()
     except ChunkFileError as exc:
@@ -83,7 +71,7 @@ def check_chunk(path: str | os.PathLike[str], namespace: str, key: str,
 
 def count_entries(namespace_dir: str | os.PathLike[str]) -> int:
     """How many chunk files :func:`verify_namespace` will read (for a progress bar)."""
-    return sum(1 for _ in scan_chunks(namespace_dir))
+    return len(scan_namespace(namespace_dir).chunks)
 
 
 def verify_namespace(namespace_dir: str | os.PathLike[str],
@@ -97,13 +85,15 @@ def verify_namespace(namespace_dir: str | os.PathLike[str],
         mac_key: the integrity key, to check MACs too.
     """
     directory = Path(namespace_dir)
-    geometry = expected_chunk_geometry(read_manifest(directory) or {})
-    for entry in scan_irregular(directory):
-        yield Finding(entry.path, "a symlink, directory or file where the cache expects "
+    contents = scan_namespace(directory)
+    for entry in contents.foreign:
+        yield Finding(entry.path, "a symlink, FIFO, directory or file where the cache expects "
                                   "something else: never read through")
-    buffer = ReadBuffer()
-    for chunk in scan_chunks(directory):
-        finding = check_chunk(chunk.path, directory.name, chunk.key, geometry, buffer, mac_key)
+    for entry in contents.unreadable:
+        yield Finding(entry.path, "cannot be read by this user", damaged=False)
+    buffer = bytearray(PIECE_BYTES)
+    for chunk in contents.chunks:
+        finding = check_chunk(chunk.path, directory.name, chunk.key, buffer, mac_key)
         on_checked()
         if finding is not None and finding.problem != "missing":  # "missing": evicted mid-verify
             yield finding

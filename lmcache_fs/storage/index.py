@@ -59,8 +59,13 @@ class ChunkIndex:
         return len(self._keys)
 
     def scan(self) -> int:
-        """Add every published chunk file on disk; returns the number found."""
-        found = [key for key, _ in self.layout.iter_chunk_files()]
+        """Add every published chunk file on disk; returns the number found.
+
+        Only regular files count (from the directory listing, no extra stat): a FIFO,
+        symlink or directory planted at a chunk's name is never offered as a hit.
+        """
+        found = [key for key, entry in self.layout.iter_chunk_files()
+                 if entry.is_file(follow_symlinks=False)]
         with self._lock:
             self._keys.update(found)
         return len(found)

@@ -61,6 +61,14 @@ LEASE_NAME = "eviction.lease"
 USAGE_NAME = "eviction.usage"
 TEMP_PREFIX = ".tmp."
 
+# The most bytes each record the cache keeps about itself may hold. A file at a record's
+# name that is larger was planted: readers ignore it, and the budget counts it as foreign.
+MAX_MANIFEST_BYTES = 64 << 10  # a manifest is a few hundred bytes
+MAX_PIN_BYTES = 16 << 20  # a key takes 69 bytes of a pin file: about 240k keys
+MAX_LEASE_BYTES = 4096  # a page: more than any lease record, and what a renewal reads
+MAX_USAGE_BYTES = 4096
+MAX_SEED_MARKER_BYTES = 0  # markers are empty files
+
 # -- the rules names obey ------------------------------------------------------
 
 _KEY_RE = re.compile(r"[0-9a-f]{16,128}")

@@ -13,13 +13,11 @@ import logging
 import os
 from pathlib import Path
 
-from lmcache_fs.storage.layout import MANIFEST_NAME, ChunkLayout, FieldValue
+from lmcache_fs.storage.layout import MANIFEST_NAME, MAX_MANIFEST_BYTES, ChunkLayout, FieldValue
 from lmcache_fs.storage.publish import publish_at
 from lmcache_fs.storage.untrusted import parse_json_object, read_capped
 
 logger = logging.getLogger(__name__)
-
-MAX_MANIFEST_BYTES = 64 << 10  # a manifest is a few hundred bytes; larger ones were planted
 
 
 def write_manifest(layout: ChunkLayout, mode: int = 0o644) -> None:
@@ -30,7 +28,11 @@ def write_manifest(layout: ChunkLayout, mode: int = 0o644) -> None:
     directory opened with ``O_NOFOLLOW``: a symlink planted at the
     manifest's name, a temporary's name or the namespace directory's name
     never redirects the write, and whatever holds the manifest's name
-    already (first writer wins) stays.
+    already (first writer wins) stays. The manifest only informs operators:
+    a write that fails (a full disk) is logged and the engine starts without it.
+    (``layout.root`` must exist or be creatable: the config's start-up check of
+    ``storage_path`` names the fix where it is not.)
+
     """
     name = layout.namespace.name
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -40,6 +42,10 @@ def write_manifest(layout: ChunkLayout, mode: int = 0o644) -> None:
             os.mkdir(name, dir_fd=root_fd)
         except FileExistsError:
             pass
+        except OSError as exc:  # ENOSPC: the writer creates it with its first store
+            logger.warning("cannot create %s (%s): its namespace.json is not written",
+                           layout.directory, exc.strerror)
+            return
         try:
             dir_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
         except OSError as exc:  # ELOOP, ENOTDIR: a symlink or a file planted at its name
@@ -54,6 +60,10 @@ def write_manifest(layout: ChunkLayout, mode: int = 0o644) -> None:
             os.stat(MANIFEST_NAME, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             publish_at(dir_fd, MANIFEST_NAME, lambda fd: os.write(fd, text), mode)
+    except OSError as exc:  # ENOSPC, EDQUOT, EIO: chunks are what matter, and stores pause
+        logger.warning("cannot write %s/%s (%s): `lmcache-fs ls` will not name its model until "
+                       "an engine starts with room to write it", layout.directory, MANIFEST_NAME,
+                       exc.strerror or exc)
     finally:
         os.close(dir_fd)
 

@@ -19,9 +19,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from lmcache_fs.storage.layout import quarantine_dir, quarantined_name
+from lmcache_fs.storage.layout import QUARANTINE_DIR, quarantine_dir, quarantined_name
 
 if TYPE_CHECKING:  # the codec imports torch; operators' commands that only list files do not need it
     from lmcache_fs.storage.codec import ChunkFileError
@@ -46,7 +46,8 @@ def is_bad_entry(exc: ChunkFileError) -> bool:
 def quarantine(root: str | os.PathLike[str], path: str | os.PathLike[str], reason: str) -> Path | None:
     """Rename ``path`` (a file, symlink or directory under ``root``) into the quarantine.
 
-    The rename moves a symlink itself, never its target. Failure to move it
+    The rename moves a symlink itself, never its target; the directories on
+    the way to ``path`` are opened without following links. Failure to move it
     (read-only mount, already moved by another instance) is not an error: the
     entry stays a miss either way.
 
@@ -54,7 +55,16 @@ def quarantine(root: str | os.PathLike[str], path: str | os.PathLike[str], reaso
         The quarantined path, or None if nothing was moved.
     """
     root, path = Path(root), Path(path)
-    return _move(root, path.relative_to(root).parts, lambda target: os.rename(path, target), reason)
+    parts = path.relative_to(root).parts
+    try:
+        dir_fd = _open_below(root, parts[:-1])
+    except OSError as exc:
+        logger.debug("could not quarantine %s (%s)", path, exc.strerror)
+        return None
+    try:
+        return quarantine_at(root, dir_fd, parts[-1], parts, reason)
+    finally:
+        os.close(dir_fd)
 
 
 def quarantine_at(root: str | os.PathLike[str], dir_fd: int, name: str,
@@ -62,19 +72,52 @@ def quarantine_at(root: str | os.PathLike[str], dir_fd: int, name: str,
     """:func:`quarantine` of entry ``name`` of the directory open at ``dir_fd``.
 
     ``parts`` is the entry's path below ``root`` (its quarantined name); the
-    entry itself is renamed relative to ``dir_fd``, never looked up by path.
+    entry is renamed relative to ``dir_fd`` into the quarantine directory
+    opened with ``O_NOFOLLOW``: a symlink or file planted at the quarantine's
+    name is never renamed into (the entry then stays where it is, a miss).
     """
-    return _move(Path(root), parts, lambda target: os.rename(name, target, src_dir_fd=dir_fd), reason)
-
-
-def _move(root: Path, parts: tuple[str, ...], rename: Callable[[Path], None],
-          reason: str) -> Path | None:
-    target = quarantine_dir(root) / quarantined_name(parts, int(time.time()))
+    root = Path(root)
+    target = quarantined_name(parts, int(time.time()))
     try:
-        target.parent.mkdir(exist_ok=True)
-        rename(target)
+        quarantine_fd = _open_quarantine(root)
+    except OSError as exc:
+        logger.warning("cannot quarantine %s: %s is not a directory this process can use (%s); "
+                       "it stays a miss (remove what is at that name)", root.joinpath(*parts),
+                       quarantine_dir(root), exc.strerror)
+        return None
+    try:
+        os.rename(name, target, src_dir_fd=dir_fd, dst_dir_fd=quarantine_fd)
     except OSError as exc:
         logger.debug("could not quarantine %s (%s)", "/".join(parts), exc.strerror)
         return None
-    logger.warning("quarantined %s (%s) as %s", root.joinpath(*parts), reason, target.name)
-    return target
+    finally:
+        os.close(quarantine_fd)
+    logger.warning("quarantined %s (%s) as %s", root.joinpath(*parts), reason, target)
+    return quarantine_dir(root) / target
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+def _open_below(root: Path, parts: tuple[str, ...]) -> int:
+    """A descriptor of directory ``parts`` below ``root``, no link followed on the way."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for name in parts:
+        try:
+            next_fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = next_fd
+    return fd
+
+
+def _open_quarantine(root: Path) -> int:
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            os.mkdir(QUARANTINE_DIR, dir_fd=root_fd)
+        except FileExistsError:
+            pass
+        return os.open(QUARANTINE_DIR, _DIR_FLAGS, dir_fd=root_fd)
+    finally:
+        os.close(root_fd)

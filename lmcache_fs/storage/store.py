@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -52,7 +53,9 @@ TOUCH_INTERVAL_S = 60.0
 _TOUCHED_MAX = 100_000  # remembered keys; cleared wholesale past this (only a rate limit)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW
+# O_NONBLOCK: a FIFO planted at a chunk's name would block the open until a writer came;
+# on a regular file it changes nothing.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
 class OpenChunk:
@@ -154,10 +157,13 @@ def open_chunk_at(dir_fd: int, name: str, *, key: str = "",
         raise error from exc
     try:
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # planted: proven bad (quarantined)
+                raise ChunkFileError("not a regular file (a directory, FIFO, socket or device)")
             header = read_header(fd)
-            size = os.fstat(fd).st_size
-        except OSError as exc:  # EISDIR: a directory in a chunk's place
+        except OSError as exc:
             raise ChunkFileError(f"read failed: {exc.strerror}") from exc
+        size = st.st_size
         check_header(header, size, dtype, shape, expect or {})
     except ChunkFileError as exc:
         reject(fd, exc)

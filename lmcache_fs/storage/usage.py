@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from lmcache_fs.log import human_bytes
-from lmcache_fs.storage.layout import usage_path
+from lmcache_fs.storage.layout import MAX_USAGE_BYTES, usage_path
 from lmcache_fs.storage.publish import replace
 from lmcache_fs.storage.space import StoreGuard
 from lmcache_fs.storage.untrusted import parse_json_object, read_capped
 
-_MAX_USAGE_FILE = 4096
+_MAX_USAGE_FILE = MAX_USAGE_BYTES
 
 
 class Usage(NamedTuple):
