@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -70,3 +71,55 @@ def bindfs_view(source: Path, path: Path) -> contextlib.AbstractContextManager[P
     if not os.path.exists("/dev/fuse"):
         pytest.skip("FUSE is unavailable (/dev/fuse missing): cannot emulate two NFS clients")
     return _mounted("a FUSE view (two-node test)", path, "bindfs", str(source), str(path), fuse=True)
+
+
+class FreezableView:
+    """A FUSE view of a directory whose daemon a test can stop and start: a hung NFS server
+    (SIGSTOP: every call on the mount blocks) or a dead one (SIGKILL: ENOTCONN at once)."""
+
+    def __init__(self, source: Path, path: Path):
+        if os.geteuid() != 0:
+            pytest.skip("a FUSE view needs root to mount")
+        if not os.path.exists("/dev/fuse") or shutil.which("bindfs") is None:
+            pytest.skip("a FUSE view needs /dev/fuse and bindfs (Debian: apt-get install bindfs)")
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # In the foreground (-f), so the daemon's pid is the child's; multithreaded as usual.
+        self.daemon = subprocess.Popen(["bindfs", "-f", str(source), str(path)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(path):
+            if self.daemon.poll() is not None or time.monotonic() > deadline:
+                err = self.daemon.stderr.read().decode() if self.daemon.stderr else ""
+                self.daemon.kill()
+                pytest.skip(f"bindfs did not mount {path}: {err.strip()}")
+            time.sleep(0.05)
+
+    def freeze(self) -> None:
+        os.kill(self.daemon.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.daemon.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """The daemon dies: every call on the mount fails with ENOTCONN until it is unmounted."""
+        self.daemon.kill()
+        self.daemon.wait(10)
+
+    def close(self) -> None:
+        if self.daemon.poll() is None:
+            self.thaw()
+            _unmount(self.path, fuse=True)
+            self.daemon.wait(10)
+        else:
+            _run("fusermount", "-u", "-z", str(self.path))
+
+
+@contextlib.contextmanager
+def freezable_view(source: Path, path: Path) -> Iterator[FreezableView]:
+    """``source`` through a FUSE mount at ``path`` that the test can freeze, thaw or kill."""
+    view = FreezableView(source, path)
+    try:
+        yield view
+    finally:
+        view.close()
