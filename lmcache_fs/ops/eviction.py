@@ -27,6 +27,13 @@ Removing a chunk while another instance loads it is safe: the loader gets a
 missing file (a miss) and recomputes. Just before removing a chunk the pass
 checks its mtime again, so a chunk used since the scan stays.
 
+An engine with tensor (or pipeline) parallelism stores each chunk as one file
+per rank, each rank in a namespace of its own; a chunk is a hit only while
+every rank's file is there. The pass therefore takes a chunk's files of all
+ranks as one: its last use is the newest of their mtimes, a pin or a use of
+any of them keeps them all, and they are removed together (never a rank's
+file alone, which would leave the others' bytes that can no longer hit).
+
 Example:
     >>> import tempfile
     >>> evictor = Evictor(tempfile.mkdtemp(), max_bytes=10**9)
@@ -54,6 +61,7 @@ from lmcache_fs.ops.inventory import (
     ChunkEntry,
     FileEntry,
     namespace_dirs,
+    rank_sets,
     scan_chunks,
     scan_quarantine,
     scan_temporaries,
@@ -165,7 +173,8 @@ class Evictor:
             return report
         temporaries = self._remove_old_temporaries(report)
         chunks: list[ChunkEntry] = []
-        for ns in namespace_dirs(self.root):
+        namespaces = namespace_dirs(self.root)
+        for ns in namespaces:
             report.namespace_chunks[ns.name] = report.namespace_bytes[ns.name] = 0
             for chunk in scan_chunks(ns):
                 # Renewed entry by entry: on NFS one namespace's scan can outlast the lease.
@@ -181,7 +190,7 @@ class Evictor:
         report.quarantined_files, report.quarantined_bytes = len(quarantined), total_size(quarantined)
         report.temporary_files = len(temporaries)
         if budgeted and report.bytes_before > self.high_watermark * self.max_bytes:
-            self._evict(report, quarantined, chunks)
+            self._evict(report, quarantined, _by_chunk_of_all_ranks(chunks, rank_sets(namespaces)))
         self._log(report)
         if budgeted:
             self._share_usage(report.bytes_after)
@@ -239,7 +248,9 @@ class Evictor:
         return kept
 
     def _evict(self, report: EvictionReport, quarantined: list[FileEntry],
-               chunks: list[ChunkEntry]) -> None:
+               chunks: list[list[ChunkEntry]]) -> None:
+        """Remove quarantined files, then ``chunks`` (each one chunk's files of all
+        ranks), least recently used first, until the directory is below the low watermark."""
         target = self.low_watermark * self.max_bytes
         pins = _PinnedKeys(self.root)
         for entry in sorted(quarantined, key=lambda e: e.mtime):
@@ -250,30 +261,28 @@ class Evictor:
             report.bytes_after -= entry.size
             report.quarantined_files -= 1
             report.quarantined_bytes -= entry.size
-        for chunk in sorted(chunks, key=lambda c: c.mtime):
+        for files in sorted(chunks, key=lambda fs: max(f.mtime for f in fs)):
             if report.bytes_after <= target:
                 return
             if not self.lease.renew_if_due():
                 self._lost_lease(report)
                 return
-            if pins.hold(chunk):
-                report.skipped_pinned += 1
+            if any(pins.hold(f) for f in files):
+                report.skipped_pinned += len(files)
                 continue
-            try:
-                if os.lstat(chunk.path).st_mtime > chunk.mtime:
-                    report.skipped_recently_used += 1  # loaded since the scan: no longer the LRU
-                    continue
+            if any(_used_since_scan(f) for f in files):
+                report.skipped_recently_used += len(files)  # no longer the LRU
+                continue
+            for chunk in files:
                 removed = remove_entry(chunk.path)
-            except FileNotFoundError:
-                removed = False
-            report.bytes_after -= chunk.size  # gone either way (if not by us, by another instance)
-            _count(report, chunk, -1)
-            if not removed:
-                continue
-            report.evicted_chunks += 1
-            report.evicted_bytes += chunk.size
-            if self._on_evicted is not None:
-                self._on_evicted(chunk.namespace, chunk.key)
+                report.bytes_after -= chunk.size  # gone either way (if not by us, by another instance)
+                _count(report, chunk, -1)
+                if not removed:
+                    continue
+                report.evicted_chunks += 1
+                report.evicted_bytes += chunk.size
+                if self._on_evicted is not None:
+                    self._on_evicted(chunk.namespace, chunk.key)
 
     def _log(self, report: EvictionReport) -> None:
         if report.evicted_chunks or report.removed_quarantined or report.removed_temporaries:
@@ -289,6 +298,23 @@ class Evictor:
                            "(%d seen) or other instances' new files keep it full", self.root,
                            human_bytes(report.bytes_after), 100 * self.high_watermark,
                            human_bytes(self.max_bytes), report.skipped_pinned)
+
+
+def _by_chunk_of_all_ranks(chunks: list[ChunkEntry], rank_set: dict[str, str]
+                           ) -> list[list[ChunkEntry]]:
+    """``chunks`` grouped by chunk key and engine: the files of each rank of one chunk."""
+    groups: dict[tuple[str, str], list[ChunkEntry]] = {}
+    for chunk in chunks:
+        groups.setdefault((rank_set[chunk.namespace], chunk.key), []).append(chunk)
+    return list(groups.values())
+
+
+def _used_since_scan(chunk: ChunkEntry) -> bool:
+    """The chunk file's mtime moved since the scan (a load or a store used it); False if gone."""
+    try:
+        return os.lstat(chunk.path).st_mtime > chunk.mtime
+    except FileNotFoundError:
+        return False
 
 
 def _count(report: EvictionReport, chunk: ChunkEntry, sign: int) -> None:

@@ -5,7 +5,8 @@ torch or reads chunk contents; sizes and times come from ``lstat`` (never
 following a symlink). A scan of a directory that other processes change
 under it is a snapshot: entries that vanish mid-scan are skipped.
 
-    <storage_path>/<namespace>/namespace.json          the namespace's fields
+    <storage_path>/<namespace>/namespace.json          the namespace's fields (one per
+                                                        tensor/pipeline-parallel rank)
     <storage_path>/<namespace>/<fan-out>/<key>.safetensors
     <storage_path>/<namespace>/pins/<key>.json          see lmcache_fs.ops.pins
     <storage_path>/quarantine/...                       see lmcache_fs.storage.quarantine
@@ -20,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -34,6 +36,12 @@ from lmcache_fs.storage.layout import (
     read_manifest,
 )
 from lmcache_fs.storage.quarantine import quarantine_dir
+
+
+RANK_FIELDS = ("tp_rank", "pp_rank")
+"""Manifest fields that tell one engine's ranks apart: each tensor- or pipeline-parallel
+rank stores its own shard of every chunk, under the same key, in a namespace of its own
+(the connector's ``rank_namespace``); a chunk is whole only with every rank's file."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,21 @@ def namespace_dirs(root: str | os.PathLike[str]) -> list[Path]:
         return []
     return sorted(Path(e.path) for e in entries
                   if is_namespace_name(e.name) and e.is_dir(follow_symlinks=False))
+
+
+def rank_sets(namespaces: Iterable[Path]) -> dict[str, str]:
+    """For each namespace's name, a name it shares with the other ranks of its engine.
+
+    The namespaces of one engine's ranks have the same manifest but for
+    :data:`RANK_FIELDS`. A namespace without a readable manifest is a set of its own.
+    """
+    sets = {}
+    for ns in namespaces:
+        manifest = read_manifest(ns)
+        shared = None if manifest is None else {
+            k: v for k, v in manifest.items() if k not in RANK_FIELDS}
+        sets[ns.name] = ns.name if shared is None else json.dumps(shared, sort_keys=True)
+    return sets
 
 
 class NamespaceNotFoundError(LookupError):
