@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--max-num-batched-tokens", type=int, default=0)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -34,7 +35,8 @@ def main() -> None:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
         kwargs["enable_chunked_prefill"] = True
     llm = LLM(args.model, enforce_eager=True, kv_cache_memory_bytes=512 << 20,
-              max_model_len=args.max_model_len, seed=0, dtype=args.dtype, **kwargs)
+              max_model_len=args.max_model_len, seed=0, dtype=args.dtype,
+              tensor_parallel_size=args.tensor_parallel_size, **kwargs)
 
     def reply(obj: dict) -> None:
         sys.stdout.write(REPLY_MARKER + json.dumps(obj) + "\n")
