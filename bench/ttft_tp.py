@@ -58,11 +58,11 @@ def _lmcache_fs(tp: int) -> str:
     return f"lmcache-fs-tp{tp}"
 
 
-def _measure_round(engines: EngineSet, work: Path, length: int,
+def _measure_round(engines: EngineSet, work: Path, length: int, tp_order: tuple[int, ...],
                    fresh: Callable[[], list[int]]) -> dict[tuple[int, str], float]:
-    """Every case at each TP size on fresh prompts of ``length`` tokens."""
+    """Every case at each TP size, in ``tp_order``, on fresh prompts of ``length`` tokens."""
     got: dict[tuple[int, str], float] = {}
-    for tp in TP_SIZES:
+    for tp in tp_order:
         directory = work / f"tp{tp}"
         got[tp, RECOMPUTE] = engines.seconds(_plain(tp), fresh())
         prompt, before = fresh(), len(chunk_files(directory))
@@ -113,7 +113,9 @@ def run(opts: BenchOptions) -> list[Path]:
     try:
         for round_no in range(opts.rounds):
             progress(f"ttft-tp: round {round_no + 1}/{opts.rounds}, {length} tokens")
-            got = _measure_round(engines, work, length,
+            # Which TP size goes first alternates: neither always meets the other's leftovers.
+            order = TP_SIZES if round_no % 2 == 0 else TP_SIZES[::-1]
+            got = _measure_round(engines, work, length, order,
                                  lambda: [rng.randrange(3, 250) for _ in range(length)])
             for key, seconds in got.items():
                 samples[key].append(seconds)
