@@ -56,8 +56,9 @@ class EngineSet:
     """Named engines (``None`` connector = plain vLLM), warmed up before any timing."""
 
     def __init__(self, work_dir: Path, connectors: Mapping[str, dict | None], max_len: int,
-                 model: Path | None = None):
-        """``model``: the folder every engine serves (default: the synthetic model)."""
+                 model: Path | None = None, tensor_parallel: Mapping[str, int] = {}):
+        """``model``: the folder every engine serves (default: the synthetic model);
+        ``tensor_parallel``: the tensor-parallel size of engines by name (default 1)."""
         model = model or build_synthetic_model(REPO / ".cache" / "tiny-llama")
         logs = work_dir / "logs"
         shutil.rmtree(logs, ignore_errors=True)
@@ -70,7 +71,9 @@ class EngineSet:
         try:
             for name, connector in connectors.items():
                 progress(f"starting engine {name}")
-                self.engines[name] = EngineProcess(model, logs / f"{name}.log", connector, **sizes)
+                self.engines[name] = EngineProcess(
+                    model, logs / f"{name}.log", connector, **sizes,
+                    tensor_parallel_size=tensor_parallel.get(name, 1))
             # First requests pay one-off costs (allocations, first kernel use): not TTFT.
             rng = random.Random(99)
             for engine in self.engines.values():

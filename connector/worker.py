@@ -59,9 +59,20 @@ class ReadOptions:
     layerwise: str = "auto"
 
 
-def this_rank_only(failed: bool) -> bool:
+def this_rank_only(failed: Sequence[bool]) -> list[bool]:
     """:attr:`WorkerSide.any_rank` of an engine with one worker."""
-    return failed
+    return list(failed)
+
+
+@dataclass(frozen=True)
+class _EndedLoads:
+    """A step's loads as this rank ended them, until the ranks agree on which failed."""
+
+    meta: LMCacheFSMetadata
+    failed: list[bool]
+    """Per load: unusable here (its chunk failed, or an earlier chunk of its request did)."""
+    seconds: float
+    note: str
 
 
 def _usable_cores() -> int:
@@ -78,7 +89,7 @@ class WorkerSide:
                  block_size: int, save_queue_size: int, can_save: bool,
                  read_options: ReadOptions = ReadOptions(),
                  guards: Sequence[StoreGuard] = (),
-                 any_rank: Callable[[bool], bool] = this_rank_only,
+                 any_rank: Callable[[Sequence[bool]], list[bool]] = this_rank_only,
                  async_loads: bool = False, counts_tokens: bool = True):
         """``async_loads``: one KV cache group of several (see ``connector/hybrid.py``): a
         failed load is reported per request (:meth:`take_failed_requests`), the request
@@ -89,7 +100,7 @@ class WorkerSide:
         self.counts_tokens = counts_tokens
         self._failed_requests: set[str] = set()
         self.any_rank = any_rank
-        """True on every tensor-parallel rank if any of them passes True (a collective)."""
+        """Per flag, True on every tensor-parallel rank if any of them passes True (a collective)."""
         self.layer_names = list(layer_names)
         self.blocks_per_chunk = blocks_per_chunk
         self.block_size = block_size
@@ -105,7 +116,7 @@ class WorkerSide:
         self._chunk_shape: tuple[int, ...] = ()
         self._chunk_bytes = 0
         self._failed_blocks: set[int] = set()
-        self._step_failed = False  # a load of this step failed on this rank
+        self._ended: _EndedLoads | None = None  # this step's loads, until the ranks agree
         self._failed_load_steps = 0  # steps in which a load failed on some rank
         self._withheld_saves = 0  # saves dropped after a failed load (counted as skipped)
         # Chunks gathered in steps that may rest on a failed load: (failure number, op, copy).
@@ -177,7 +188,6 @@ class WorkerSide:
     def load(self, meta: LMCacheFSMetadata) -> None:
         """Start (layer-wise) or do (whole chunks) this step's loads into the paged cache."""
         self.finish_load()  # (vLLM ends every step first; never two steps' reads at once)
-        self._step_failed = False
         if not meta.loads:
             return
         if self.layer_reader is not None:
@@ -196,7 +206,18 @@ class WorkerSide:
             self._layerwise[1].wait_layer(index)
 
     def finish_load(self) -> None:
-        """Wait for the step's layer-wise loads to end and account for them (idempotent)."""
+        """Wait for the step's loads to end and count them, as the ranks agree (idempotent).
+
+        The first call after a step's loads is a collective (:meth:`_settle_loads`):
+        every rank makes the same calls in the same order (vLLM calls ``wait_for_save``,
+        then asks for failed blocks and stats, on every worker).
+        """
+        self._end_layerwise_load()
+        if self._ended is not None:
+            self._settle_loads()
+
+    def _end_layerwise_load(self) -> None:
+        """Wait for the step's layer-wise reads to end and note this rank's failures."""
         if self._layerwise is None:
             return
         meta, running = self._layerwise
@@ -224,10 +245,10 @@ class WorkerSide:
 
     def _account(self, meta: LMCacheFSMetadata, errors: Sequence[ChunkFileError | None],
                  seconds: float, note: str = "") -> None:
-        """Failed blocks (a failed chunk and the rest of its prompt), stats, one log line each."""
-        loaded_tokens: dict[str, int] = {op.req_id: 0 for op in meta.loads}
-        loaded_bytes: dict[str, int] = dict.fromkeys(loaded_tokens, 0)
+        """This rank's failed blocks (a failed chunk and the rest of its prompt) and errors;
+        what loaded is counted once the ranks agree (:meth:`_settle_loads`)."""
         broken: set[str] = set()
+        failed = []
         for op, error in zip(meta.loads, errors):
             if error is not None and op.req_id not in broken:
                 logger.warning("request %s: chunk %s unusable (%s): recomputing from there",
@@ -236,26 +257,47 @@ class WorkerSide:
                 broken.add(op.req_id)
                 if self.async_loads:
                     self._failed_requests.add(op.req_id)
-                self._step_failed = True
             if op.req_id in broken:
                 # vLLM recomputes everything after the first failed block.
                 self._failed_blocks.update(op.block_ids)
-                continue
-            loaded_tokens[op.req_id] += len(op.block_ids) * self.block_size
-            loaded_bytes[op.req_id] += self._chunk_bytes
-        total_bytes = sum(loaded_bytes.values())
+            failed.append(op.req_id in broken)
+        self._ended = _EndedLoads(meta, failed, seconds, note)
+
+    def _settle_loads(self) -> None:
+        """Agree with the other ranks on which of the step's loads failed, then count what
+        loaded (and a step whose load failed on any rank: see :meth:`save`).
+
+        vLLM recomputes the blocks that failed on any rank, on every rank (it
+        takes the union of their failed blocks), so a chunk that loaded here but
+        failed on another rank is no hit: every rank logs, and the counting rank
+        counts, the same tokens. Bytes count what this rank read.
+        """
+        ended, self._ended = self._ended, None
+        assert ended is not None
+        failed = self.any_rank(ended.failed)
+        if any(failed) and not self.async_loads:
+            self._failed_load_steps += 1
+        tokens: dict[str, int] = {op.req_id: 0 for op in ended.meta.loads}
+        nbytes: dict[str, int] = dict.fromkeys(tokens, 0)
+        for op, failed_here, failed_anywhere in zip(ended.meta.loads, ended.failed, failed):
+            if not failed_anywhere:
+                tokens[op.req_id] += len(op.block_ids) * self.block_size
+            if not failed_here:
+                nbytes[op.req_id] += self._chunk_bytes
+        total_bytes = sum(nbytes.values())
         self.stats.record_load(total_bytes, total_bytes // self._chunk_bytes,
-                               sum(loaded_tokens.values()) if self.counts_tokens else 0, seconds)
-        for req_id, tokens in loaded_tokens.items():
-            hit = meta.hits.get(req_id)
+                               sum(tokens.values()) if self.counts_tokens else 0, ended.seconds)
+        for req_id, hit_tokens in tokens.items():
+            hit = ended.meta.hits.get(req_id)
             local = hit.local_tokens if hit else 0
             from_local = f" ({local} from local prefix cache)" if local else ""
-            share = seconds * loaded_bytes[req_id] / total_bytes if total_bytes else seconds
+            share = (ended.seconds * nbytes[req_id] / total_bytes if total_bytes
+                     else ended.seconds)
             # DEBUG: vLLM's periodic "KV Transfer metrics" line sums these up at INFO.
             logger.debug("request %s: hit %d/%d tokens%s, loaded %s in %.0f ms (%.1f GB/s)%s",
-                        req_id, tokens + local, hit.total_tokens if hit else 0, from_local,
-                        human_bytes(loaded_bytes[req_id]), share * 1e3,
-                        loaded_bytes[req_id] / max(share, 1e-9) / 1e9, note)
+                         req_id, hit_tokens + local, hit.total_tokens if hit else 0, from_local,
+                         human_bytes(nbytes[req_id]), share * 1e3,
+                         nbytes[req_id] / max(share, 1e-9) / 1e9, ended.note)
 
     def take_failed_requests(self) -> set[str]:
         """Requests with a failed load since the last call (every load of the step ended)."""
@@ -289,8 +331,6 @@ class WorkerSide:
         self.finish_load()  # the step is over: no read may still write into the cache
         if self.writer is None:
             return
-        if meta.loads and not self.async_loads and self.any_rank(self._step_failed):  # every rank calls it, or none
-            self._failed_load_steps += 1
         self._resolve_held(meta)
         if not meta.saves:
             return
@@ -367,7 +407,7 @@ class WorkerSide:
 
     def close(self) -> None:
         """Finish queued writes and stop the I/O threads."""
-        self.finish_load()
+        self._end_layerwise_load()  # no collective at shutdown: the other ranks may be gone
         if self.layer_reader is not None:
             self.layer_reader.close()
         if self.saver is not None:

@@ -30,7 +30,7 @@ import uuid
 import webbrowser
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import requests
 from ask import EngineAnswer, ask_one
@@ -141,7 +141,9 @@ def kv_pool_bytes(model: Path, dtype: str, max_model_len: int) -> int:
 
 
 def engine_command(model: Path, spec: EngineSpec, kv_dir: Path, synthetic: bool = False,
-                   dtype: str = "", max_model_len: int = 0) -> list[str]:
+                   dtype: str = "", max_model_len: int = 0,
+                   connector_settings: Mapping[str, object] = {},
+                   extra_args: Sequence[str] = ()) -> list[str]:
     """The ``vllm serve`` command line of one engine (via the module: the ``vllm`` script
     of the CPU wheel looks up package metadata named "vllm" and fails).
 
@@ -149,7 +151,9 @@ def engine_command(model: Path, spec: EngineSpec, kv_dir: Path, synthetic: bool 
     bf16 another, equally correct computation order (a prefix loaded from the cache)
     can flip a greedy pick, which would make the page's "same answer" check flaky.
     ``dtype`` and ``max_model_len`` override the defaults (tests serve the real model
-    in float32 for exact token comparisons).
+    in float32 for exact token comparisons). ``connector_settings`` add lmcache-fs
+    settings to ``storage_path``; ``extra_args`` go to vLLM as they are (e.g.
+    ``--tensor-parallel-size 2``).
     """
     dtype = dtype or ("float32" if synthetic else "")
     max_model_len = max_model_len or (SYNTHETIC_MAX_MODEL_LEN if synthetic else MAX_MODEL_LEN)
@@ -158,13 +162,13 @@ def engine_command(model: Path, spec: EngineSpec, kv_dir: Path, synthetic: bool 
            "--host", "127.0.0.1", "--port", str(spec.port),
            "--enforce-eager", "--max-model-len", str(max_model_len),
            "--kv-cache-memory-bytes", str(kv_pool_bytes(model, dtype, max_model_len)),
-           "--disable-uvicorn-access-log"]
+           "--disable-uvicorn-access-log", *extra_args]
     if dtype:
         cmd += ["--dtype", dtype]
     if spec.uses_cache:
         cmd += ["--kv-transfer-config", json.dumps({
             "kv_connector": CONNECTOR_NAME, "kv_role": "kv_both",
-            "kv_connector_extra_config": {"storage_path": str(kv_dir)}})]
+            "kv_connector_extra_config": {"storage_path": str(kv_dir), **connector_settings}})]
     return cmd
 
 
@@ -191,6 +195,13 @@ class ProcessGroup:
         tail = log_path.read_text(errors="replace").splitlines()[-lines:]
         return (f"{name} exited with code {proc.returncode}; last lines of {log_path}:\n  "
                 + "\n  ".join(tail))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one child's whole process group at once (a vLLM server's engine core and
+        workers too), as a crash would; :meth:`stop_all` still reaps it."""
+        proc, _ = self.procs[name]
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
 
     def stop_all(self, grace_s: float = 30.0) -> None:
         """TERM every child's process group, then KILL what is left after ``grace_s``."""

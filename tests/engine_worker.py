@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=0)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--speculative-config", default="", help="JSON speculative_config, or empty")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -37,7 +38,8 @@ def main() -> None:
     if args.speculative_config:
         kwargs["speculative_config"] = json.loads(args.speculative_config)
     llm = LLM(args.model, enforce_eager=True, kv_cache_memory_bytes=512 << 20,
-              max_model_len=args.max_model_len, seed=0, dtype=args.dtype, **kwargs)
+              max_model_len=args.max_model_len, seed=0, dtype=args.dtype,
+              tensor_parallel_size=args.tensor_parallel_size, **kwargs)
 
     def reply(obj: dict) -> None:
         sys.stdout.write(REPLY_MARKER + json.dumps(obj) + "\n")

@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 from engine_client import cache_counters
-from engines import served_with_lmcache_fs
+from engines import served
 
 from lmcache_fs.ops.inventory import namespace_dirs, scan_chunks
 
@@ -29,8 +29,8 @@ FULL_HIT = 2 * CHUNK
 @pytest.fixture(scope="module")
 def engine(synthetic_model, tmp_path_factory, artifacts_dir):
     storage = tmp_path_factory.mktemp("salted-kv")
-    with served_with_lmcache_fs(synthetic_model, "salted", storage,
-                                artifacts_dir / "cache-salt-engine.log") as spec:
+    with served(synthetic_model, "salted", artifacts_dir / "cache-salt-engine.log",
+                storage) as spec:
         yield spec, storage, synthetic_model.name
 
 

@@ -140,6 +140,37 @@ def test_a_prefix_pinned_while_the_pass_runs_is_kept(tmp_path, store):
     assert _present(store, old + new) == old[1:]
 
 
+def _two_ranks(root):
+    """The stores of one tensor-parallel engine's two ranks (namespaces differing in tp_rank)."""
+    return [make_store(root, tp_size=2, tp_rank=rank) for rank in (0, 1)]
+
+
+def test_a_chunk_is_evicted_for_every_rank_or_for_none(tmp_path):
+    ranks = _two_ranks(tmp_path)
+    keys = prefix_keys("p", 4)
+    for rank, store in enumerate(ranks):
+        save_prefix(store, keys)
+        # Rank 0's files all older than rank 1's: file by file, LRU would take rank 0's
+        # four, leaving four rank-1 files of which no chunk can hit.
+        _aged(store, keys, time.time() - 1000 + 100 * rank)
+    report = _one_pass(tmp_path, max_bytes=8 * CHUNK_BYTES, high_watermark=0.9,
+                       low_watermark=0.5)
+    assert report.evicted_chunks == 4  # files: the two oldest chunks, on both ranks
+    assert [_present(store, keys) for store in ranks] == [keys[2:], keys[2:]]
+
+
+def test_a_pin_on_one_rank_keeps_the_chunk_on_every_rank(tmp_path):
+    ranks = _two_ranks(tmp_path)
+    keys = prefix_keys("p", 2)
+    for store in ranks:
+        save_prefix(store, keys)
+        _aged(store, keys, time.time() - 1000)
+    PinStore(ranks[1].layout.directory).pin(keys[:1])
+    report = _one_pass(tmp_path, max_bytes=CHUNK_BYTES, low_watermark=0.5)
+    assert report.skipped_pinned == 2
+    assert [_present(store, keys) for store in ranks] == [keys[:1], keys[:1]]
+
+
 def test_crashed_writers_temporaries_are_removed_after_the_grace_period(tmp_path, store):
     fanout = store.layout.chunk_path(prefix_keys("p", 1)[0]).parent
     fanout.mkdir(parents=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 from cachedir import flip_byte, wait_for_count
-from engines import served_with_lmcache_fs
+from engines import served
 from launcher import EngineSpec
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -121,7 +121,7 @@ def engine(synthetic_model, tmp_path_factory, artifacts_dir):
     settings = tmp_path_factory.mktemp("metrics-settings") / "lmcache-fs.yaml"
     settings.write_text("max_disk_size_gb: 1\neviction_interval_s: 3600\n")
     log = artifacts_dir / "metrics-engine.log"
-    with served_with_lmcache_fs(synthetic_model, "metrics", storage, log, {
+    with served(synthetic_model, "metrics", log, storage, env={
             "VLLM_LOG_STATS_INTERVAL": "1",  # vLLM's periodic stats lines, every second
             "LMCACHE_CONFIG_FILE": str(settings)}) as spec:
         yield spec, storage, synthetic_model.name, log

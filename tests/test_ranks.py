@@ -1,4 +1,4 @@
-"""Tensor-parallel ranks agree on a failed load within the step (a real gloo all-reduce)."""
+"""Tensor-parallel ranks agree on which loads failed within the step (a real gloo all-reduce)."""
 
 import multiprocessing
 import os
@@ -8,13 +8,13 @@ import pytest
 pytest.importorskip("vllm")
 
 
-def _rank(rank: int, init_file: str, flags: list[bool], results) -> None:
+def _rank(rank: int, init_file: str, flags: list[list[bool]], results) -> None:
     import torch.distributed as dist
     from lmcache_fs.connector.ranks import any_rank_of
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     any_rank = any_rank_of(dist.group.WORLD)
-    results.put((rank, [any_rank(flag) for flag in flags]))
+    results.put((rank, [any_rank(step) for step in flags]))
     results.close()
     results.join_thread()  # the answer has left this process
     # Tearing gloo down while the other rank still talks to it can abort (SIGABRT) in
@@ -22,9 +22,10 @@ def _rank(rank: int, init_file: str, flags: list[bool], results) -> None:
     os._exit(0)
 
 
-def test_every_rank_learns_that_one_rank_failed(tmp_path):
-    # Per step: (rank 0 failed, rank 1 failed).
-    steps = [(False, False), (True, False), (False, True), (True, True)]
+def test_every_rank_learns_which_loads_failed_on_any_rank(tmp_path):
+    # Per step: the flags of rank 0's two loads, then those of rank 1's.
+    steps = [((False, False), (False, False)), ((True, False), (False, False)),
+             ((False, False), (False, True)), ((True, False), (True, True))]
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, str(tmp_path / "init"), [s[r] for s in steps],
@@ -35,5 +36,5 @@ def test_every_rank_learns_that_one_rank_failed(tmp_path):
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    expected = [any(s) for s in steps]
+    expected = [[a or b for a, b in zip(*s)] for s in steps]
     assert got == {0: expected, 1: expected}

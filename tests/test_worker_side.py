@@ -87,6 +87,34 @@ def test_stats_count_only_the_chunks_that_loaded(tmp_path, layerwise):
     assert stats["loaded_chunks"] == 1 and stats["load_errors"] == 1
 
 
+def test_a_chunk_that_failed_on_another_rank_is_a_hit_on_no_rank(tmp_path, layerwise):
+    # vLLM recomputes the blocks any rank failed to load, on every rank: this rank read
+    # both chunks, but the counting rank may count only the first (else a damaged file on
+    # rank 1 would count its whole prompt as loaded in /metrics).
+    saver = _worker(tmp_path, _caches())
+    saver.save(LMCacheFSMetadata(saves=[SaveOp("w", KEYS[0], "", 0, (0, 1, 2, 3)),
+                                        SaveOp("w", KEYS[1], KEYS[0], 1, (4, 5, 6, 7))]))
+    saver.close()
+    asked = []
+
+    def second_chunk_failed_elsewhere(failed: list[bool]) -> list[bool]:
+        asked.append(list(failed))
+        return [False, True]
+
+    store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
+    loader = WorkerSide(store, NAMES, PER_CHUNK, BLOCK, save_queue_size=8, can_save=False,
+                        read_options=ReadOptions(layerwise=layerwise),
+                        any_rank=second_chunk_failed_elsewhere)
+    loader.register_kv_caches(dict(zip(NAMES, _caches(fill=0.0))))
+    loader.load(LMCacheFSMetadata(loads=[LoadOp("r", KEYS[0], 0, (0, 1, 2, 3)),
+                                         LoadOp("r", KEYS[1], 0, (4, 5, 6, 7))]))
+    stats = loader.take_stats().data
+    assert asked == [[False, False]]  # both loaded here
+    assert stats["loaded_tokens"] == PER_CHUNK * BLOCK and stats["loaded_chunks"] == 2
+    assert loader.take_failed_blocks() == set()  # the failing rank reports its blocks
+    loader.close()
+
+
 def test_stores_past_the_budget_are_counted_by_reason_once(tmp_path):
     store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
     chunk_file = 4096 + LAYERS * PER_CHUNK * HEADS * BLOCK * HEAD2 * 2
@@ -146,9 +174,9 @@ def test_after_a_failed_load_no_chunk_is_stored_until_the_scheduler_has_heard(tm
 def test_a_failed_load_on_another_rank_withholds_this_ranks_stores_too(tmp_path):
     asked = []
 
-    def another_rank_failed(failed: bool) -> bool:
-        asked.append(failed)
-        return True
+    def another_rank_failed(failed: list[bool]) -> list[bool]:
+        asked.append(list(failed))
+        return [True] * len(failed)
 
     store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
     side = WorkerSide(store, NAMES, PER_CHUNK, BLOCK, save_queue_size=8, can_save=True,
@@ -161,5 +189,5 @@ def test_a_failed_load_on_another_rank_withholds_this_ranks_stores_too(tmp_path)
     side.load(meta)
     side.save(meta)
     assert side.take_failed_blocks() == set()
-    assert asked == [False] and _stored(side) == [KEYS[1]]  # withheld: another rank failed
+    assert asked == [[False]] and _stored(side) == [KEYS[1]]  # withheld: another rank failed
     side.close()

@@ -30,6 +30,13 @@ Removing a chunk while another instance loads it is safe: the loader gets a
 missing file (a miss) and recomputes. Just before removing a chunk the pass
 checks its mtime again, so a chunk used since the scan stays.
 
+An engine with tensor (or pipeline) parallelism stores each chunk as one file
+per rank, each rank in a namespace of its own; a chunk is a hit only while
+every rank's file is there. The pass therefore takes a chunk's files of all
+ranks as one: its last use is the newest of their mtimes, a pin or a use of
+any of them keeps them all, and they are removed together (never a rank's
+file alone, which would leave the others' bytes that can no longer hit).
+
 Example:
     >>> import tempfile
     >>> evictor = Evictor(tempfile.mkdtemp(), max_bytes=10**9)
@@ -55,6 +62,7 @@ from lmcache_fs.ops.inventory import (
     ChunkEntry,
     DirectoryContents,
     FileEntry,
+    rank_sets,
     remove_entry,
     scan_or_stop,
     total_size,
@@ -252,6 +260,8 @@ class Evictor:
         return kept
 
     def _evict(self, report: EvictionReport, contents: DirectoryContents) -> None:
+        """Remove quarantined entries, then chunks (each one chunk's files of all ranks),
+        least recently used first, until the directory is below the low watermark."""
         target = self.low_watermark * self.max_bytes
         pins = _PinnedKeys(self.root)
         for entry in sorted(contents.quarantined, key=lambda e: e.mtime):
@@ -262,30 +272,30 @@ class Evictor:
             report.bytes_after -= entry.size
             report.quarantined_files -= 1
             report.quarantined_bytes -= entry.size
-        for chunk in sorted(contents.chunks, key=lambda c: c.mtime):
+        rank_set = rank_sets(self.root / name for name in {c.namespace for c in contents.chunks})
+        for files in sorted(_by_chunk_of_all_ranks(contents.chunks, rank_set),
+                            key=lambda fs: max(f.mtime for f in fs)):
             if report.bytes_after <= target:
                 return
             if not self.lease.renew_if_due():
                 self._lost_lease(report)
                 return
-            if pins.hold(chunk):
-                report.skipped_pinned += 1
+            if any(pins.hold(f) for f in files):
+                report.skipped_pinned += len(files)
                 continue
-            try:
-                if os.lstat(chunk.path).st_mtime > chunk.mtime:
-                    report.skipped_recently_used += 1  # loaded since the scan: no longer the LRU
-                    continue
+            if any(_used_since_scan(f) for f in files):
+                report.skipped_recently_used += len(files)  # no longer the LRU
+                continue
+            for chunk in files:
                 removed = remove_entry(self.root, chunk.parts)
-            except FileNotFoundError:
-                removed = False
-            report.bytes_after -= chunk.size  # gone either way (if not by us, by another instance)
-            _count(report, chunk, -1)
-            if not removed:
-                continue
-            report.evicted_chunks += 1
-            report.evicted_bytes += chunk.size
-            if self._on_evicted is not None:
-                self._on_evicted(chunk.namespace, chunk.key)
+                report.bytes_after -= chunk.size  # gone either way (if not by us, by another instance)
+                _count(report, chunk, -1)
+                if not removed:
+                    continue
+                report.evicted_chunks += 1
+                report.evicted_bytes += chunk.size
+                if self._on_evicted is not None:
+                    self._on_evicted(chunk.namespace, chunk.key)
 
     def _log(self, report: EvictionReport, contents: DirectoryContents) -> None:
         if contents.unreadable:
@@ -311,6 +321,23 @@ class Evictor:
                            "(%d seen) or other instances' new files keep it full%s", self.root,
                            human_bytes(report.bytes_after), 100 * self.high_watermark,
                            human_bytes(self.max_bytes), report.skipped_pinned, foreign)
+
+
+def _by_chunk_of_all_ranks(chunks: list[ChunkEntry], rank_set: dict[str, str]
+                           ) -> list[list[ChunkEntry]]:
+    """``chunks`` grouped by chunk key and engine: the files of each rank of one chunk."""
+    groups: dict[tuple[str, str], list[ChunkEntry]] = {}
+    for chunk in chunks:
+        groups.setdefault((rank_set[chunk.namespace], chunk.key), []).append(chunk)
+    return list(groups.values())
+
+
+def _used_since_scan(chunk: ChunkEntry) -> bool:
+    """The chunk file's mtime moved since the scan (a load or a store used it); False if gone."""
+    try:
+        return os.lstat(chunk.path).st_mtime > chunk.mtime
+    except FileNotFoundError:
+        return False
 
 
 def _count(report: EvictionReport, chunk: ChunkEntry, sign: int) -> None:

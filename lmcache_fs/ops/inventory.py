@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import stat
@@ -56,6 +57,7 @@ from lmcache_fs.storage.layout import (
     PINS_DIR,
     QUARANTINE_DIR,
     USAGE_NAME,
+    Namespace,
     is_fanout_name,
     is_namespace_name,
     is_temporary,
@@ -64,6 +66,11 @@ from lmcache_fs.storage.layout import (
     seed_of_marker,
 )
 from lmcache_fs.storage.manifest import read_manifest
+
+RANK_FIELDS = ("tp_rank", "pp_rank")
+"""Manifest fields that tell one engine's ranks apart: each tensor- or pipeline-parallel
+rank stores its own shard of every chunk, under the same key, in a namespace of its own
+(the connector's ``rank_namespace``); a chunk is whole only with every rank's file."""
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 # Errors that make an entry unreadable for this user or right now (not gone, not planted).
@@ -357,6 +364,24 @@ def namespace_dirs(root: str | os.PathLike[str]) -> list[Path]:
         return []
     return sorted(Path(e.path) for e in entries
                   if is_namespace_name(e.name) and e.is_dir(follow_symlinks=False))
+
+
+def rank_sets(namespaces: Iterable[Path]) -> dict[str, str]:
+    """For each namespace's name, a name it shares with the other ranks of its engine.
+
+    The namespaces of one engine's ranks have the same manifest but for
+    :data:`RANK_FIELDS`. A namespace without a manifest whose fields give its own
+    name (none, or a planted one) is a set of its own.
+    """
+    sets = {}
+    for ns in namespaces:
+        manifest = read_manifest(ns)
+        if manifest is None or Namespace(manifest).name != ns.name:
+            sets[ns.name] = ns.name
+            continue
+        shared = {k: v for k, v in manifest.items() if k not in RANK_FIELDS}
+        sets[ns.name] = json.dumps(shared, sort_keys=True)
+    return sets
 
 
 class NamespaceNotFoundError(LookupError):
