@@ -40,6 +40,7 @@ from lmcache_fs.storage.layout import ChunkLayout
 from lmcache_fs.storage.space import FreeSpaceGuard
 from lmcache_fs.storage.store import ChunkStore
 from lmcache_fs.storage.usage import BudgetGuard
+from lmcache_fs.transfer.open_files import raise_open_files_limit
 
 from .groups import geometry_of
 from .hybrid import GroupedWorkers
@@ -208,6 +209,7 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
         else:
             from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 
+            raise_open_files_limit()  # a layer-wise load keeps a step's chunks open
             tp_group = get_tp_group()
             cfg = self.config
             workers = []

@@ -38,10 +38,11 @@ from lmcache_fs.storage.space import StoreGuard
 from lmcache_fs.storage.store import ChunkStore
 from lmcache_fs.storage.writer import BackgroundWriter
 from lmcache_fs.transfer.block_copy import block_ids_on, gather_blocks, scatter_blocks
-from lmcache_fs.transfer.chunk_reader import ChunkReader, choose_read_backend
+from lmcache_fs.transfer.chunk_reader import ChunkReader
 from lmcache_fs.transfer.device_saver import DeviceChunkSaver
 from lmcache_fs.transfer.kernel_blocks import KernelBlockError, whole_block_view
 from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseLoad, LayerwiseReader
+from lmcache_fs.transfer.read_paths import choose_read_backend
 
 from .metadata import LMCacheFSMetadata, SaveOp
 from .stats import LMCacheFSStats
