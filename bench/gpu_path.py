@@ -471,7 +471,7 @@ def bench_layerwise(work_dir: Path, chunks: int, compute_us: Sequence[int], roun
             if not isinstance(chunk, torch.Tensor):
                 raise RuntimeError(f"chunk {i} failed: {chunk}")
             scatter_blocks(chunk, caches, ids[i])
-        sync()  # as WorkerSide.load does before the forward pass
+        sync()  # as GroupWorker.load does before the forward pass
         compute_alone(us)
 
     def layer_by_layer(reader: LayerwiseReader) -> Callable[[int], None]:

@@ -21,3 +21,8 @@ def any_rank_of(group: Any) -> Callable[[bool], bool]:
         return bool(value.item())
 
     return any_rank
+
+
+def this_rank_only(flag: bool) -> bool:
+    """What :func:`any_rank_of` gives an engine of one rank: its own flag."""
+    return flag
