@@ -202,13 +202,18 @@ def test_use_gds_names_its_three_choices(tmp_path):
         load_config({"storage_path": str(tmp_path), "use_gds": "yes"})
 
 
-def test_a_relative_storage_path_is_made_absolute_and_logged(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(logging.getLogger("lmcache_fs"), "propagate", True)
+def test_a_relative_storage_path_is_made_absolute_and_logged(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="lmcache_fs.config"):
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = seen.append  # this module's records only, whatever handles them elsewhere
+    logging.getLogger("lmcache_fs.config").addHandler(handler)
+    try:
         cfg = load_config({"storage_path": "kv", "integrity_key_file": "keys/k"})
+    finally:
+        logging.getLogger("lmcache_fs.config").removeHandler(handler)
     assert (cfg.storage_path, cfg.integrity_key_file) == (str(tmp_path / "kv"), str(tmp_path / "keys/k"))
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in seen] == [
         f"storage_path 'kv' is relative: using {tmp_path / 'kv'} (relative to the working "
         "directory); give an absolute path so that every engine and the gc sidecar use the same one",
         f"integrity_key_file 'keys/k' is relative: using {tmp_path / 'keys/k'} (relative to the "
