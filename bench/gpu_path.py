@@ -53,6 +53,7 @@ from bench.common import (
 )
 from bench.pagecache import METHOD as EVICT_METHOD
 from bench.pagecache import evict
+from lmcache_fs.config import LMCacheFSConfig
 from lmcache_fs.gpu import device_checksum
 from lmcache_fs.gpu import kernels as cuda_build
 from lmcache_fs.log import init_logging
@@ -61,16 +62,17 @@ from lmcache_fs.storage.layout import ChunkLayout, Namespace
 from lmcache_fs.storage.store import ChunkStore
 from lmcache_fs.storage.writer import BackgroundWriter
 from lmcache_fs.transfer import block_copy
-from lmcache_fs.transfer import chunk_reader as gpu_io
 from lmcache_fs.transfer.block_copy import gather_blocks, scatter_blocks
-from lmcache_fs.transfer.chunk_reader import ChunkReader, ReadBackend, ReadPath
+from lmcache_fs.transfer.chunk_reader import MAX_SLOTS, ChunkReader
 from lmcache_fs.transfer.device_saver import DeviceChunkSaver
 from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
+from lmcache_fs.transfer.read_paths import ReadBackend, ReadPath, kvikio_backend, kvikio_threads
 
 T = TypeVar("T")
 
 MIB = 1 << 20
-STAGING_BYTES = 256 * MIB  # the reader's default: 16 slots of 2 MiB, 8 of 32 MiB
+# The engines' default (staging_buffer_mb): 16 slots of 2 MiB, 8 of 32 MiB.
+STAGING_BYTES = LMCacheFSConfig.staging_buffer_mb * MIB
 L2_FLUSH_BYTES = 256 * MIB  # several times any GPU's L2
 
 
@@ -312,7 +314,7 @@ def open_reader(store: ChunkStore, chunk_bytes: int, backend: ReadBackend, verif
     with (mock.patch.object(device_checksum, "available_for", lambda data: False)
           if host_xxh3 else contextlib.nullcontext()):
         return ChunkReader(store, (1, chunk_bytes // 2), torch.bfloat16, "cuda", backend,
-                              staging_bytes=STAGING_BYTES, verify=verify)
+                           staging_bytes=STAGING_BYTES, verify=verify)
 
 
 PLAIN, DISK = "plain read + H2D", "disk alone (pread to host)"
@@ -332,7 +334,7 @@ def bench_reads(work_dir: Path, sizes: Sequence[tuple[int, int]], rounds: int
         progress(f"writing {count} chunk files of {chunk_bytes // MIB} MiB")
         keys = _chunk_files(store, count, chunk_bytes)
         paths = [store.layout.chunk_path(k) for k in keys]
-        workers = max(1, min(gpu_io.MAX_SLOTS, STAGING_BYTES // chunk_bytes))
+        workers = max(1, min(MAX_SLOTS, STAGING_BYTES // chunk_bytes))
         posix = ReadBackend(ReadPath.POSIX)
         # name: (backend, verify, as without the kernels: host xxh3)
         readers = {"lmcache-fs posix (verified on the GPU)": (posix, True, False),
@@ -388,7 +390,7 @@ def bench_reads(work_dir: Path, sizes: Sequence[tuple[int, int]], rounds: int
 def _kvikio_backend() -> ReadBackend | None:
     """kvikio on its best path here, or None (with the reason printed) if it cannot run."""
     try:
-        return gpu_io.kvikio_backend()
+        return kvikio_backend()
     except Exception as exc:  # noqa: BLE001 - reported, then measured without kvikio
         progress(f"kvikio unavailable: {type(exc).__name__}: {exc}")
         return None
@@ -444,12 +446,12 @@ def bench_layerwise(work_dir: Path, chunks: int, compute_us: Sequence[int], roun
               for _ in range(m["layers"])]  # vLLM's NHD view
     backend = (_kvikio_backend() if device.type == "cuda" else None) or ReadBackend(ReadPath.POSIX)
     whole = ChunkReader(store, shape, torch.bfloat16, device, backend,
-                           staging_bytes=STAGING_BYTES)
-    layerwise = LayerwiseReader(store, caches, per_chunk, threads=gpu_io.kvikio_threads(),
+                        staging_bytes=STAGING_BYTES, verify=True)
+    layerwise = LayerwiseReader(store, caches, per_chunk, threads=kvikio_threads(),
                                 staging_bytes=STAGING_BYTES)
     # A quarter of one layer of the step per slot: each layer goes in 4 groups of chunks.
     layer_bytes = chunks * torch.Size(shape[1:]).numel() * 2
-    grouped = LayerwiseReader(store, caches, per_chunk, threads=gpu_io.kvikio_threads(),
+    grouped = LayerwiseReader(store, caches, per_chunk, threads=kvikio_threads(),
                               staging_bytes=max(1, layer_bytes // 2))
     ids = [torch.tensor(b, dtype=torch.int64, device=device) for b in block_ids]
     jobs = [LayerLoadJob(k, 0, b) for k, b in zip(keys, block_ids)]
@@ -469,7 +471,7 @@ def bench_layerwise(work_dir: Path, chunks: int, compute_us: Sequence[int], roun
             if not isinstance(chunk, torch.Tensor):
                 raise RuntimeError(f"chunk {i} failed: {chunk}")
             scatter_blocks(chunk, caches, ids[i])
-        sync()  # as WorkerSide.load does before the forward pass
+        sync()  # as GroupWorker.load does before the forward pass
         compute_alone(us)
 
     def layer_by_layer(reader: LayerwiseReader) -> Callable[[int], None]:

@@ -47,13 +47,15 @@ from bench.common import (
 from bench.lmcache_env import ensure_lmcache
 from bench.lmcache_proxy import LMCacheError, LMCacheWorker
 from bench.plot import Panel, Series, grouped_bars
+from lmcache_fs.config import LMCacheFSConfig
 from lmcache_fs.storage.codec import checksum
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
 from lmcache_fs.storage.manifest import write_manifest
 from lmcache_fs.storage.store import ChunkStore
 from lmcache_fs.storage.writer import BackgroundWriter
-from lmcache_fs.transfer.chunk_reader import ChunkReader, ReadBackend, ReadPath
+from lmcache_fs.transfer.chunk_reader import ChunkReader
 from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
+from lmcache_fs.transfer.read_paths import ReadBackend, ReadPath
 
 PHASES = ("store", "store + fsync", "warm load", "cold load")
 BASELINE = "raw pwrite/preadv, 1 thread"
@@ -195,7 +197,7 @@ def _metadata(i: int, keys: list[str], tokens: int) -> dict[str, str]:
 
 
 class ChunkStoreTrial(_LocalTrial):
-    """lmcache-fs's real paths: ChunkStore.save -> publish, ChunkStore.load -> open_chunk + read_into + DataCheck."""
+    """lmcache-fs's real paths: ChunkStore.save -> publish, ChunkStore.load -> reading (open, read_checked, finish)."""
 
     def __init__(self, chunks: list[torch.Tensor], directory: Path, threads: int, tokens: int,
                  mac_key: bytes | None = None):
@@ -237,7 +239,8 @@ class LayerwiseTrial(ChunkStoreTrial):
         self.outs = []
         self.cache = [torch.zeros(self.CACHED_CHUNKS * per_chunk, page, dtype=chunks[0].dtype)
                       for _ in range(layers)]
-        self.reader = LayerwiseReader(self.store_, self.cache, per_chunk, threads=1)
+        self.reader = LayerwiseReader(self.store_, self.cache, per_chunk, threads=1,
+                                      staging_bytes=LMCacheFSConfig.staging_buffer_mb << 20)
         self.jobs = [LayerLoadJob(key, 0, [(i % self.CACHED_CHUNKS) * per_chunk + b
                                            for b in range(per_chunk)])
                      for i, key in enumerate(self.keys)]
@@ -270,9 +273,9 @@ class WholeChunkTrial(ChunkStoreTrial):
     def __init__(self, chunks: list[torch.Tensor], directory: Path, tokens: int):
         super().__init__(chunks, directory, 1, tokens)
         self.reader = ChunkReader(self.store_, chunks[0].shape, chunks[0].dtype, "cpu",
-                                     ReadBackend(ReadPath.POSIX),
-                                     staging_bytes=self.IN_FLIGHT * chunks[0].numel()
-                                     * chunks[0].element_size())
+                                  ReadBackend(ReadPath.POSIX),
+                                  staging_bytes=self.IN_FLIGHT * chunks[0].numel()
+                                  * chunks[0].element_size(), verify=True)
 
     def load(self) -> float:
         def load_all() -> None:

@@ -100,3 +100,14 @@ def describe_groups(specs: list[Any], layer_counts: list[int], chunk_size: int) 
                           "num_kv_heads": int(spec.num_kv_heads), "head_size": int(spec.head_size),
                           "dtype": str(spec.dtype).removeprefix("torch.")})
     return json.dumps(described, sort_keys=True, separators=(",", ":"))
+
+
+def loads_asynchronously(num_groups: int) -> bool:
+    """Whether an engine of ``num_groups`` KV cache groups loads asynchronously.
+
+    vLLM 0.32 cannot map failed block ids back to requests when there are
+    several groups (``Scheduler._handle_invalid_blocks`` refuses them), so such
+    engines load asynchronously and report failures per request (see
+    ``connector/worker.py``); an engine of one group loads synchronously.
+    """
+    return num_groups > 1

@@ -1,10 +1,12 @@
 """The chunk keys an engine gives a prompt, computed offline (for ``lmcache-fs pin --prompt``).
 
 A chunk's key is vLLM's chained block hash of the chunk's last block, so the
-keys of a prompt can only be computed with vLLM's own hash functions: this is
-the one module of the storage package that imports vLLM, lazily, inside
-functions. It covers plain text prompts (no LoRA, multimodal input or cache
-salt, which vLLM mixes into the hashes).
+keys of a prompt can only be computed with vLLM's own hash functions. So this
+module lives in the adapter (``connector/``, the only code that imports vLLM)
+and imports vLLM lazily, inside functions: ``lmcache-fs pin --prompt`` reaches
+up to it from ``lmcache_fs.ops.cli``, the one import that points up the layers
+(``tests/test_layers.py``). It covers plain text prompts (no LoRA, multimodal
+input or cache salt, which vLLM mixes into the hashes).
 
 The seed of vLLM's hashes comes from ``PYTHONHASHSEED`` (or a fixed default
 for sha256): run the CLI with the same setting as the engines.

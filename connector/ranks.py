@@ -23,3 +23,8 @@ def any_rank_of(group: Any) -> Callable[[Sequence[bool]], list[bool]]:
         return [bool(v) for v in value.tolist()]
 
     return any_rank
+
+
+def this_rank_only(flags: Sequence[bool]) -> list[bool]:
+    """What :func:`any_rank_of` gives an engine of one rank: its own flags."""
+    return list(flags)

@@ -12,11 +12,11 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 from lmcache_fs.storage.index import ChunkIndex
 
-from .groups import GroupGeometry
+from .groups import GroupGeometry, loads_asynchronously
 from .metadata import HitSummary, LMCacheFSMetadata, LoadOp, SaveOp
 from .vllm_compat import resumed_requests
 
@@ -35,6 +35,14 @@ _LOADING_MAX = 100_000  # blocks of recent loads, remembered to name the chunk o
 _NEVER = 1 << 62  # a request's next chunk to store once its KV is known to rest on a failed load
 
 
+class GroupIndexes(NamedTuple):
+    """One KV cache group as the scheduler sees it."""
+
+    geometry: GroupGeometry
+    indexes: Sequence[ChunkIndex]
+    """The index of the group's chunk files on each rank: a hit needs them in all."""
+
+
 @dataclass
 class _Tracked:
     """A request whose full prompt chunks may still need storing."""
@@ -48,20 +56,18 @@ class _Tracked:
 class SchedulerSide:
     """Lookup and store planning for one engine (all TP ranks)."""
 
-    def __init__(self, indexes: Sequence[ChunkIndex], chunk_size: int, block_size: int,
-                 hash_block_size: int, can_load: bool, can_save: bool,
-                 groups: Sequence[tuple[GroupGeometry, Sequence[ChunkIndex]]] = ()):
-        """``indexes``: every index (all ranks, all groups); ``groups``: each KV cache
-        group's geometry and its indexes (one per rank), for engines with several
-        groups or windowed attention; by default one full-attention group over ``indexes``."""
-        self.indexes = list(indexes)
+    def __init__(self, groups: Sequence[GroupIndexes], chunk_size: int, block_size: int,
+                 hash_block_size: int, can_load: bool, can_save: bool):
+        """``groups``: every KV cache group of the engine (a plain full-attention model has
+        one), in vLLM's order."""
+        self.groups = [GroupIndexes(geometry, list(indexes)) for geometry, indexes in groups]
+        self.indexes = [index for group in self.groups for index in group.indexes]
+        """Every index: all groups, all ranks."""
+        self.async_loads = loads_asynchronously(len(self.groups))
+        """The engine loads asynchronously (see ``connector/worker.py``)."""
         self.chunk_size = chunk_size
         self.block_size = block_size
         self.blocks_per_chunk = chunk_size // block_size
-        self.groups: list[tuple[GroupGeometry, list[ChunkIndex]]] = (
-            [(geo, list(idx)) for geo, idx in groups] or
-            [(GroupGeometry("full", 0, 0, block_size, self.blocks_per_chunk,
-                            self.blocks_per_chunk), self.indexes)])
         self._full = [g for g, (geo, _) in enumerate(self.groups) if geo.kind == "full"]
         self._windowed = [g for g, (geo, _) in enumerate(self.groups) if geo.kind != "full"]
         self.hashes_per_chunk = chunk_size // hash_block_size
@@ -87,7 +93,7 @@ class SchedulerSide:
         self._finished_blocks: dict[str, list[int]] = {}
         # Engines of several KV cache groups load asynchronously (vLLM takes failures of
         # such loads per request only): the chunk keys of each request's load in flight.
-        self._async_loads: dict[str, set[str]] = {}
+        self._async_load_keys: dict[str, set[str]] = {}
         self._pending_async: list[str] = []  # requests whose loads the next step runs
 
     # -- keys ---------------------------------------------------------------
@@ -165,7 +171,7 @@ class SchedulerSide:
         self._pending_hits[req_id] = HitSummary(hit, request.num_tokens, local)
         if num_external_tokens <= 0:
             return
-        if len(self.groups) > 1:
+        if self.async_loads:
             self._pending_async.append(req_id)
         keys = self.chunk_keys(request, hit + self.chunk_size - 1)
         if len(self._loading) > _LOADING_MAX:
@@ -187,8 +193,8 @@ class SchedulerSide:
     def _plan_load(self, op: LoadOp) -> None:
         """Add one block's load, merged into the previous one of the same chunk file."""
         self._loading[op.block_ids[0]] = op.key
-        if len(self.groups) > 1:
-            self._async_loads.setdefault(op.req_id, set()).add(op.key)
+        if self.async_loads:
+            self._async_load_keys.setdefault(op.req_id, set()).add(op.key)
         last = self._pending_loads[-1] if self._pending_loads else None
         if last and (last.req_id, last.key, last.group) == (op.req_id, op.key, op.group):
             self._pending_loads[-1] = LoadOp(op.req_id, op.key, last.first_block,
@@ -255,7 +261,7 @@ class SchedulerSide:
         recomputes it, and had already computed past it, as async scheduling
         allows) keeps KV computed over blocks without KV: none of its later chunks
         is stored. The workers held back every save since the failure (see
-        ``WorkerSide.save``): those of requests that hold no failed block rest
+        ``GroupWorker.save``): those of requests that hold no failed block rest
         on sound KV and are released in the next step's metadata, including
         those of requests that finished meanwhile (their blocks are freed, the
         workers hold a copy); the others are dropped, and planned again where
@@ -298,10 +304,10 @@ class SchedulerSide:
         is gone) and stored again as the request recomputes them.
         """
         for req_id in failed:
-            for key in self._async_loads.pop(req_id, ()):
+            for key in self._async_load_keys.pop(req_id, ()):
                 self.forget(None, key)
         for req_id in finished:
-            self._async_loads.pop(req_id, None)
+            self._async_load_keys.pop(req_id, None)
 
     def _blocks_of(self, req_id: str) -> list[int] | None:
         """The block ids of a tracked request, or of one that finished in the last steps
@@ -317,7 +323,7 @@ class SchedulerSide:
         """
         tracked = self._tracked.pop(request.request_id, None)
         self._local_tokens.pop(request.request_id, None)
-        self._async_loads.pop(request.request_id, None)
+        self._async_load_keys.pop(request.request_id, None)
         if tracked is not None and any(op.req_id == request.request_id
                                        for saves in self._recent_saves for op in saves):
             self._finished_blocks[request.request_id] = tracked.block_ids[0]

@@ -431,3 +431,41 @@ def test_the_storage_path_can_come_from_the_environment(capsys, cache, tmp_path,
     # --storage-path still wins over the environment.
     code, data = run(capsys, "ls", "--storage-path", str(tmp_path / "nowhere"))
     assert code == EXIT_USAGE and "nowhere" in data["error"]
+
+
+# -- bad settings and hostile names: exit 2 with the fix, never a traceback ------------------
+
+def test_a_metrics_port_beyond_65535_is_exit_2_naming_the_range(capsys, cache, tmp_path):
+    # Guards against OverflowError from bind() with a traceback.
+    with pytest.raises(SystemExit) as exited:
+        main(["gc", "--daemon", "--metrics-port", "99999", "--storage-path", str(tmp_path)])
+    assert exited.value.code == EXIT_USAGE
+    assert "--metrics-port: '99999' is not a TCP port: give 0 to 65535" in capsys.readouterr().err
+
+
+def test_a_gc_daemon_interval_beyond_a_day_is_exit_2_before_any_pass(capsys, cache, tmp_path):
+    # Guards against the daemon passing once, then dying of OverflowError in its wait.
+    code, data = run(capsys, "gc", "--daemon", "--eviction-interval-s", "1e10",
+                     "--storage-path", str(tmp_path))
+    assert code == EXIT_USAGE and data["error"].startswith("eviction_interval_s must be at most 86400")
+
+
+def test_pin_prompt_on_a_manifest_with_block_size_0_is_exit_2(capsys, tmp_path, synthetic_model):
+    # Guards against ZeroDivisionError from a planted (or damaged) namespace.json.
+    store = make_store(tmp_path, model=model_identity(str(synthetic_model), None), block_size=0)
+    code, data = run(capsys, "pin", "--prompt", "hello " * 40, "--model", str(synthetic_model),
+                     "--storage-path", str(tmp_path))
+    assert code == EXIT_USAGE and data["error"] == (
+        f"{store.layout.directory}/namespace.json has no positive whole chunk_size and "
+        "block_size (chunk_size 16, block_size 0); pin by key instead")
+
+
+def test_a_storage_path_the_terminal_cannot_encode_is_printed_escaped(tmp_path):
+    # Guards against UnicodeEncodeError: a directory name of bytes that are not UTF-8,
+    # printed to a strict UTF-8 stdout.
+    odd = os.fsdecode(os.fsencode(tmp_path) + b"/kv-\xff")
+    os.mkdir(odd)
+    done = subprocess.run([str(SCRIPT), "ls", "--storage-path", odd], capture_output=True,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert done.returncode == EXIT_OK, done.stderr.decode(errors="replace")[-500:]
+    assert done.stdout.strip() == b"no namespaces under " + os.fsencode(tmp_path) + b"/kv-\\udcff"

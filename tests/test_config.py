@@ -1,5 +1,6 @@
 """Settings: YAML file, extra-config overrides, and errors that name the fix."""
 
+import logging
 import re
 
 import pytest
@@ -108,3 +109,113 @@ def test_an_empty_storage_path_in_yaml_is_missing_not_the_string_none(tmp_path):
 def test_a_temp_file_grace_below_a_minute_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="temp_file_grace_s must be at least 60"):
         load_config({"storage_path": str(tmp_path), "temp_file_grace_s": 0})
+
+
+# -- every key type-checked, bounded, and read from a file safely -------------------------
+
+def _file(tmp_path, content: bytes | str) -> str:
+    path = tmp_path / "lmcache.yaml"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return str(path)
+
+
+def test_an_eviction_interval_longer_than_a_day_is_refused(tmp_path):
+    # Guards against 1e10 being accepted and the evictor's thread dying of OverflowError.
+    with pytest.raises(ConfigError, match=r"eviction_interval_s must be at most 86400 \(a day\), "
+                                          r"got 10000000000.0.*the default is 60"):
+        load_config({"storage_path": str(tmp_path), "eviction_interval_s": 1e10})
+    assert load_config({"storage_path": str(tmp_path),
+                        "eviction_interval_s": 86400}).eviction_interval_s == 86400
+
+
+def test_unknown_keys_of_mixed_types_are_listed_not_a_type_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown lmcache-fs setting\(s\) \['x', 1\]"):
+        load_config({"storage_path": str(tmp_path), 1: 2, "x": 3})
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
+def test_a_settings_file_that_is_not_utf8_is_refused_with_the_fix(tmp_path, encoding):
+    path = _file(tmp_path, f"storage_path: {tmp_path}/caché\n".encode(encoding))
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte \d+\): save it as UTF-8"):
+        load_config(config_file=path)
+
+
+def test_a_settings_file_over_a_mebibyte_is_refused_unread(tmp_path):
+    path = _file(tmp_path, f"storage_path: {tmp_path}\n" + "#" * (1 << 20))
+    with pytest.raises(ConfigError, match="is larger than 1 MiB"):
+        load_config(config_file=path)
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    # Guards against nine nested aliases of nine items (a few hundred bytes) growing to
+    # 9**9 values: 29 s and 2.1 GB, then MemoryError.
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    path = _file(tmp_path, "\n".join(lines + ["chunk_size: *l8", f"storage_path: {tmp_path}"]))
+    with pytest.raises(ConfigError, match="line 1, column 5: YAML anchors and aliases .* are not "
+                                          "allowed in a settings file; write each value out"):
+        load_config(config_file=path)
+
+
+@pytest.mark.parametrize("content", [
+    "storage_path: 2024-13-45\n",  # a date YAML cannot build: ValueError
+    "chunk_size: " + "9" * 5000 + "\n",  # more digits than Python converts: ValueError
+    "chunk_size: " + "[" * 5000 + "]" * 5000 + "\n",  # RecursionError in yaml's composer
+    "storage_path: /kv\x07\n",  # a control character: yaml's ReaderError, on two lines
+], ids=["bad-date", "huge-integer", "deep-nesting", "control-character"])
+def test_yaml_the_parser_cannot_build_is_one_line_naming_the_file(tmp_path, content):
+    path = _file(tmp_path, content)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(path)} is not valid YAML.*fix the file$") as err:
+        load_config(config_file=path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_nul_byte_in_storage_path_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="storage_path .* contains a NUL byte"):
+        load_config({"storage_path": f"{tmp_path}/a\0b"})
+
+
+@pytest.mark.parametrize("value,kind", [
+    ("[a, b]", "list"), ("{a: 1}", "dict"), ("true", "bool"), ("2024-01-01", "date"),
+    ("!!binary aGVsbG8=", "bytes"), ("123", "int")])
+def test_a_storage_path_that_is_not_a_string_is_refused(tmp_path, monkeypatch, value, kind):
+    # Guards against directories named "['a', 'b']", "True" or "2024-01-01" being created.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"storage_path: cannot read .* \({kind}\) as a path: "
+                                          "write e.g. storage_path: /mnt/shared/kv"):
+        load_config(config_file=_file(tmp_path, f"storage_path: {value}\n"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lmcache.yaml"]
+
+
+@pytest.mark.parametrize("key,value,wanted", [
+    ("watch_events", "[]", "true or false"), ("watch_events", "1", "true or false"),
+    ("chunk_size", "true", "a whole number"), ("max_disk_size_gb", "false", "a number"),
+    ("file_mode", "true", "a permission mode"), ("integrity_key_file", "[k]", "a path")])
+def test_a_bool_is_not_a_number_and_a_list_is_not_a_bool(tmp_path, key, value, wanted):
+    path = _file(tmp_path, f"storage_path: {tmp_path}\n{key}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"^{key}: cannot read .* as {wanted}: write e.g. {key}: "):
+        load_config(config_file=path)
+
+
+def test_use_gds_names_its_three_choices(tmp_path):
+    with pytest.raises(ConfigError, match="use_gds must be auto, true or false, got 'yes'"):
+        load_config({"storage_path": str(tmp_path), "use_gds": "yes"})
+
+
+def test_a_relative_storage_path_is_made_absolute_and_logged(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = seen.append  # this module's records only, whatever handles them elsewhere
+    logging.getLogger("lmcache_fs.config").addHandler(handler)
+    try:
+        cfg = load_config({"storage_path": "kv", "integrity_key_file": "keys/k"})
+    finally:
+        logging.getLogger("lmcache_fs.config").removeHandler(handler)
+    assert (cfg.storage_path, cfg.integrity_key_file) == (str(tmp_path / "kv"), str(tmp_path / "keys/k"))
+    assert [r.getMessage() for r in seen] == [
+        f"storage_path 'kv' is relative: using {tmp_path / 'kv'} (relative to the working "
+        "directory); give an absolute path so that every engine and the gc sidecar use the same one",
+        f"integrity_key_file 'keys/k' is relative: using {tmp_path / 'keys/k'} (relative to the "
+        "working directory); give an absolute path so that every engine and the gc sidecar use "
+        "the same one"]

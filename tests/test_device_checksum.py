@@ -22,7 +22,8 @@ from lmcache_fs.storage import codec
 from lmcache_fs.storage.codec import ALIGNMENT, ChunkFileError
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
 from lmcache_fs.storage.store import ChunkStore
-from lmcache_fs.transfer import chunk_reader as gpu_io
+from lmcache_fs.transfer.chunk_reader import MAX_SLOTS, ChunkReader
+from lmcache_fs.transfer.read_paths import ReadBackend, ReadPath, kvikio_backend
 
 M32 = 0xFFFFFFFF
 
@@ -118,11 +119,11 @@ def store(tmp_path: Path) -> ChunkStore:
     return ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
 
 
-def _backend(path: str) -> gpu_io.ReadBackend:
+def _backend(path: str) -> ReadBackend:
     if path == "posix":
-        return gpu_io.ReadBackend(gpu_io.ReadPath.POSIX)
+        return ReadBackend(ReadPath.POSIX)
     try:
-        return gpu_io.kvikio_backend()
+        return kvikio_backend()
     except Exception as exc:  # noqa: BLE001 - kvikio not installed here: nothing to test
         pytest.skip(f"kvikio unavailable: {exc}")
 
@@ -192,8 +193,8 @@ def test_reads_check_the_device_checksum_on_the_gpu(store, monkeypatch, read_pat
     hashed_on_host = []
     real_checksum = codec.checksum
     monkeypatch.setattr(codec, "checksum", lambda t: hashed_on_host.append(1) or real_checksum(t))
-    reader = gpu_io.ChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path),
-                                   staging_bytes=4 * chunk.numel() * 2)
+    reader = ChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path),
+                         staging_bytes=4 * chunk.numel() * 2, verify=True)
     got = {i: c.cpu() if isinstance(c, torch.Tensor) else c for i, c in reader.read(keys)}
     reader.close()
     assert torch.equal(got[0], chunk) and torch.equal(got[2], chunk)
@@ -209,7 +210,8 @@ def test_corrupt_data_fails_the_device_checksum(store, read_path):
     chunk = torch.randn(SHAPE).to(torch.bfloat16)
     store.save("ab" * 8, chunk, {FIELD: checksum_text(word_sums(chunk))})
     flip_byte(store.layout.chunk_path("ab" * 8), ALIGNMENT + 100)
-    reader = gpu_io.ChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path))
+    reader = ChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path),
+                         staging_bytes=MAX_SLOTS * chunk.numel() * 2, verify=True)
     [(_, result)] = list(reader.read(["ab" * 8]))
     reader.close()
     assert isinstance(result, ChunkFileError) and "checksum mismatch" in str(result)
@@ -223,7 +225,8 @@ def test_without_the_kernels_reads_are_hashed_on_the_host(store, monkeypatch, re
     monkeypatch.setattr(device_checksum, "available_for", lambda data: False)
     chunk = torch.randn(SHAPE).to(torch.bfloat16)
     store.save("cd" * 8, chunk, {FIELD: checksum_text((0, 0))})  # a wrong device checksum
-    reader = gpu_io.ChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path))
+    reader = ChunkReader(store, SHAPE, torch.bfloat16, "cuda", _backend(read_path),
+                         staging_bytes=MAX_SLOTS * chunk.numel() * 2, verify=True)
     [(_, result)] = [(i, c.cpu() if isinstance(c, torch.Tensor) else c)
                      for i, c in reader.read(["cd" * 8])]
     reader.close()

@@ -237,16 +237,17 @@ def test_config_errors_name_the_problem(data: dict, message: str) -> None:
 
 
 def test_one_engine_at_a_time_never_overlaps_requests() -> None:
-    slow = [FakeEngine(delay_s=0.3), FakeEngine(delay_s=0.3)]
+    delay = 1.5  # each answer takes this long: long enough to see overlap on a busy machine
+    slow = [FakeEngine(delay_s=delay), FakeEngine(delay_s=delay)]
     try:
         engines = [EngineConfig(f"E{i}", e.url) for i, e in enumerate(slow)]
         answers = ask_engines(engines, "ctx", "q?", 4, sequential=True, on_update=lambda a: None)
         assert [a.error for a in answers] == ["", ""]
         first, second = slow[0].chats()[0], slow[1].chats()[0]
-        assert second["t_start"] >= first["t_start"] + 0.3
+        assert second["t_start"] >= first["t_start"] + delay  # after the first answered
         ask_engines(engines, "ctx", "q?", 4, sequential=False, on_update=lambda a: None)
         first, second = slow[0].chats()[1], slow[1].chats()[1]
-        assert abs(second["t_start"] - first["t_start"]) < 0.3  # both at once: overlapping
+        assert abs(second["t_start"] - first["t_start"]) < delay  # before the other answered
     finally:
         for engine in slow:
             engine.close()

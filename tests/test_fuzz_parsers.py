@@ -13,6 +13,10 @@ read as a miss or a clean error:
   exact bytes that were stored (a mutation of header padding can leave a
   valid file), never other data; ``verify.check_chunk``: a finding or None.
 
+The settings file is not in the shared directory, but a mistyped or
+half-copied one must still stop start-up with one line, not a traceback:
+``load_config`` gives well-typed settings or one ``ConfigError``.
+
 A bounded run is part of the tests (about 20 s here); ``make fuzz-long`` runs
 ``LMCACHE_FS_FUZZ_SCALE`` (default there 25) times as many examples.
 """
@@ -24,10 +28,12 @@ import tempfile
 
 import pytest
 import torch
+import yaml
 from cachedir import SHAPE, chunk, make_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lmcache_fs.config import ConfigError, LMCacheFSConfig, TriState, load_config
 from lmcache_fs.ops.lease import LeaseRecord, read_lease
 from lmcache_fs.ops.pins import Pin, PinStore
 from lmcache_fs.ops.verify import Finding, check_chunk
@@ -113,8 +119,8 @@ def fields_swapped(valid: dict) -> st.SearchStrategy[bytes]:
         lambda swap: _json_bytes({**valid, **swap}))
 
 
-def deep(opener: str, closer: str) -> st.SearchStrategy[bytes]:
-    return st.integers(1, 200_000).map(lambda n: (opener * n + closer * n).encode())
+def deep(opener: str, closer: str, most: int = 200_000) -> st.SearchStrategy[bytes]:
+    return st.integers(1, most).map(lambda n: (opener * n + closer * n).encode())
 
 
 def planted(valid: bytes, fields: dict) -> st.SearchStrategy[bytes]:
@@ -354,3 +360,52 @@ def test_planted_entries_never_reach_outside_never_hang_and_never_remove_a_good_
         for dirpath, dirnames, _ in os.walk(work):  # let TemporaryDirectory clean up
             for d in dirnames:
                 os.chmod(os.path.join(dirpath, d), 0o755)
+
+# -- the settings file and vLLM's kv_connector_extra_config -------------------------------
+
+SETTINGS = {"storage_path": "/mnt/shared/kv", "chunk_size": 256, "max_disk_size_gb": 500,
+            "watch_events": True, "file_mode": "0644", "eviction_interval_s": 60,
+            "use_gds": "auto", "layerwise_load": False, "integrity_key_file": ""}
+SETTINGS_BYTES = yaml.safe_dump(SETTINGS).encode()
+# What YAML can say that JSON cannot: anchors and aliases, tags, dates, complex keys, merges.
+YAML_FRAGMENTS = st.sampled_from([
+    b"&a ", b"*a", b"!!binary ", b"!!set ", b"!!python/object:os.system ", b"2024-13-45",
+    b"2024-01-01", b"? [a, b]\n: c\n", b"<<: {chunk_size: 1}\n", b"\t", b"\x00", b"\xff\xfe",
+    b"0x10", b"0o777", b"1_000", b".inf", b"-.nan", b"1:30", b"~", b"'", b'"', b"[", b"{"])
+SETTING_VALUES = st.one_of(JSON_VALUES, st.dates(), st.binary(max_size=8))
+
+
+def settings_file() -> st.SearchStrategy[bytes]:
+    inserted = st.lists(st.tuples(st.just("insert"), st.integers(0, len(SETTINGS_BYTES)),
+                                  YAML_FRAGMENTS), min_size=1, max_size=4)
+    swapped = st.dictionaries(st.one_of(st.sampled_from(sorted(SETTINGS)), st.text(max_size=6)),
+                              SETTING_VALUES, max_size=4)
+    return st.one_of(mutated(SETTINGS_BYTES),
+                     inserted.map(lambda ops: _apply(SETTINGS_BYTES, ops)),
+                     swapped.map(lambda swap: yaml.safe_dump({**SETTINGS, **swap}).encode()),
+                     st.binary(max_size=512),
+                     # Around the loader's depth cap: yaml's scanner spends about 0.1 s on any
+                     # run of a thousand brackets (tests/test_config.py reads one).
+                     deep("[", "]", most=32).map(b"chunk_size: ".__add__))
+
+
+EXTRA_CONFIG = st.one_of(st.none(), st.dictionaries(
+    st.one_of(st.sampled_from(sorted(SETTINGS)), st.text(max_size=6), st.integers()),
+    JSON_VALUES, max_size=4))
+
+
+@fuzz(1000)
+@given(content=settings_file(), overrides=EXTRA_CONFIG)
+def test_settings_are_well_typed_or_one_config_error(scratch, content, overrides):
+    _count("settings")
+    path = scratch / "lmcache.yaml"
+    path.write_bytes(content)
+    try:
+        cfg = load_config(overrides, config_file=str(path))
+    except ConfigError as exc:
+        assert "\n" not in str(exc)  # one line, whatever the value
+        return
+    assert isinstance(cfg, LMCacheFSConfig) and os.path.isabs(cfg.storage_path)
+    for name, kind in {"chunk_size": int, "file_mode": int, "max_disk_size_gb": float,
+                       "watch_events": bool, "use_gds": TriState, "integrity_key_file": str}.items():
+        assert type(getattr(cfg, name)) is kind, (name, getattr(cfg, name))

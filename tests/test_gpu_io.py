@@ -19,13 +19,16 @@ from cachedir import flip_byte
 from lmcache_fs.storage.codec import ChunkFileError
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
 from lmcache_fs.storage.store import ChunkStore
-from lmcache_fs.transfer import chunk_reader as gpu_io
-from lmcache_fs.transfer.chunk_reader import (
-    ChunkReader,
+from lmcache_fs.config import TriState
+from lmcache_fs.transfer import read_paths
+from lmcache_fs.transfer.chunk_reader import MAX_SLOTS, ChunkReader
+from lmcache_fs.transfer.read_paths import (
     GdsUnavailableError,
     ReadBackend,
     ReadPath,
     choose_read_backend,
+    kvikio_backend,
+    kvikio_threads,
 )
 
 SHAPE = (2, 3, 4, 16, 32)  # layers, blocks, heads, tokens, 2*head_size
@@ -41,18 +44,18 @@ def store(tmp_path: Path) -> ChunkStore:
 def records(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
     """This test's log records, even after log.init_logging() stopped propagation."""
     monkeypatch.setattr(logging.getLogger("lmcache_fs"), "propagate", True)
-    caplog.set_level(logging.INFO, logger="lmcache_fs.transfer.chunk_reader")
+    caplog.set_level(logging.INFO, logger="lmcache_fs.transfer.read_paths")
     return caplog
 
 
 @pytest.fixture(autouse=True)
 def fresh_probe():
     """Each test probes and logs as if in a new process."""
-    gpu_io._probe_once.cache_clear()
-    gpu_io._log_once.cache_clear()
+    read_paths._probe_once.cache_clear()
+    read_paths._log_once.cache_clear()
     yield
-    gpu_io._probe_once.cache_clear()
-    gpu_io._log_once.cache_clear()
+    read_paths._probe_once.cache_clear()
+    read_paths._log_once.cache_clear()
 
 
 def _key(i: int) -> str:
@@ -98,8 +101,9 @@ class FakeKvikio:
         pass
 
 
-def _reader(store, backend, **kw) -> ChunkReader:
-    return ChunkReader(store, SHAPE, torch.bfloat16, "cpu", backend, **kw)
+def _reader(store, backend, staging_bytes=MAX_SLOTS * NBYTES, verify=True) -> ChunkReader:
+    return ChunkReader(store, SHAPE, torch.bfloat16, "cpu", backend, staging_bytes=staging_bytes,
+                       verify=verify)
 
 
 # -- choosing the read path ---------------------------------------------------------
@@ -108,10 +112,10 @@ def test_failed_probe_falls_back_to_posix_with_one_warning(monkeypatch, records)
     # Guards against a machine without kvikio losing the GPU path, or flooding the log.
     def no_kvikio():
         raise ImportError("libkvikio.so: cannot open shared object file")
-    monkeypatch.setattr(gpu_io, "probe_kvikio", no_kvikio)
+    monkeypatch.setattr(read_paths, "probe_kvikio", no_kvikio)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    first = choose_read_backend("auto", torch.device("cuda"))
-    second = choose_read_backend("auto", torch.device("cuda"))
+    first = choose_read_backend(TriState.AUTO, torch.device("cuda"))
+    second = choose_read_backend(TriState.AUTO, torch.device("cuda"))
     assert first.path is second.path is ReadPath.POSIX and first.kvikio is None
     warnings = [r for r in records.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -122,21 +126,21 @@ def test_use_gds_true_refuses_to_run_without_kvikio(monkeypatch):
     # Guards against "true" silently meaning "maybe".
     def no_kvikio():
         raise ImportError("no module named kvikio")
-    monkeypatch.setattr(gpu_io, "probe_kvikio", no_kvikio)
+    monkeypatch.setattr(read_paths, "probe_kvikio", no_kvikio)
     with pytest.raises(GdsUnavailableError, match="use_gds=true.*set use_gds to auto"):
-        choose_read_backend("true", torch.device("cuda"))
+        choose_read_backend(TriState.TRUE, torch.device("cuda"))
 
 
 def test_use_gds_true_refuses_kvikio_compatibility_mode(monkeypatch):
-    monkeypatch.setattr(gpu_io, "probe_kvikio", lambda: (FakeKvikio, False))
+    monkeypatch.setattr(read_paths, "probe_kvikio", lambda: (FakeKvikio, False))
     with pytest.raises(GdsUnavailableError, match="compatibility mode"):
-        choose_read_backend("true", torch.device("cuda"))
+        choose_read_backend(TriState.TRUE, torch.device("cuda"))
 
 
 def test_auto_uses_kvikio_when_it_reports_gds(monkeypatch, records):
     fake = type("K", (FakeKvikio,), {"defaults": type("D", (), {"get": staticmethod(lambda k: 8)})})
-    monkeypatch.setattr(gpu_io, "probe_kvikio", lambda: (fake, True))
-    backend = choose_read_backend("auto", torch.device("cuda"))
+    monkeypatch.setattr(read_paths, "probe_kvikio", lambda: (fake, True))
+    backend = choose_read_backend(TriState.AUTO, torch.device("cuda"))
     assert backend == ReadBackend(ReadPath.GDS, fake)
     assert any("GPUDirect Storage, 8 threads" in r.getMessage() for r in records.records)
 
@@ -144,18 +148,13 @@ def test_auto_uses_kvikio_when_it_reports_gds(monkeypatch, records):
 def test_use_gds_false_and_cpu_devices_never_probe(monkeypatch):
     def must_not_probe():
         raise AssertionError("probed")
-    monkeypatch.setattr(gpu_io, "probe_kvikio", must_not_probe)
-    assert choose_read_backend("false", torch.device("cuda")).path is ReadPath.POSIX
-    assert choose_read_backend("auto", torch.device("cpu")).path is ReadPath.POSIX
-
-
-def test_unknown_use_gds_value_names_the_choices():
-    with pytest.raises(ValueError, match=r"use_gds must be one of \('auto', 'true', 'false'\)"):
-        choose_read_backend("yes", torch.device("cpu"))
+    monkeypatch.setattr(read_paths, "probe_kvikio", must_not_probe)
+    assert choose_read_backend(TriState.FALSE, torch.device("cuda")).path is ReadPath.POSIX
+    assert choose_read_backend(TriState.AUTO, torch.device("cpu")).path is ReadPath.POSIX
 
 
 def test_kvikio_thread_count_is_not_kvikios_default_of_one():
-    assert 4 <= gpu_io.kvikio_threads() <= 16
+    assert 4 <= kvikio_threads() <= 16
 
 
 # -- reading through the POSIX path and a stand-in kvikio ------------------------------
@@ -309,7 +308,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def _gpu_backends() -> list[ReadBackend]:
     backends = [ReadBackend(ReadPath.POSIX)]
     try:
-        return backends + [gpu_io.kvikio_backend()]
+        return backends + [kvikio_backend()]
     except Exception:  # noqa: BLE001 - kvikio not installed here: test the POSIX path only
         return backends
 
@@ -331,7 +330,7 @@ def test_gpu_reads_then_scatter_reproduce_the_saved_blocks(store, verify):
     for backend in _gpu_backends():
         target = [torch.zeros_like(kv) for kv in paged]
         reader = ChunkReader(store, SHAPE, torch.bfloat16, "cuda", backend,
-                                staging_bytes=2 * NBYTES, verify=verify)
+                             staging_bytes=2 * NBYTES, verify=verify)
         for n, chunk in reader.read([_key(n) for n in range(len(ids))]):
             assert isinstance(chunk, torch.Tensor), chunk
             scatter_blocks(chunk, target, ids[n])

@@ -12,7 +12,7 @@ pytest.importorskip("vllm")
 from vllm_objects import blocks, new_request, request, step  # noqa: E402
 
 from lmcache_fs.connector.groups import describe_groups, geometry_of  # noqa: E402
-from lmcache_fs.connector.scheduler import SchedulerSide  # noqa: E402
+from lmcache_fs.connector.scheduler import GroupIndexes, SchedulerSide  # noqa: E402
 from lmcache_fs.storage.index import ChunkIndex  # noqa: E402
 from lmcache_fs.storage.layout import ChunkLayout, Namespace  # noqa: E402
 from vllm.v1.core.single_type_kv_cache_manager import (  # noqa: E402
@@ -82,9 +82,9 @@ def _request(req_id, num_tokens):
 def _side(tmp_path):
     sliding = ChunkIndex(ChunkLayout(tmp_path, Namespace({"model": "m", "kv_group": 0})), negative_ttl_s=0)
     full = ChunkIndex(ChunkLayout(tmp_path, Namespace({"model": "m", "kv_group": 1})), negative_ttl_s=0)
-    groups = [(geometry_of(_spec(SlidingWindowSpec, sliding_window=20), CHUNK), [sliding]),
-              (geometry_of(_spec(FullAttentionSpec), CHUNK), [full])]
-    return SchedulerSide([sliding, full], CHUNK, BLOCK, BLOCK, True, True, groups), sliding, full
+    groups = [GroupIndexes(geometry_of(_spec(SlidingWindowSpec, sliding_window=20), CHUNK), [sliding]),
+              GroupIndexes(geometry_of(_spec(FullAttentionSpec), CHUNK), [full])]
+    return SchedulerSide(groups, CHUNK, BLOCK, BLOCK, True, True), sliding, full
 
 
 def test_the_hit_is_what_every_group_can_serve(tmp_path):
@@ -126,15 +126,17 @@ def test_loads_skip_null_blocks_and_saves_take_the_windows_blocks(tmp_path):
 # -- the worker side of two groups: each its own files, failures reported per request --
 
 def _grouped(tmp_path, caches):
-    from lmcache_fs.connector.hybrid import GroupedWorkers
+    from lmcache_fs.config import load_config
+    from lmcache_fs.connector.group_worker import GroupFiles, WorkerContext
     from lmcache_fs.connector.worker import WorkerSide
     from lmcache_fs.storage.store import ChunkStore
 
-    workers = [WorkerSide(ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m", "kv_group": g}))),
-                          [f"layer{g}"], held, BLOCK, save_queue_size=8, can_save=True,
-                          async_loads=True, counts_tokens=g == 1)
-               for g, held in enumerate((2, 4))]  # a sliding group holding 2 blocks, a full one
-    grouped = GroupedWorkers(workers)
+    config = load_config({"storage_path": str(tmp_path), "save_queue_size": 8})
+    groups = [GroupFiles(ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m", "kv_group": g}))),
+                         [f"layer{g}"], held, counts_tokens=g == 1)
+              for g, held in enumerate((2, 4))]  # a sliding group holding 2 blocks, a full one
+    grouped = WorkerSide(WorkerContext(config, BLOCK, can_save=True), groups)
+    assert grouped.async_loads  # several groups: vLLM takes their failures per request only
     grouped.register_kv_caches({f"layer{g}": kv for g, kv in enumerate(caches)})
     return grouped
 
@@ -145,7 +147,7 @@ def _kv(fill=None):
     return torch.randn(20, 2, BLOCK, 8).to(torch.bfloat16)
 
 
-def test_grouped_workers_store_each_group_and_report_a_failed_group_per_request(tmp_path):
+def test_a_worker_of_two_groups_stores_each_and_reports_a_failed_group_per_request(tmp_path):
     from lmcache_fs.connector.metadata import LMCacheFSMetadata, LoadOp, SaveOp
 
     src = [_kv(), _kv()]
@@ -169,5 +171,5 @@ def test_grouped_workers_store_each_group_and_report_a_failed_group_per_request(
     loader.load(LMCacheFSMetadata(loads=loads, async_loads=["r"]))
     results = loader.transfer_results()
     assert (results.finished_recving, results.failed_recving) == ({"r"}, {"r"})
-    assert loader.workers[0].take_failed_blocks() == set()
+    assert loader.take_failed_blocks() == set()  # (reported per request instead)
     loader.close()

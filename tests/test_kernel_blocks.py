@@ -250,13 +250,13 @@ def test_the_namespace_differs_when_the_page_shape_differs():
 
 def _worker(root, caches: Caches, fields: dict, layerwise: str = "auto"):
     pytest.importorskip("vllm")
-    from lmcache_fs.connector.worker import ReadOptions, WorkerSide
+    from test_worker_side import one_group_worker
+
     from lmcache_fs.storage.layout import ChunkLayout, Namespace
     from lmcache_fs.storage.store import ChunkStore
 
     store = ChunkStore(ChunkLayout(root, Namespace(fields)))
-    side = WorkerSide(store, NAMES, 4, caches.block_size, save_queue_size=8, can_save=True,
-                      read_options=ReadOptions(layerwise=layerwise))
+    side = one_group_worker(root, store, NAMES, 4, caches.block_size, layerwise_load=layerwise)
     side.register_kv_caches(dict(zip(NAMES, caches.registered)))
     return side
 

@@ -45,6 +45,7 @@ def _data_offset(path):
 
 
 PAGE_BYTES = 2 * PAGE[0] * PAGE[1] * PAGE[2]
+ROOMY = 1000 * PAGE_BYTES  # staging for whole layers of any step below
 # Staging room, in pages, -> groups of chunks per layer (of the 17 blocks below) and slots.
 STAGING = {"a-group-per-chunk": (0, 5, 2),  # less than any chunk's layer: the minimum ring
            "three-groups": (16, 3, 2),      # 8 blocks per group: 3+4 | 4+2 | 4
@@ -96,7 +97,7 @@ def test_a_layer_is_released_before_the_next_one_is_read(tmp_path, monkeypatch):
         real(self, chunk, layer, buffers)
 
     monkeypatch.setattr(LayerwiseReader, "read_layer", read_layer)
-    reader = LayerwiseReader(store, _caches(), PER_CHUNK, threads=2)
+    reader = LayerwiseReader(store, _caches(), PER_CHUNK, threads=2, staging_bytes=ROOMY)
     load = reader.start([LayerLoadJob(KEYS[0], 0, (0, 1, 2, 3)), LayerLoadJob(KEYS[1], 0, (4, 5, 6, 7))])
     load.wait_layer(0)
     load.wait_layer(1)  # returns while layer 2 is still held back
@@ -127,7 +128,7 @@ def test_a_bad_file_is_a_miss_and_the_others_load(tmp_path, damage, strided):
     else:
         os.unlink(path)
     caches = _caches(strided=strided)
-    reader = LayerwiseReader(store, caches, PER_CHUNK, threads=1)
+    reader = LayerwiseReader(store, caches, PER_CHUNK, threads=1, staging_bytes=ROOMY)
     errors = reader.start([LayerLoadJob(KEYS[0], 0, (0, 1, 2, 3)),
                            LayerLoadJob(KEYS[1], 0, (4, 5, 6, 7))]).finish()
     assert errors[0] is not None and errors[1] is None
@@ -146,7 +147,7 @@ def test_an_unexpected_error_is_a_miss_and_never_a_hang(tmp_path, monkeypatch):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(LayerwiseReader, "read_layer", broken)
-    reader = LayerwiseReader(store, _caches(), PER_CHUNK, threads=1)
+    reader = LayerwiseReader(store, _caches(), PER_CHUNK, threads=1, staging_bytes=ROOMY)
     load = reader.start([LayerLoadJob(KEYS[0], 0, (0, 1, 2, 3)), LayerLoadJob(KEYS[1], 0, (4, 5, 6, 7))])
     load.wait_layer(LAYERS - 1)  # released although nothing was read
     errors = load.finish()
@@ -262,8 +263,8 @@ def test_cuda_layers_arrive_in_stream_order_through_a_reused_ring(tmp_path):
 
 def test_a_step_with_more_chunks_than_the_soft_open_files_limit_loads_them_all(tmp_path):
     # Every chunk of a step stays open from its first layer to its last (file and
-    # directory): the reader lifts the soft limit, which vLLM raises only in its API
-    # server. Run in a child process with a soft limit of 64 and 40 chunks (80 descriptors).
+    # directory): the worker's start-up lifts the soft limit, which vLLM raises only in its
+    # API server. Run in a child process with a soft limit of 64 and 40 chunks (80 descriptors).
     import subprocess
     import sys
     import textwrap
@@ -274,6 +275,8 @@ def test_a_step_with_more_chunks_than_the_soft_open_files_limit_loads_them_all(t
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         import test_layer_reader as t
         from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
+        from lmcache_fs.transfer.open_files import raise_open_files_limit
+        assert raise_open_files_limit() > 64  # as the worker's start-up does
         store = t._store({str(tmp_path)!r})
         keys = [("%02x" % i) * 32 for i in range(40)]
         chunks = [t.torch.randn(t.LAYERS, t.PER_CHUNK, *t.PAGE).to(t.torch.bfloat16) for _ in keys]
@@ -281,7 +284,7 @@ def test_a_step_with_more_chunks_than_the_soft_open_files_limit_loads_them_all(t
             store.save(key, chunk, {{}})
         caches = [t.torch.zeros(40 * t.PER_CHUNK, *t.PAGE, dtype=t.torch.bfloat16)
                   for _ in range(t.LAYERS)]
-        reader = LayerwiseReader(store, caches, t.PER_CHUNK, threads=1)
+        reader = LayerwiseReader(store, caches, t.PER_CHUNK, threads=1, staging_bytes=t.ROOMY)
         jobs = [LayerLoadJob(k, 0, tuple(range(i * t.PER_CHUNK, (i + 1) * t.PER_CHUNK)))
                 for i, k in enumerate(keys)]
         errors = reader.start(jobs).finish()
@@ -291,3 +294,27 @@ def test_a_step_with_more_chunks_than_the_soft_open_files_limit_loads_them_all(t
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120, cwd=Path(__file__).parent.parent)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_raising_the_open_files_limit_logs_the_change_once(tmp_path):
+    # The worker's start-up lifts it (a side effect no reader may have): one INFO line
+    # when it changes, nothing when it is already there. In a child process: a limit lowered
+    # here would stay lowered for the other tests.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import logging, resource
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        from lmcache_fs.transfer.open_files import raise_open_files_limit
+        first, again = raise_open_files_limit(), raise_open_files_limit()
+        assert first == again == resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 64
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("INFO raised the open files limit from 64 to ")

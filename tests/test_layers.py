@@ -2,7 +2,8 @@
 
     lmcache_fs.connector   the vLLM adapter (connector/): may use everything below
     lmcache_fs.ops         the operator's tools: storage, config, the base modules
-    lmcache_fs.transfer    moving chunks into vLLM's paged cache: storage, gpu
+    lmcache_fs.transfer    moving chunks into vLLM's paged cache: storage, gpu, config (the
+                           read settings' types)
     lmcache_fs.config      settings: storage (the integrity key)
     lmcache_fs.gpu         CUDA kernels and device helpers: nothing else
     lmcache_fs.storage     chunk files on a shared directory: nothing else
@@ -28,7 +29,8 @@ ALLOWED = {  # a layer: the layers (package prefixes) it may import from
     "lmcache_fs.storage": {"lmcache_fs.storage"},
     "lmcache_fs.gpu": {"lmcache_fs.gpu"},
     "lmcache_fs.config": {"lmcache_fs.storage"},
-    "lmcache_fs.transfer": {"lmcache_fs.transfer", "lmcache_fs.storage", "lmcache_fs.gpu"},
+    "lmcache_fs.transfer": {"lmcache_fs.transfer", "lmcache_fs.storage", "lmcache_fs.gpu",
+                            "lmcache_fs.config"},
     "lmcache_fs.ops": {"lmcache_fs.ops", "lmcache_fs.storage", "lmcache_fs.config"} | BASE,
 }
 EXCEPTIONS = {("lmcache_fs.ops.cli", "lmcache_fs.connector.prompt_keys")}

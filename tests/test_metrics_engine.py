@@ -70,19 +70,19 @@ def test_bytes_count_on_every_rank_tokens_on_one(tmp_path, counts_tokens):
     # (bytes add up) but loads the same tokens (counted by rank 0 only, else TP times).
     import torch
 
+    from test_worker_side import one_group_worker
+
     from lmcache_fs.connector.metadata import LMCacheFSMetadata, LoadOp, SaveOp
-    from lmcache_fs.connector.worker import WorkerSide
     from lmcache_fs.storage.layout import ChunkLayout, Namespace
     from lmcache_fs.storage.store import ChunkStore
 
     names, key = ["model.layers.0.self_attn.attn"], "ab" * 32
     caches = [torch.randn(8, 1, 16, 16)]
     store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
-    worker = WorkerSide(store, names, 2, 16, save_queue_size=4, can_save=True,
-                        counts_tokens=counts_tokens)
+    worker = one_group_worker(tmp_path, store, names, 2, 16, counts_tokens=counts_tokens)
     worker.register_kv_caches(dict(zip(names, caches)))
     worker.save(LMCacheFSMetadata(saves=[SaveOp("w", key, "", 0, (0, 1))]))
-    worker.writer.close()  # published
+    worker.groups[0].writer.close()  # published
     worker.load(LMCacheFSMetadata(loads=[LoadOp("r", key, 0, (4, 5))]))
     data = worker.take_stats().data
     assert data["loaded_bytes"] == 2 * 16 * 16 * 4 and data["loaded_chunks"] == 1
@@ -206,7 +206,7 @@ def test_the_engine_logs_through_vllms_format_and_sums_hits_up_periodically(engi
                             r"failed_stores=\d+", s.strip()) for s in summaries()), summaries()
     text = log.read_text()
     # Our lines in vLLM's format, on the engine's stdout; the per-request hit line is DEBUG.
-    assert re.search(r"^\(EngineCore pid=\d+\) INFO \S+ \S+ \[lmcache_fs_connector\.py:\d+\] "
+    assert re.search(r"^\(EngineCore pid=\d+\) INFO \S+ \S+ \[spec\.py:\d+\] "
                      r"namespace ", text, re.MULTILINE)
     assert not re.search(r"request \S+: hit \d+/\d+ tokens", text)
 

@@ -48,14 +48,14 @@ def _spec(kind=None, **extra):
 
 
 def test_full_attention_on_one_stage_is_supported():
-    from lmcache_fs.connector.lmcache_fs_connector import check_supported
+    from lmcache_fs.connector.supported import check_supported
 
     check_supported(_kv_cache_config(_spec()), SimpleNamespace(pipeline_parallel_size=1))
 
 
 def test_hybrid_attention_groups_are_supported():
     # Gemma 3 / gpt-oss (sliding window), Llama 4 (chunked local), Mistral (all sliding)
-    from lmcache_fs.connector.lmcache_fs_connector import check_supported
+    from lmcache_fs.connector.supported import check_supported
     from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, SlidingWindowSpec
 
     one_stage = SimpleNamespace(pipeline_parallel_size=1)
@@ -67,7 +67,7 @@ def test_hybrid_attention_groups_are_supported():
 
 
 def test_engines_whose_kv_could_not_be_reused_faithfully_are_refused_with_the_fix():
-    from lmcache_fs.connector.lmcache_fs_connector import check_supported
+    from lmcache_fs.connector.supported import check_supported
     from vllm.v1.kv_cache_interface import MambaSpec, SlidingWindowSpec
 
     from lmcache_fs.config import ConfigError

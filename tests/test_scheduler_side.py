@@ -6,7 +6,8 @@ pytest.importorskip("vllm")
 
 from vllm_objects import as_of_0_34, blocks, cached_requests, new_request, request, step  # noqa: E402
 
-from lmcache_fs.connector.scheduler import SchedulerSide  # noqa: E402
+from lmcache_fs.connector.groups import GroupGeometry  # noqa: E402
+from lmcache_fs.connector.scheduler import GroupIndexes, SchedulerSide  # noqa: E402
 
 from lmcache_fs.storage.index import ChunkIndex  # noqa: E402
 from lmcache_fs.storage.layout import ChunkLayout, Namespace  # noqa: E402
@@ -20,7 +21,9 @@ def _request(req_id, num_tokens, salt=b""):
 
 def _side(tmp_path, can_load=True, can_save=True):
     index = ChunkIndex(ChunkLayout(tmp_path, Namespace({"model": "m"})), negative_ttl_s=0)
-    return SchedulerSide([index], CHUNK, BLOCK, BLOCK, can_load, can_save), index
+    full = GroupGeometry("full", 0, 0, BLOCK, CHUNK // BLOCK, CHUNK // BLOCK)
+    return SchedulerSide([GroupIndexes(full, [index])], CHUNK, BLOCK, BLOCK, can_load,
+                         can_save), index
 
 
 def _blocks(ids):

@@ -2,6 +2,7 @@
 files are not world-writable, only safetensors is parsed, and headers are checked first."""
 
 import ast
+import contextlib
 import os
 import pickle
 import stat
@@ -160,16 +161,40 @@ def test_every_reader_opens_through_the_store_and_finishes_there(tmp_path, store
     save_prefix(store, [key])
     path = store.layout.chunk_path(key)
     os.utime(path, (0, 0))
-    store.finish(store.open_chunk(key))
+    with store.reading(key):
+        pass
     assert path.stat().st_mtime > 0  # used now, for eviction on every node
-    chunk = store.open_chunk(key)
-    store.finish(chunk, ChunkFileError("checksum mismatch: the data is corrupt"))
+    with pytest.raises(ChunkFileError), store.reading(key):
+        raise ChunkFileError("checksum mismatch: the data is corrupt")
     assert not path.exists()  # quarantined
     fanout = store.layout.chunk_path(other).parent
     fanout.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(tmp_path, fanout)
     with pytest.raises(ChunkFileError, match="symlink or not a directory"):
         store.open_chunk(other)
+
+
+@pytest.mark.parametrize("ending", ["a hit", "an error raised", "an error recorded", "a bug"])
+def test_a_read_block_finishes_its_chunk_however_it_ends(store, ending):
+    # Guards against a read path that forgets to finish: a hit marks the chunk used, a
+    # failure (raised, or recorded by a reader of several chunks) quarantines it, and a bug
+    # closes it without a verdict on the file.
+    key = prefix_keys("p", 1)[0]
+    save_prefix(store, [key])
+    path = store.layout.chunk_path(key)
+    os.utime(path, (0, 0))
+    bad = ChunkFileError("checksum mismatch: the data is corrupt")
+    with contextlib.suppress(ChunkFileError, RuntimeError), store.reading(key) as chunk:
+        if ending == "an error raised":
+            raise bad
+        if ending == "an error recorded":
+            chunk.error = bad
+        if ending == "a bug":
+            raise RuntimeError("a bug")
+    assert chunk.fd == chunk.dir_fd == -1  # closed
+    assert path.exists() == (ending in ("a hit", "a bug"))
+    if path.exists():
+        assert (path.stat().st_mtime > 0) == (ending == "a hit")
 
 
 def test_a_bad_file_replaced_by_a_good_copy_meanwhile_is_not_quarantined(store):

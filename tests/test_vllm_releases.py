@@ -18,8 +18,9 @@ from vllm.config import SpeculativeConfig  # noqa: E402
 
 from lmcache_fs.config import ConfigError  # noqa: E402
 from lmcache_fs.connector import vllm_compat  # noqa: E402
-from lmcache_fs.connector.lmcache_fs_connector import LMCacheFSConnector, check_supported  # noqa: E402
+from lmcache_fs.connector.lmcache_fs_connector import LMCacheFSConnector  # noqa: E402
 from lmcache_fs.connector.metadata import LMCacheFSMetadata, LoadOp, SaveOp  # noqa: E402
+from lmcache_fs.connector.supported import check_supported  # noqa: E402
 
 
 def _speculative(method: str) -> SpeculativeConfig:
@@ -73,15 +74,14 @@ def test_sleep_ends_every_read_into_the_kv_cache_and_the_views_serve_after_wake_
     loader.load(LMCacheFSMetadata(loads=[LoadOp("r", KEYS[0], 0, (10, 11, 12, 13))]))
     assert connector.supports_sleep_mode(None)
     connector.unregister_kv_caches()
-    assert loader._layerwise is None  # no read still writing into pages being released
+    assert loader.groups[0]._layerwise is None  # no read still writing into pages being released
     for layer in range(len(NAMES)):
         assert torch.equal(dst[layer][10:14], src[layer][3:7])
     for kv in dst:
         kv.zero_()  # what sleep does to the KV cache's bytes
     connector.restore_kv_caches()
     loader.load(LMCacheFSMetadata(loads=[LoadOp("r", KEYS[0], 0, (20, 21, 22, 23))]))
-    loader.finish_load()
-    assert loader.take_failed_blocks() == set()
+    assert loader.take_failed_blocks() == set()  # (ends the step's reads first)
     for layer in range(len(NAMES)):
         assert torch.equal(dst[layer][20:24], src[layer][3:7])
     loader.close()
@@ -96,5 +96,5 @@ def test_may_load_async_is_asked_only_of_engines_that_load_asynchronously(tmp_pa
     connector = object.__new__(LMCacheFSConnector)
     connector._scheduler = side
     for async_loads, expected in ((True, True), (False, False)):
-        connector._async_loads = async_loads
+        side.async_loads = async_loads
         assert connector.may_load_async(request) is expected

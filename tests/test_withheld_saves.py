@@ -46,7 +46,7 @@ def _stored_keys(store, keys):
 
 
 def _chunk_bytes(worker, blocks):
-    return torch.stack([layer[blocks] for layer in worker.layers]).clone()
+    return torch.stack([layer[blocks] for layer in worker.groups[0].layers]).clone()
 
 
 def test_a_request_that_finishes_in_the_withheld_step_still_gets_its_chunks_stored(tmp_path):
@@ -58,15 +58,15 @@ def test_a_request_that_finishes_in_the_withheld_step_still_gets_its_chunks_stor
     failed = worker.take_failed_blocks()
     assert failed == {0, 1, 2, 3}  # chunk 0 of "a"
     scheduler.request_finished(b)
-    for layer in worker.layers:
+    for layer in worker.groups[0].layers:
         layer[20:28] = 0  # another request's KV now
     a.num_computed_tokens = 0
     scheduler.loads_failed(failed)
     after = scheduler.build_connector_meta(step())
     worker.load(after)
     worker.save(after)
-    worker.writer.flush()
-    store = worker.store
+    worker.groups[0].writer.flush()
+    store = worker.groups[0].store
     assert _stored_keys(store, keys_b) == keys_b[:2]
     for key, want in zip(keys_b[:2], computed):
         out = torch.empty_like(want)
@@ -84,8 +84,8 @@ def test_saves_resting_on_a_failed_block_are_dropped_and_planned_again(tmp_path)
     after = scheduler.build_connector_meta(step())
     assert not set(after.released_saves) & set(keys_a)
     worker.save(after)
-    worker.writer.flush()
-    assert _stored_keys(worker.store, keys_a) == []
+    worker.groups[0].writer.flush()
+    assert _stored_keys(worker.groups[0].store, keys_a) == []
     assert worker.take_stats().data["skipped_stores"] == 2  # a's chunks 1 and 2
     cached = cached_requests(("a", 3 * CHUNK + 5, None))
     replanned = scheduler.build_connector_meta(step(cached=cached, scheduled={"a": 1}))

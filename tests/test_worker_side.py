@@ -5,8 +5,11 @@ import torch
 
 pytest.importorskip("vllm")
 
+from lmcache_fs.config import load_config  # noqa: E402
+from lmcache_fs.connector.group_worker import GroupFiles, WorkerContext  # noqa: E402
 from lmcache_fs.connector.metadata import HitSummary, LMCacheFSMetadata, LoadOp, SaveOp  # noqa: E402
-from lmcache_fs.connector.worker import ReadOptions, WorkerSide  # noqa: E402
+from lmcache_fs.connector.ranks import this_rank_only  # noqa: E402
+from lmcache_fs.connector.worker import WorkerSide  # noqa: E402
 
 from lmcache_fs.storage.layout import ChunkLayout, Namespace  # noqa: E402
 from lmcache_fs.storage.store import ChunkStore  # noqa: E402
@@ -22,12 +25,22 @@ def layerwise(request):
     return request.param
 
 
+def one_group_worker(root, store, names, held_blocks, block_size, *, layerwise_load="auto",
+                     guards=(), any_rank=this_rank_only, counts_tokens=True) -> WorkerSide:
+    """The worker side of an engine of one KV cache group (a plain model), as the connector
+    builds it, storing into ``store``."""
+    config = load_config({"storage_path": str(root), "save_queue_size": 8,
+                          "layerwise_load": layerwise_load})
+    return WorkerSide(WorkerContext(config, block_size, True, guards, any_rank),
+                      [GroupFiles(store, names, held_blocks, counts_tokens)])
+
+
 def _worker(tmp_path, layers, layerwise="auto"):
     store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
-    side = WorkerSide(store, NAMES, PER_CHUNK, BLOCK, save_queue_size=8, can_save=True,
-                      read_options=ReadOptions(layerwise=layerwise))
+    side = one_group_worker(tmp_path, store, NAMES, PER_CHUNK, BLOCK, layerwise_load=layerwise)
     side.register_kv_caches(dict(zip(NAMES, layers)))
-    assert (side.layer_reader is not None) == (layerwise == "auto")  # auto: layer-wise on CPU
+    # auto: layer-wise on CPU
+    assert (side.groups[0].layer_reader is not None) == (layerwise == "auto")
     return side
 
 
@@ -72,7 +85,7 @@ def test_a_missing_chunk_fails_its_blocks_and_every_later_one_of_the_request(tmp
              LoadOp("r", KEYS[2], 0, (8, 9, 10, 11)), LoadOp("other", KEYS[2], 0, (20, 21, 22, 23))]
     loader.load(LMCacheFSMetadata(loads=loads))
     assert loader.take_failed_blocks() == {4, 5, 6, 7, 8, 9, 10, 11}
-    assert torch.equal(loader.layers[0][20], src[0][8])  # the other request still loads
+    assert torch.equal(loader.groups[0].layers[0][20], src[0][8])  # the other request still loads
 
 
 def test_stats_count_only_the_chunks_that_loaded(tmp_path, layerwise):
@@ -102,9 +115,9 @@ def test_a_chunk_that_failed_on_another_rank_is_a_hit_on_no_rank(tmp_path, layer
         return [False, True]
 
     store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
-    loader = WorkerSide(store, NAMES, PER_CHUNK, BLOCK, save_queue_size=8, can_save=False,
-                        read_options=ReadOptions(layerwise=layerwise),
-                        any_rank=second_chunk_failed_elsewhere)
+    config = load_config({"storage_path": str(tmp_path), "layerwise_load": layerwise})
+    loader = WorkerSide(WorkerContext(config, BLOCK, False, (), second_chunk_failed_elsewhere),
+                        [GroupFiles(store, NAMES, PER_CHUNK)])
     loader.register_kv_caches(dict(zip(NAMES, _caches(fill=0.0))))
     loader.load(LMCacheFSMetadata(loads=[LoadOp("r", KEYS[0], 0, (0, 1, 2, 3)),
                                          LoadOp("r", KEYS[1], 0, (4, 5, 6, 7))]))
@@ -119,12 +132,12 @@ def test_stores_past_the_budget_are_counted_by_reason_once(tmp_path):
     store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
     chunk_file = 4096 + LAYERS * PER_CHUNK * HEADS * BLOCK * HEAD2 * 2
     write_usage(tmp_path, 0)  # a pass measured an empty directory; room for two chunks
-    side = WorkerSide(store, NAMES, PER_CHUNK, BLOCK, save_queue_size=8, can_save=True,
-                      guards=[BudgetGuard(tmp_path, max_bytes=2 * chunk_file)])
+    side = one_group_worker(tmp_path, store, NAMES, PER_CHUNK, BLOCK,
+                            guards=[BudgetGuard(tmp_path, max_bytes=2 * chunk_file)])
     side.register_kv_caches(dict(zip(NAMES, _caches())))
     side.save(LMCacheFSMetadata(saves=[SaveOp("w", k, "", i, tuple(range(4 * i, 4 * i + 4)))
                                        for i, k in enumerate(KEYS)]))
-    side.writer.flush()
+    side.groups[0].writer.flush()
     stats = side.take_stats().data
     assert stats["stored_chunks"] == 2 and stats["skipped_by_reason"] == {"budget": 1}
     assert side.take_stats() is None  # reported once
@@ -145,8 +158,9 @@ def _step_with_a_failed_load(side, failed_load_steps=0):
 
 
 def _stored(side):
-    side.writer.flush()
-    return [k for k in KEYS if side.store.layout.chunk_path(k).exists()]
+    group = side.groups[0]
+    group.writer.flush()
+    return [k for k in KEYS if group.store.layout.chunk_path(k).exists()]
 
 
 def test_after_a_failed_load_no_chunk_is_stored_until_the_scheduler_has_heard(tmp_path, layerwise):
@@ -179,8 +193,7 @@ def test_a_failed_load_on_another_rank_withholds_this_ranks_stores_too(tmp_path)
         return [True] * len(failed)
 
     store = ChunkStore(ChunkLayout(tmp_path, Namespace({"model": "m"})))
-    side = WorkerSide(store, NAMES, PER_CHUNK, BLOCK, save_queue_size=8, can_save=True,
-                      any_rank=another_rank_failed)
+    side = one_group_worker(tmp_path, store, NAMES, PER_CHUNK, BLOCK, any_rank=another_rank_failed)
     side.register_kv_caches(dict(zip(NAMES, _caches())))
     side.save(LMCacheFSMetadata(saves=[SaveOp("w", KEYS[1], "", 0, (0, 1, 2, 3))]))
     assert _stored(side) == [KEYS[1]] and asked == []  # no loads in the step: no collective

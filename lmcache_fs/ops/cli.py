@@ -288,11 +288,12 @@ def _prompt_keys(args: argparse.Namespace, ns: Path) -> list[str]:
     from lmcache_fs.connector.prompt_keys import chunk_keys, tokenize
 
     manifest = read_manifest(ns) or {}
-    try:
-        chunk_size, block_size = int(manifest["chunk_size"]), int(manifest["block_size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{ns}/namespace.json lacks chunk_size/block_size ({exc}); "
-                          "pin by key instead") from exc
+    chunk_size, block_size = manifest.get("chunk_size"), manifest.get("block_size")
+    # namespace.json is in the shared directory: anyone who can write it may plant zeros.
+    if not all(type(n) is int and n > 0 for n in (chunk_size, block_size)):
+        raise ConfigError(f"{ns}/namespace.json has no positive whole chunk_size and block_size "
+                          f"(chunk_size {chunk_size!r}, block_size {block_size!r}); pin by key "
+                          "instead")
     try:
         text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
     except OSError as exc:
@@ -517,6 +518,18 @@ def _pin_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--namespace", help="only this namespace (name or unique prefix)")
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0 (pick a free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: give 0 to 65535 "
+                                         "(0 picks a free one)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lmcache-fs`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -552,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also remove every entry the cache did not create (a file or directory "
                          "at a name it never uses, a symlink, FIFO or device): counted against "
                          "the budget and reported, but otherwise never removed")
-    gc.add_argument("--metrics-port", type=int, metavar="PORT",
+    gc.add_argument("--metrics-port", type=_port, metavar="PORT",
                     help="with --daemon: serve Prometheus /metrics and /health on PORT "
                          "(default: off; 0 picks a free port)")
     gc.add_argument("--metrics-host", default="0.0.0.0", metavar="ADDR",
@@ -598,6 +611,11 @@ def _os_error_message(exc: OSError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (see ``lmcache-fs --help``)."""
+    for stream in (sys.stdout, sys.stderr):
+        # A path need not be valid in the terminal's encoding (bytes that are not UTF-8
+        # on a UTF-8 terminal): print it escaped, never fail on it.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     init_logging()
     try:

@@ -1,7 +1,9 @@
 """Read and write the chunk files of one namespace: codec + layout + publish.
 
-Every reader starts from :meth:`ChunkStore.open_chunk` and ends with
-:meth:`ChunkStore.finish`; in between it only moves bytes:
+Every reader reads inside :meth:`ChunkStore.reading`, which opens the chunk
+(:meth:`ChunkStore.open_chunk`) and finishes it on leaving the block
+(:meth:`ChunkStore.finish`), so that no read can forget either; in between it
+only moves bytes:
 
 - ``open_chunk`` walks to the file by descriptor: the namespace and fan-out
   directories are opened relative to their parent with ``O_NOFOLLOW``, and the
@@ -33,11 +35,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -61,7 +64,8 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 class OpenChunk:
     """A chunk file open for reading whose header passed every check; no data read yet.
 
-    Hand it back to :meth:`ChunkStore.finish` (which closes it) whatever happens.
+    Hand it back to :meth:`ChunkStore.finish` (which closes it) whatever happens;
+    :meth:`ChunkStore.reading` does both.
     """
 
     def __init__(self, key: str, header: ChunkHeader, fd: int, dir_fd: int,
@@ -72,6 +76,9 @@ class OpenChunk:
         self.dir_fd = dir_fd  # its fan-out directory: quarantine renames relative to it
         self.parts = parts  # namespace, fan-out, file name: below the root
         self._mac_key = mac_key
+        self.error: ChunkFileError | None = None
+        """Why this read is a miss, for readers that record a failure instead of raising it
+        (several chunks read in turns): :meth:`ChunkStore.reading` finishes with it."""
 
     @property
     def proc_path(self) -> str:
@@ -254,6 +261,34 @@ class ChunkStore:
         finally:
             chunk.close()
 
+    @contextlib.contextmanager
+    def reading(self, key: str, dtype: torch.dtype | None = None,
+                shape: Sequence[int] | None = None) -> Iterator[OpenChunk]:
+        """Read chunk ``key`` inside a ``with`` block: :meth:`open_chunk`, then :meth:`finish`.
+
+        On leaving the block the chunk is finished: as a hit, or with the
+        :class:`ChunkFileError` the block raised (re-raised) or recorded in
+        :attr:`OpenChunk.error` (a proven-bad file is quarantined). Any other
+        exception closes the file with no verdict: a bug says nothing about it.
+
+        Example:
+            >>> with store.reading(key, out.dtype, out.shape) as chunk:  # doctest: +SKIP
+            ...     chunk.read_checked(out)
+
+        Raises:
+            ChunkFileError: as :meth:`open_chunk`, or as the block raised it.
+        """
+        chunk = self.open_chunk(key, dtype, shape)
+        try:
+            yield chunk
+        except ChunkFileError as exc:
+            self.finish(chunk, exc)
+            raise
+        except BaseException:
+            chunk.close()
+            raise
+        self.finish(chunk, chunk.error)
+
     def load(self, key: str, out: torch.Tensor) -> ChunkHeader:
         """Fill ``out`` (a contiguous CPU tensor) with chunk ``key``, verified, and mark it used.
 
@@ -261,13 +296,8 @@ class ChunkStore:
             ChunkFileError: as :meth:`open_chunk`, or the data fails its check
                 (the file is then quarantined).
         """
-        chunk = self.open_chunk(key, out.dtype, out.shape)
-        try:
+        with self.reading(key, out.dtype, out.shape) as chunk:
             chunk.read_checked(out)
-        except ChunkFileError as exc:
-            self.finish(chunk, exc)
-            raise
-        self.finish(chunk)
         return chunk.header
 
     def _open_fanout(self, where: ChunkLocation, *, create: bool) -> int:

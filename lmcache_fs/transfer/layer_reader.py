@@ -8,8 +8,9 @@ step, then layer 1, and so on, in background threads; the forward pass calls
 until that layer has arrived. Each chunk and layer is one ``preadv``, fed to
 the chunk's data check as it lands (xxh3, and the MAC where the store is
 keyed, both stream), so a file's check is known once its last layer is read.
-Every chunk is opened once by :meth:`ChunkStore.open_chunk` (header checked
-before any byte moves) and handed back to :meth:`ChunkStore.finish`.
+Every chunk is read inside one :meth:`ChunkStore.reading` block (header
+checked before any byte moves; finished as a hit, or with its error, when the
+thread's chunks are done).
 
 Where the bytes go:
 
@@ -39,9 +40,9 @@ for a chunk found bad before the step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import resource
 import threading
 import time
 from concurrent.futures import Future
@@ -193,24 +194,6 @@ class _ThroughStaging:
             self._cond.notify_all()
 
 
-def raise_open_files_limit(target: int = 65536) -> None:
-    """Lift this process's soft limit on open files towards ``target`` (at most the hard limit).
-
-    A step's chunks stay open from their first layer to their last (two
-    descriptors each: the file and its directory), so a long prompt loaded in
-    one step can hold more than the common soft limit of 1024; vLLM lifts the
-    limit only in its API server, after the engine processes have started.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = target if hard == resource.RLIM_INFINITY else min(target, hard)
-    if soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        except (ValueError, OSError) as exc:
-            logger.warning("cannot raise the open files limit from %d to %d (%s): a step that "
-                           "loads more chunks than that is partly recomputed", soft, wanted, exc)
-
-
 def _direct(layers: Sequence[torch.Tensor]) -> bool:
     return all(kv.device.type == "cpu" and kv.is_contiguous() for kv in layers)
 
@@ -222,10 +205,14 @@ class LayerwiseReader:
     chunks' layers in order, as the streaming checksum needs).
     ``staging_bytes`` bounds the staging ring where bytes cannot go straight
     into the cache (at least two layers' worth is always used).
+
+    A step's chunks stay open from their first layer to their last (two
+    descriptors each): the worker's start-up lifts the open-files limit for
+    them (:func:`lmcache_fs.transfer.open_files.raise_open_files_limit`).
     """
 
     def __init__(self, store: ChunkStore, layers: Sequence[torch.Tensor], blocks_per_chunk: int,
-                 threads: int, staging_bytes: int = 256 << 20):
+                 threads: int, staging_bytes: int):
         if not layers:
             raise ValueError("LayerwiseReader needs at least one layer")
         self.store = store
@@ -240,7 +227,6 @@ class LayerwiseReader:
         self._into_pages = _IntoPages(self.layers, self.page_bytes) if self.into_pages else None
         self.threads = max(1, threads)
         self.pool = device_thread_pool(self.threads, "lmcache-fs-layers", layers[0].device)
-        raise_open_files_limit()
 
     @property
     def num_layers(self) -> int:
@@ -335,11 +321,13 @@ class LayerwiseLoad:
     def _read_chunks(self, thread: int, indices: list[int]) -> None:
         reader = self.reader
         readings: list[_Reading] = []
-        try:
+        # Each chunk is finished on leaving the block: a hit marks it used, a failure
+        # recorded in its ``error`` quarantines what is proven bad.
+        with contextlib.ExitStack() as open_chunks:
             for i in indices:
                 try:
-                    chunk = reader.store.open_chunk(self.jobs[i].key, reader.dtype,
-                                                    reader.chunk_shape)
+                    chunk = open_chunks.enter_context(
+                        reader.store.reading(self.jobs[i].key, reader.dtype, reader.chunk_shape))
                 except ChunkFileError as exc:  # the store quarantined what is proven bad
                     self.errors[i] = exc
                     continue
@@ -358,24 +346,22 @@ class LayerwiseLoad:
                 layer, group = divmod(unit, destination.units_per_layer)
                 destination.before_reading(unit)
                 for reading in groups[group]:
-                    if self.errors[reading.index] is not None:
+                    if reading.chunk.error is not None:
                         continue
                     job = self.jobs[reading.index]
                     buffers = destination.buffers(unit, reading.index, job, scratch_pages)
                     try:
                         reader.read_layer(reading, layer, buffers)
                     except ChunkFileError as exc:
-                        self.errors[reading.index] = exc
+                        reading.chunk.error = exc
                 self._unit_read(thread, unit + 1)
             for reading in readings:
-                if self.errors[reading.index] is None:
+                if reading.chunk.error is None:
                     try:
                         reading.check.verify()
                     except ChunkFileError as exc:
-                        self.errors[reading.index] = exc
-        finally:
-            for reading in readings:  # a hit marks the chunk used; a proven-bad one is quarantined
-                reader.store.finish(reading.chunk, self.errors[reading.index])
+                        reading.chunk.error = exc
+                self.errors[reading.index] = reading.chunk.error
 
     def _unit_read(self, thread: int, units: int) -> None:
         with self._read:
