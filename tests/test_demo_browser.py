@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import uuid
 from dataclasses import dataclass
@@ -18,11 +17,10 @@ import launcher as demo_launcher  # frontend/launcher.py (frontend/ is put on sy
 import pytest
 from demo_config import sample_documents
 from demo_helpers import REPO, Launcher, pids_with_env
+from page_in_browser import ask_on_the_page, check_side_by_side_answers
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 RUN_MARKER = "LMCACHE_FS_DEMO_TEST_RUN"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
 START_AND_COMPARE_TIMEOUT_S = 900
 
 
@@ -136,75 +134,13 @@ def test_headless_comparison_cached_engine_b_beats_plain_engines_on_a_prompt_onl
     assert any("faster to the first token" in line for line in demo.launcher.lines)
 
 
-def _answer_columns(page) -> list[tuple[str, str]]:
-    """(engine label, column text) of every drawn answer column, in page order."""
-    columns = []
-    for column in page.locator('[data-testid="stColumn"]').all():
-        text = column.inner_text()
-        if "TTFT" in text and "prompt tokens" in text:
-            columns.append((text.split("\n", 1)[0], text))
-    return columns
-
-
-def _figures(text: str) -> tuple[int, float]:
-    """Tokens loaded from the shared directory and the TTFT one column shows."""
-    shared = re.search(r"([\d,]+) tokens from the shared directory", text).group(1)
-    return int(shared.replace(",", "")), float(re.search(r"TTFT\s+([\d.]+) s", text).group(1))
-
-
 @pytest.mark.engine
 def test_browser_page_answers_side_by_side_then_a_follow_up_loads_the_first_turn(
         demo: DemoRun) -> None:
     """The first turn on A (which stored the context) and C; the follow-up, whose prompt
     carries the first exchange, on B and D, which meet it afresh: B loads it from the
     shared directory, D computes it."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Chromium not installed (Debian: apt-get install chromium)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1500, "height": 2600})
-            page.goto(demo.page_url)
-            sidebar = page.locator('[data-testid="stSidebar"]')
-            sync_api.expect(sidebar.get_by_text("up", exact=True)).to_have_count(4, timeout=60_000)
-            sync_api.expect(page.get_by_text("Documents (concatenated in this order)")).to_be_visible()
-            assert page.get_by_text("answers are meaningless").count() == 0  # a real model
-            for label in ("B · lmcache-fs", "D · plain vLLM"):
-                sidebar.get_by_text(f"Ask {label}").click()
-            page.get_by_role("button", name=re.compile("^Store a fresh copy")).click()
-            page.get_by_text(re.compile(r"\d+ new chunk files in the shared directory")).wait_for(
-                timeout=120_000)
-            page.get_by_role("button", name="Ask the selected engines").click()
-            page.get_by_role("button", name="Ask the follow-up").wait_for(timeout=180_000)
-            page.wait_for_timeout(1000)
-            first_turn = _answer_columns(page)
-            page.get_by_role("button", name="Ask the follow-up").click()
-            deadline = 180_000
-            while len(_answer_columns(page)) < 4 and deadline > 0:
-                page.wait_for_timeout(1000)
-                deadline -= 1000
-            page.locator('[data-testid="stVegaLiteChart"]').wait_for(timeout=60_000)
-            page.get_by_text("Shared cache directory").wait_for(timeout=60_000)
-            page.wait_for_timeout(1500)
-            columns = _answer_columns(page)
-            page.screenshot(path=str(ARTIFACTS / "demo-page.png"), full_page=True)
-        finally:
-            browser.close()
-    assert [label for label, _ in first_turn] == ["A · lmcache-fs", "C · plain vLLM"]
-    assert [label for label, _ in columns] == ["A · lmcache-fs", "C · plain vLLM",
-                                               "B · lmcache-fs", "D · plain vLLM"]
-    figures = {label: _figures(text) for label, text in columns}
-    # A answers from the context it stored (its own prefix cache), C computes it all.
-    assert figures["C · plain vLLM"][0] == 0
-    assert figures["A · lmcache-fs"][1] < figures["C · plain vLLM"][1]
-    # The follow-up: B loads the first turn's prefix from the directory and answers sooner.
-    assert figures["B · lmcache-fs"][0] > 0 and figures["D · plain vLLM"][0] == 0
-    assert figures["B · lmcache-fs"][1] < figures["D · plain vLLM"][1]
-    # A real model's answers: words, not the synthetic model's control characters.
-    answers = [text.rsplit("own prefix cache", 1)[1] for _, text in columns]
-    assert all(re.search(r"[A-Za-z]{3,} [A-Za-z]{2,}", answer) for answer in answers), answers
+    check_side_by_side_answers(ask_on_the_page(demo.page_url, ARTIFACTS / "demo-page.png"))
 
 
 @pytest.mark.engine
