@@ -213,17 +213,21 @@ def test_an_appended_token_goes_to_the_engines_only(project_copy: Path) -> None:
         assert "hf_sentinel" not in yaml.safe_dump(svc["frontend"])
 
 
-def test_nfs_override_mounts_the_export_with_prompt_discovery_options(project_copy: Path) -> None:
+@pytest.mark.parametrize("stack_file", ["docker-compose.override.yml", "docker/compose.cpu.yml"],
+                         ids=["gpu", "cpu"])
+def test_nfs_override_mounts_the_export_with_prompt_discovery_options(
+        project_copy: Path, stack_file: str) -> None:
     with open(project_copy / ".env", "a") as env:
         env.write("NFS_SERVER=10.0.0.5\nNFS_EXPORT=/exports/kv\n")
-    # The README's command: the GPU stack's two files, then the NFS override.
-    stack = resolved("-f", "docker-compose.yml", "-f", "docker-compose.override.yml",
-                     "-f", "docker/compose.nfs.yml", cwd=project_copy)
+    # The README's command: the stack's two files, then the NFS override.
+    stack = resolved("-f", "docker-compose.yml", "-f", stack_file, "-f", "docker/compose.nfs.yml",
+                     cwd=project_copy)
     for name, mode in {"engine-a": "rw", "engine-b": "rw", "frontend": "ro"}.items():
         assert f"kv-nfs:/kv:{mode}" in stack["services"][name]["volumes"], name
     for name in PLAIN:
-        assert not any("/kv" in v for v in stack["services"][name]["volumes"]), name
-    assert all("deploy" in stack["services"][name] for name in ENGINES)
+        assert not any("/kv" in v for v in stack["services"][name].get("volumes", [])), name
+    assert all(("deploy" in stack["services"][name]) is (stack_file.endswith("override.yml"))
+               for name in ENGINES)
     opts = stack["volumes"]["kv-nfs"]["driver_opts"]
     assert opts["type"] == "nfs" and opts["device"] == ":/exports/kv"
     assert {"addr=10.0.0.5", "lookupcache=positive", "hard"} <= set(opts["o"].split(","))
