@@ -52,11 +52,16 @@ def test_a_local_model_folder_is_served_synthetic_asks_for_the_random_model_and_
     assert demo_launcher.resolve_model("") == (tmp_path / "smollm2", False)
 
 
-def test_the_synthetic_model_is_served_in_float32_with_room_for_byte_tokens(tmp_path: Path) -> None:
+def test_every_model_is_served_in_float32_by_default_and_the_synthetic_one_fits_byte_tokens(
+        tmp_path: Path) -> None:
+    # bf16 parted B's answer from the plain engines' in the default demo (GPL-2, "Who publishes
+    # this license?"): float32 unless asked otherwise.
     spec = demo_launcher.EngineSpec("a", "A", 1, True)
     synthetic = demo_launcher.engine_command(tmp_path, spec, tmp_path, synthetic=True)
     real = demo_launcher.engine_command(tmp_path, spec, tmp_path)
-    assert synthetic[synthetic.index("--dtype") + 1] == "float32" and "--dtype" not in real
+    bf16 = demo_launcher.engine_command(tmp_path, spec, tmp_path, dtype="bfloat16")
+    assert synthetic[synthetic.index("--dtype") + 1] == real[real.index("--dtype") + 1] == "float32"
+    assert bf16[bf16.index("--dtype") + 1] == "bfloat16"
     longest = max(len(text.encode()) for text in sample_documents().values())
     assert int(synthetic[synthetic.index("--max-model-len") + 1]) > longest + 100
     assert real[real.index("--max-model-len") + 1] == "8192"
@@ -98,12 +103,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     workdir = tmp_path_factory.mktemp("demo")
     marker = uuid.uuid4().hex
-    # float32: the comparison asserts that every engine gives A's answer token for token, which
-    # bf16 does not promise (see tests/test_real_model_e2e.py); users get the model's bf16.
+    # The default dtype, as users get it (DTYPE unset): float32, where the comparison can
+    # require A's answer from every engine token for token.
     launcher = Launcher(["--headless", "--keep-serving", "--rounds", "2", "--page-port", "0",
-                         "--dtype", "float32",
                          "--workdir", str(workdir), "--json", str(workdir / "comparison.json")],
-                        ARTIFACTS / "demo-launcher.log", env={RUN_MARKER: marker})
+                        ARTIFACTS / "demo-launcher.log", env={RUN_MARKER: marker, "DTYPE": ""})
     try:
         url = launcher.wait_for_line(r"Demo page: (http://\S+)", START_AND_COMPARE_TIMEOUT_S).group(1)
         ports = [int(m) for line in launcher.lines
