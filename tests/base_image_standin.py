@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from docker_engine import STATE_DIR, Docker, DockerError
+from docker_engine import STATE_DIR, Docker, DockerError, DockerUnavailable
 
 DOCKERFILE = Path(__file__).resolve().parent.parent / "Dockerfile"
 SUITE = "bookworm"
@@ -105,7 +105,7 @@ def rootfs_tarball(mirror: str, say: Callable[[str], None]) -> Path:
     if tarball.exists():
         return tarball
     if shutil.which("debootstrap") is None:
-        raise DockerError("debootstrap is not installed (apt-get install debootstrap, or run "
+        raise DockerUnavailable("debootstrap is not installed (apt-get install debootstrap, or run "
                           "`make system-deps` as root)")
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()

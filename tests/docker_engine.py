@@ -40,6 +40,10 @@ class DockerError(RuntimeError):
     """Docker could not be reached or started; the message says what to do."""
 
 
+class DockerUnavailable(DockerError):
+    """This machine cannot run Docker for the tests (not installed, not root): a reason to skip."""
+
+
 @dataclass(frozen=True)
 class Docker:
     """One Docker engine, reached through ``DOCKER_HOST``, and the CLI that builds for it."""
@@ -67,7 +71,7 @@ class Docker:
 
 def _cli_dir() -> Path:
     if not DOCKER_CLI.exists():
-        raise DockerError(f"no Docker CLI at {DOCKER_CLI}: install Debian's docker.io "
+        raise DockerUnavailable(f"no Docker CLI at {DOCKER_CLI}: install Debian's docker.io "
                           "(apt-get install docker.io docker-compose, or run `make system-deps` as root)")
     folder = STATE_DIR / "bin"
     folder.mkdir(parents=True, exist_ok=True)
@@ -109,10 +113,10 @@ class Dockerd:
                 daemon exited or stayed silent (the message quotes its log).
         """
         if not self.binary.exists():
-            raise DockerError(f"no dockerd at {self.binary}: install Debian's docker.io "
+            raise DockerUnavailable(f"no dockerd at {self.binary}: install Debian's docker.io "
                               "(apt-get install docker.io, or run `make system-deps` as root)")
         if os.geteuid() != 0:
-            raise DockerError("dockerd needs root: run the tests as root, or start Docker "
+            raise DockerUnavailable("dockerd needs root: run the tests as root, or start Docker "
                               "yourself and set DOCKER_HOST")
         exec_root = self.state_dir / "exec"
         containerd_socket = exec_root / "containerd" / "containerd.sock"
@@ -172,7 +176,7 @@ def docker_engine() -> Iterator[Docker]:
     :class:`Dockerd` of this checkout, started for the block and stopped after it."""
     cli_dir = _cli_dir()
     if shutil.which("docker-compose") is None:
-        raise DockerError("docker-compose is not installed (apt-get install docker-compose, "
+        raise DockerUnavailable("docker-compose is not installed (apt-get install docker-compose, "
                           "or run `make system-deps` as root)")
     existing = os.environ.get("DOCKER_HOST", DEFAULT_HOST)
     if answers(existing, cli_dir):

@@ -21,7 +21,7 @@ from compose_stack import (
     read_env_file,
     stack_settings,
 )
-from docker_engine import DOCKERD, Dockerd, DockerError
+from docker_engine import DOCKERD, Dockerd, DockerError, DockerUnavailable
 
 
 @pytest.fixture()
@@ -77,7 +77,7 @@ def test_a_port_that_is_not_a_number_says_so() -> None:
 
 
 def test_no_dockerd_names_the_package_to_install(tmp_path: Path) -> None:
-    with pytest.raises(DockerError, match="install Debian's docker.io"):
+    with pytest.raises(DockerUnavailable, match="install Debian's docker.io"):
         Dockerd(tmp_path / "state", binary=tmp_path / "no-dockerd").start(tmp_path)
 
 
