@@ -20,6 +20,7 @@ SUITES = {
     "lookup": "bench.lookup",  # prefix lookup, start-up scan and index memory at 10k-1M files
     "ttft": "bench.ttft",  # TTFT of a second instance vs context length, peers side by side
     "ttft-real": "bench.ttft_real",  # the same on the demo's real chat model (SmolLM2-135M)
+    "demo-dtype": "bench.demo_dtype",  # the demo's model in float32 (its default) against bf16
     "decode": "bench.decode",  # inter-token latency while the connector stores
     "multi": "bench.multi_instance",  # round-robin multi-round chat on two instances
     "block-copy-cpu": "bench.block_copy_cpu",  # CPU gathers/scatters: numpy vs a copy_ per page
