@@ -174,6 +174,8 @@ def document_round(stack: CpuStack) -> DocumentRound:
     loaded = _loaded_tokens(stack.engine("engine-b")) - before
     answers["engine-c"] = _ask(stack.engine("engine-c"), context, question)
     assert stack.chunk_count() == chunks_after_a  # B loaded, stored nothing new
+    for service in ("engine-b", "engine-c"):
+        stack.timings[f"{service}_ttft_s"] = answers[service].ttft_s or 0.0
     return DocumentRound(context, question, answers, loaded)
 
 
