@@ -14,7 +14,8 @@ those images and tag it with their names:
    works as in the official images.
 
 The stand-in's Python is 3.11 whatever the tag says (the page's ``python:3.12-slim`` too).
-An image of one of those names that is not a stand-in (a real pull) is left alone, and a
+Where a registry serves an image of those names, or the daemon already holds one that is not a
+stand-in, that image is used as it is (a user's Docker never gets a stand-in in its place); a
 stand-in is rebuilt only when what went into it changed. None of this is in the project's
 Dockerfile.
 """
@@ -170,6 +171,14 @@ def _label(docker: Docker, image: str) -> str | None:
     return (json.loads(done.stdout.strip() or "null") or {}).get(LABEL, "")
 
 
+def _pulled(docker: Docker, image: str) -> bool:
+    """Whether a registry serves ``image`` to this daemon (here none does: it fails at once)."""
+    try:
+        return docker.run("pull", image, check=False, timeout_s=600).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
 def ensure_python_base_images(docker: Docker, say: Callable[[str], None] = print) -> list[str]:
     """Build (or keep) stand-ins for the Dockerfile's ``python:*`` images; the names made now.
 
@@ -181,7 +190,8 @@ def ensure_python_base_images(docker: Docker, say: Callable[[str], None] = print
     mirror = apt_mirror()
     wheels = wheels_dir()
     digest = _inputs_digest(mirror, wheels)
-    wanted = [n for n in names if labels[n] is None or (labels[n] and labels[n] != digest)]
+    wanted = [n for n in names
+              if (labels[n] is None and not _pulled(docker, n)) or (labels[n] and labels[n] != digest)]
     if not wanted:
         return []
     imported = f"lmcache-fs-test/{SUITE}-rootfs:{digest}"
