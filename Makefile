@@ -6,8 +6,9 @@ STAMP := $(VENV)/.lmcache-fs-installed
 # CPU torch wheels: PyTorch's own index on a user's machine (pip finds a local wheel first where one exists).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Debian packages the end-to-end tests use: a browser for the demo page, FUSE mounts
-# for two-"node" tests, and docker-compose's offline config check.
-SYSTEM_PACKAGES := chromium bindfs fuse3 docker-compose
+# for two-"node" tests, and Docker for the CPU compose stack (docker.io's dockerd and CLI,
+# docker-compose, debootstrap for the stand-in base images: tests/base_image_standin.py).
+SYSTEM_PACKAGES := chromium bindfs fuse3 docker.io docker-compose debootstrap
 
 .PHONY: install system-deps test test-fast demo model bench clean soak fuzz-long
 

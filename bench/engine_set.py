@@ -56,9 +56,11 @@ class EngineSet:
     """Named engines (``None`` connector = plain vLLM), warmed up before any timing."""
 
     def __init__(self, work_dir: Path, connectors: Mapping[str, dict | None], max_len: int,
-                 model: Path | None = None, tensor_parallel: Mapping[str, int] = {}):
+                 model: Path | None = None, tensor_parallel: Mapping[str, int] = {},
+                 dtype: str = "bfloat16"):
         """``model``: the folder every engine serves (default: the synthetic model);
-        ``tensor_parallel``: the tensor-parallel size of engines by name (default 1)."""
+        ``tensor_parallel``: the tensor-parallel size of engines by name (default 1);
+        ``dtype``: what they compute in (default bf16, what a real deployment serves)."""
         model = model or build_synthetic_model(REPO / ".cache" / "tiny-llama")
         logs = work_dir / "logs"
         shutil.rmtree(logs, ignore_errors=True)
@@ -66,7 +68,7 @@ class EngineSet:
         # ExampleConnector fails under chunked prefill: a batch budget that
         # holds the longest prompt keeps every engine from chunking.
         sizes = {"max_model_len": max_len + 128, "max_num_batched_tokens": max_len + 128,
-                 "dtype": "bfloat16"}  # what a real deployment serves
+                 "dtype": dtype}
         self.engines: dict[str, EngineProcess] = {}
         try:
             for name, connector in connectors.items():

@@ -21,6 +21,7 @@ SUITES = {
     "ttft": "bench.ttft",  # TTFT of a second instance vs context length, peers side by side
     "ttft-real": "bench.ttft_real",  # the same on the demo's real chat model (SmolLM2-135M)
     "ttft-tp": "bench.ttft_tp",  # loaded against recompute at TP=2, beside TP=1
+    "demo-dtype": "bench.demo_dtype",  # the demo's model in float32 (its default) against bf16
     "decode": "bench.decode",  # inter-token latency while the connector stores
     "multi": "bench.multi_instance",  # round-robin multi-round chat on two instances
     "block-copy-cpu": "bench.block_copy_cpu",  # CPU gathers/scatters: numpy vs a copy_ per page

@@ -53,6 +53,12 @@ MAX_MODEL_LEN = 8192
 # (25k bytes) must fit, and 28k tokens of its float32 KV (8 KiB each) fit the pool above.
 SYNTHETIC_MAX_MODEL_LEN = 28 * 1024
 SYNTHETIC = "synthetic"
+# On CPU every model is served in float32 unless --dtype/DTYPE says otherwise: an engine that
+# continues from cached KV (B, from the shared directory) computes the new tokens in other, smaller
+# matrix products than one that prefills the whole prompt, and bf16 rounds those sums differently
+# enough to part greedy answers after a few words (B said "201 members" where A, C and D said
+# "1996" on the GPL-2). In float32 they give the same answer; docs/demo.md has the cost.
+DEFAULT_DTYPE = "float32"
 COMPARISON_QUESTION = "What is this document about? Answer in one sentence."
 
 
@@ -147,24 +153,20 @@ def engine_command(model: Path, spec: EngineSpec, kv_dir: Path, synthetic: bool 
     """The ``vllm serve`` command line of one engine (via the module: the ``vllm`` script
     of the CPU wheel looks up package metadata named "vllm" and fails).
 
-    The synthetic model is served in float32: its logits are often nearly tied, and in
-    bf16 another, equally correct computation order (a prefix loaded from the cache)
-    can flip a greedy pick, which would make the page's "same answer" check flaky.
-    ``dtype`` and ``max_model_len`` override the defaults (tests serve the real model
-    in float32 for exact token comparisons). ``connector_settings`` add lmcache-fs
-    settings to ``storage_path``; ``extra_args`` go to vLLM as they are (e.g.
+    Served in :data:`DEFAULT_DTYPE` unless ``dtype`` says otherwise (the synthetic model's
+    nearly tied logits are the most sensitive to bf16's rounding); ``max_model_len``
+    overrides the model's default. ``connector_settings`` add lmcache-fs settings to
+    ``storage_path``; ``extra_args`` go to vLLM as they are (e.g.
     ``--tensor-parallel-size 2``).
     """
-    dtype = dtype or ("float32" if synthetic else "")
+    dtype = dtype or DEFAULT_DTYPE
     max_model_len = max_model_len or (SYNTHETIC_MAX_MODEL_LEN if synthetic else MAX_MODEL_LEN)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            "--model", str(model), "--served-model-name", model.name,
            "--host", "127.0.0.1", "--port", str(spec.port),
            "--enforce-eager", "--max-model-len", str(max_model_len),
            "--kv-cache-memory-bytes", str(kv_pool_bytes(model, dtype, max_model_len)),
-           "--disable-uvicorn-access-log", *extra_args]
-    if dtype:
-        cmd += ["--dtype", dtype]
+           "--dtype", dtype, "--disable-uvicorn-access-log", *extra_args]
     if spec.uses_cache:
         cmd += ["--kv-transfer-config", json.dumps({
             "kv_connector": CONNECTOR_NAME, "kv_role": "kv_both",
@@ -372,10 +374,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="local model folder to serve, or 'synthetic' for a random-weight "
                              "model (default: $MODEL; otherwise SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default=os.environ.get("DTYPE", ""),
-                        help="the engines' dtype (default: $DTYPE, else the model's own, bf16 for "
-                             "SmolLM2; float32 for the synthetic model). In bf16 an engine that "
-                             "continues from cached KV may part from a full prefill after some "
-                             "tokens; float32 gives every engine the same answer")
+                        help=f"the engines' dtype (default: $DTYPE, else {DEFAULT_DTYPE}, where an "
+                             "engine that continues from cached KV gives the plain engines' answer; "
+                             "in bfloat16 (faster) rounding can part their answers after a few words)")
     parser.add_argument("--workdir", type=Path, default=REPO / ".cache" / "demo",
                         help="logs, the page's config and (by default) the shared cache")
     parser.add_argument("--kv-dir", type=Path, default=None,

@@ -37,8 +37,9 @@ def artifacts_dir() -> Path:
 
 
 # CI honesty: where CI=true, a skipped engine, fault or browser test fails the run, since
-# `make system-deps` installs everything they need (FUSE/bindfs, chromium, docker-compose)
-# and a skip there hides a broken test. GPU tests still skip on machines without CUDA.
+# `make system-deps` installs everything they need (FUSE/bindfs, chromium, docker.io,
+# docker-compose, debootstrap) and a skip there hides a broken test. GPU tests still skip on
+# machines without CUDA.
 _MUST_RUN_IN_CI = ("test_engine_faults.py", "test_faults.py", "test_demo_browser.py",
                    "test_e2e_engines.py", "test_cache_salt.py")
 

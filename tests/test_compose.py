@@ -1,7 +1,11 @@
-"""docker-compose.yml, .env and the NFS override: valid, and the topology the demo promises.
+"""The compose files and .env: valid, and the topology the demo promises on GPUs and on CPU.
 
-Nothing here needs a Docker engine: the structure is read from the YAML, and
-Debian's `docker-compose` (v1.29) validates and resolves the files offline.
+docker-compose.yml holds what both stacks share (four engines, two of them on the shared
+cache, and the page); docker-compose.override.yml, which `docker compose up` reads by default,
+gives the engines their GPUs; docker/compose.cpu.yml turns them into CPU engines instead; the
+NFS override moves the cache onto an export. Nothing here needs a Docker engine: the structure
+is read from the YAML, and Debian's `docker-compose` (v1.29) validates and resolves the files
+offline. tests/test_compose_cpu.py runs the CPU stack for real.
 """
 
 from __future__ import annotations
@@ -18,15 +22,18 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
+GPU_OVERRIDE = REPO / "docker-compose.override.yml"
+CPU_OVERRIDE = REPO / "docker" / "compose.cpu.yml"
 NFS_OVERRIDE = REPO / "docker" / "compose.nfs.yml"
+CPU_STACK = ("-f", "docker-compose.yml", "-f", "docker/compose.cpu.yml")
 ENGINES = ("engine-a", "engine-b", "engine-c", "engine-d")
 CACHED = ("engine-a", "engine-b")
 PLAIN = ("engine-c", "engine-d")
 _MOUNT_TARGET = re.compile(r":(/[^:]*)(?::(ro|rw))?$")
 
 
-def services() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE.read_text())["services"]
+def services(path: Path = COMPOSE) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())["services"]
 
 
 def mounts(service: dict[str, Any]) -> dict[str, str]:
@@ -59,9 +66,17 @@ def docker_compose(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[
                           env=env)
 
 
-def test_compose_file_validates() -> None:
-    result = docker_compose("-f", "docker-compose.yml", "config", "-q")
+@pytest.mark.parametrize("files", [(), CPU_STACK], ids=["gpu-default", "cpu"])
+def test_compose_files_validate(files: tuple[str, ...]) -> None:
+    result = docker_compose(*files, "config", "-q")
     assert result.returncode == 0, result.stderr
+
+
+def resolved(*files: str, cwd: Path = REPO) -> dict[str, Any]:
+    """The files as docker-compose resolves them (.env's values interpolated)."""
+    result = docker_compose(*files, "config", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
 
 
 def test_four_engines_and_a_frontend_all_serving_the_configured_model() -> None:
@@ -88,7 +103,7 @@ def test_only_the_cached_pair_uses_the_connector_and_the_shared_cache_volume() -
 
 
 def test_each_engine_reserves_its_own_gpu() -> None:
-    svc = services()
+    svc = services(GPU_OVERRIDE)
     ids = []
     for name in ENGINES:
         (device,) = svc[name]["deploy"]["resources"]["reservations"]["devices"]
@@ -116,7 +131,7 @@ def test_the_token_reaches_the_engines_but_never_the_page() -> None:
 
 def test_every_variable_the_compose_files_use_has_a_default_in_dot_env() -> None:
     used = set()
-    for path in (COMPOSE, NFS_OVERRIDE):
+    for path in (COMPOSE, GPU_OVERRIDE, CPU_OVERRIDE, NFS_OVERRIDE):
         used |= set(re.findall(r"\$\{([A-Z_]+)", path.read_text()))
     defaults = env_file()
     assert used - set(defaults) == set()
@@ -140,18 +155,48 @@ def test_the_image_is_built_on_a_pinned_official_vllm_image() -> None:
     assert {"engine", "page"} <= targets
 
 
-def test_the_page_config_lists_the_compose_engines() -> None:
-    page = yaml.safe_load((REPO / "frontend" / "engines.compose.yaml").read_text())
+@pytest.mark.parametrize(("config", "sequential"), [("engines.compose.yaml", False),
+                                                    ("engines.compose-cpu.yaml", True)])
+def test_the_page_configs_list_the_compose_engines(config: str, sequential: bool) -> None:
+    # On GPUs each engine has its own: asked at once. On CPU they share the cores: one at a time.
+    page = yaml.safe_load((REPO / "frontend" / config).read_text())
     hosts = {re.match(r"http://([^:]+):8000$", e["url"]).group(1): e["uses_cache"]
              for e in page["engines"]}
     assert hosts == {name: name in CACHED for name in ENGINES}
-    assert page["cache_dir"] == "/kv"
+    assert page["cache_dir"] == "/kv" and page["sequential"] is sequential
+
+
+def test_the_cpu_stack_has_no_gpu_no_hub_cache_and_serves_the_built_in_model_in_float32() -> None:
+    svc = resolved(*CPU_STACK)["services"]
+    for name in ENGINES:
+        engine = svc[name]
+        assert "deploy" not in engine, name  # no GPU reservation left from the GPU stack
+        assert set(mounts(engine)) == ({"/kv"} if name in CACHED else set()), name
+        assert engine["build"]["target"] == "engine-cpu" and engine["image"] == "lmcache-fs-demo-cpu:latest"
+        args = engine["entrypoint"] + engine.get("command", [])
+        assert args[0] == "engine-cpu-entrypoint" and "--dtype=float32" in args, name
+        assert not any(a.startswith("--model") or "Mistral" in a for a in args), name
+        assert ('"kv_connector":"LMCacheFSConnector"' in " ".join(args)) is (name in CACHED)
+        assert engine["environment"]["OMP_NUM_THREADS"] == "1"
+    # The same page image as on GPUs, told to ask the engines one at a time.
+    assert svc["frontend"]["build"]["target"] == "page" and svc["frontend"]["image"] == "lmcache-fs-page:latest"
+    assert svc["frontend"]["environment"]["LMCACHE_FS_DEMO_CONFIG"] \
+        == "/opt/lmcache-fs/frontend/engines.compose-cpu.yaml"
+
+
+def test_docker_compose_up_alone_still_gives_each_engine_its_gpu_and_the_model_cache() -> None:
+    svc = resolved()["services"]
+    for name in ENGINES:
+        (device,) = svc[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia", name
+        assert "/root/.cache/huggingface" in mounts(svc[name]), name
+        assert svc[name]["build"]["target"] == "engine" and svc[name]["entrypoint"][:2] == ["vllm", "serve"]
 
 
 @pytest.fixture()
 def project_copy(tmp_path: Path) -> Path:
     """The compose files and .env in a scratch directory (to append a token to .env)."""
-    for name in ("docker-compose.yml", ".env", "Dockerfile"):
+    for name in ("docker-compose.yml", "docker-compose.override.yml", ".env", "Dockerfile"):
         shutil.copy(REPO / name, tmp_path / name)
     shutil.copytree(REPO / "docker", tmp_path / "docker")
     return tmp_path
@@ -161,26 +206,29 @@ def test_an_appended_token_goes_to_the_engines_only(project_copy: Path) -> None:
     # The README's `echo "HF_TOKEN=..." >> .env` must win over the empty default.
     with open(project_copy / ".env", "a") as env:
         env.write("HF_TOKEN=hf_sentinel_not_a_real_token\n")
-    result = docker_compose("-f", "docker-compose.yml", "config", cwd=project_copy)
-    assert result.returncode == 0, result.stderr
-    resolved = yaml.safe_load(result.stdout)["services"]
-    for name in ENGINES:
-        assert resolved[name]["environment"]["HF_TOKEN"] == "hf_sentinel_not_a_real_token"
-    assert "hf_sentinel" not in yaml.safe_dump(resolved["frontend"])
+    for files in [(), CPU_STACK]:
+        svc = resolved(*files, cwd=project_copy)["services"]
+        for name in ENGINES:
+            assert svc[name]["environment"]["HF_TOKEN"] == "hf_sentinel_not_a_real_token"
+        assert "hf_sentinel" not in yaml.safe_dump(svc["frontend"])
 
 
-def test_nfs_override_mounts_the_export_with_prompt_discovery_options(project_copy: Path) -> None:
+@pytest.mark.parametrize("stack_file", ["docker-compose.override.yml", "docker/compose.cpu.yml"],
+                         ids=["gpu", "cpu"])
+def test_nfs_override_mounts_the_export_with_prompt_discovery_options(
+        project_copy: Path, stack_file: str) -> None:
     with open(project_copy / ".env", "a") as env:
         env.write("NFS_SERVER=10.0.0.5\nNFS_EXPORT=/exports/kv\n")
-    result = docker_compose("-f", "docker-compose.yml", "-f", "docker/compose.nfs.yml", "config",
-                            cwd=project_copy)
-    assert result.returncode == 0, result.stderr
-    resolved = yaml.safe_load(result.stdout)
+    # The README's command: the stack's two files, then the NFS override.
+    stack = resolved("-f", "docker-compose.yml", "-f", stack_file, "-f", "docker/compose.nfs.yml",
+                     cwd=project_copy)
     for name, mode in {"engine-a": "rw", "engine-b": "rw", "frontend": "ro"}.items():
-        assert f"kv-nfs:/kv:{mode}" in resolved["services"][name]["volumes"], name
+        assert f"kv-nfs:/kv:{mode}" in stack["services"][name]["volumes"], name
     for name in PLAIN:
-        assert not any("/kv" in v for v in resolved["services"][name]["volumes"]), name
-    opts = resolved["volumes"]["kv-nfs"]["driver_opts"]
+        assert not any("/kv" in v for v in stack["services"][name].get("volumes", [])), name
+    assert all(("deploy" in stack["services"][name]) is (stack_file.endswith("override.yml"))
+               for name in ENGINES)
+    opts = stack["volumes"]["kv-nfs"]["driver_opts"]
     assert opts["type"] == "nfs" and opts["device"] == ":/exports/kv"
     assert {"addr=10.0.0.5", "lookupcache=positive", "hard"} <= set(opts["o"].split(","))
 

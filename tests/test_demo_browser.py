@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import uuid
 from dataclasses import dataclass
@@ -18,11 +17,10 @@ import launcher as demo_launcher  # frontend/launcher.py (frontend/ is put on sy
 import pytest
 from demo_config import sample_documents
 from demo_helpers import REPO, Launcher, pids_with_env
+from page_in_browser import ask_on_the_page, check_side_by_side_answers
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 RUN_MARKER = "LMCACHE_FS_DEMO_TEST_RUN"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
 START_AND_COMPARE_TIMEOUT_S = 900
 
 
@@ -54,11 +52,16 @@ def test_a_local_model_folder_is_served_synthetic_asks_for_the_random_model_and_
     assert demo_launcher.resolve_model("") == (tmp_path / "smollm2", False)
 
 
-def test_the_synthetic_model_is_served_in_float32_with_room_for_byte_tokens(tmp_path: Path) -> None:
+def test_every_model_is_served_in_float32_by_default_and_the_synthetic_one_fits_byte_tokens(
+        tmp_path: Path) -> None:
+    # bf16 parted B's answer from the plain engines' in the default demo (GPL-2, "Who publishes
+    # this license?"): float32 unless asked otherwise.
     spec = demo_launcher.EngineSpec("a", "A", 1, True)
     synthetic = demo_launcher.engine_command(tmp_path, spec, tmp_path, synthetic=True)
     real = demo_launcher.engine_command(tmp_path, spec, tmp_path)
-    assert synthetic[synthetic.index("--dtype") + 1] == "float32" and "--dtype" not in real
+    bf16 = demo_launcher.engine_command(tmp_path, spec, tmp_path, dtype="bfloat16")
+    assert synthetic[synthetic.index("--dtype") + 1] == real[real.index("--dtype") + 1] == "float32"
+    assert bf16[bf16.index("--dtype") + 1] == "bfloat16"
     longest = max(len(text.encode()) for text in sample_documents().values())
     assert int(synthetic[synthetic.index("--max-model-len") + 1]) > longest + 100
     assert real[real.index("--max-model-len") + 1] == "8192"
@@ -100,12 +103,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     workdir = tmp_path_factory.mktemp("demo")
     marker = uuid.uuid4().hex
-    # float32: the comparison asserts that every engine gives A's answer token for token, which
-    # bf16 does not promise (see tests/test_real_model_e2e.py); users get the model's bf16.
+    # The default dtype, as users get it (DTYPE unset): float32, where the comparison can
+    # require A's answer from every engine token for token.
     launcher = Launcher(["--headless", "--keep-serving", "--rounds", "2", "--page-port", "0",
-                         "--dtype", "float32",
                          "--workdir", str(workdir), "--json", str(workdir / "comparison.json")],
-                        ARTIFACTS / "demo-launcher.log", env={RUN_MARKER: marker})
+                        ARTIFACTS / "demo-launcher.log", env={RUN_MARKER: marker, "DTYPE": ""})
     try:
         url = launcher.wait_for_line(r"Demo page: (http://\S+)", START_AND_COMPARE_TIMEOUT_S).group(1)
         ports = [int(m) for line in launcher.lines
@@ -136,75 +138,13 @@ def test_headless_comparison_cached_engine_b_beats_plain_engines_on_a_prompt_onl
     assert any("faster to the first token" in line for line in demo.launcher.lines)
 
 
-def _answer_columns(page) -> list[tuple[str, str]]:
-    """(engine label, column text) of every drawn answer column, in page order."""
-    columns = []
-    for column in page.locator('[data-testid="stColumn"]').all():
-        text = column.inner_text()
-        if "TTFT" in text and "prompt tokens" in text:
-            columns.append((text.split("\n", 1)[0], text))
-    return columns
-
-
-def _figures(text: str) -> tuple[int, float]:
-    """Tokens loaded from the shared directory and the TTFT one column shows."""
-    shared = re.search(r"([\d,]+) tokens from the shared directory", text).group(1)
-    return int(shared.replace(",", "")), float(re.search(r"TTFT\s+([\d.]+) s", text).group(1))
-
-
 @pytest.mark.engine
 def test_browser_page_answers_side_by_side_then_a_follow_up_loads_the_first_turn(
         demo: DemoRun) -> None:
     """The first turn on A (which stored the context) and C; the follow-up, whose prompt
     carries the first exchange, on B and D, which meet it afresh: B loads it from the
     shared directory, D computes it."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Chromium not installed (Debian: apt-get install chromium)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1500, "height": 2600})
-            page.goto(demo.page_url)
-            sidebar = page.locator('[data-testid="stSidebar"]')
-            sync_api.expect(sidebar.get_by_text("up", exact=True)).to_have_count(4, timeout=60_000)
-            sync_api.expect(page.get_by_text("Documents (concatenated in this order)")).to_be_visible()
-            assert page.get_by_text("answers are meaningless").count() == 0  # a real model
-            for label in ("B · lmcache-fs", "D · plain vLLM"):
-                sidebar.get_by_text(f"Ask {label}").click()
-            page.get_by_role("button", name=re.compile("^Store a fresh copy")).click()
-            page.get_by_text(re.compile(r"\d+ new chunk files in the shared directory")).wait_for(
-                timeout=120_000)
-            page.get_by_role("button", name="Ask the selected engines").click()
-            page.get_by_role("button", name="Ask the follow-up").wait_for(timeout=180_000)
-            page.wait_for_timeout(1000)
-            first_turn = _answer_columns(page)
-            page.get_by_role("button", name="Ask the follow-up").click()
-            deadline = 180_000
-            while len(_answer_columns(page)) < 4 and deadline > 0:
-                page.wait_for_timeout(1000)
-                deadline -= 1000
-            page.locator('[data-testid="stVegaLiteChart"]').wait_for(timeout=60_000)
-            page.get_by_text("Shared cache directory").wait_for(timeout=60_000)
-            page.wait_for_timeout(1500)
-            columns = _answer_columns(page)
-            page.screenshot(path=str(ARTIFACTS / "demo-page.png"), full_page=True)
-        finally:
-            browser.close()
-    assert [label for label, _ in first_turn] == ["A · lmcache-fs", "C · plain vLLM"]
-    assert [label for label, _ in columns] == ["A · lmcache-fs", "C · plain vLLM",
-                                               "B · lmcache-fs", "D · plain vLLM"]
-    figures = {label: _figures(text) for label, text in columns}
-    # A answers from the context it stored (its own prefix cache), C computes it all.
-    assert figures["C · plain vLLM"][0] == 0
-    assert figures["A · lmcache-fs"][1] < figures["C · plain vLLM"][1]
-    # The follow-up: B loads the first turn's prefix from the directory and answers sooner.
-    assert figures["B · lmcache-fs"][0] > 0 and figures["D · plain vLLM"][0] == 0
-    assert figures["B · lmcache-fs"][1] < figures["D · plain vLLM"][1]
-    # A real model's answers: words, not the synthetic model's control characters.
-    answers = [text.rsplit("own prefix cache", 1)[1] for _, text in columns]
-    assert all(re.search(r"[A-Za-z]{3,} [A-Za-z]{2,}", answer) for answer in answers), answers
+    check_side_by_side_answers(ask_on_the_page(demo.page_url, ARTIFACTS / "demo-page.png"))
 
 
 @pytest.mark.engine

