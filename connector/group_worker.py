@@ -39,7 +39,9 @@ import torch
 
 from lmcache_fs.config import LMCacheFSConfig
 from lmcache_fs.log import human_bytes
+from lmcache_fs.storage.breaker import Breaker
 from lmcache_fs.storage.codec import ChunkFileError
+from lmcache_fs.storage.filesystem import is_local
 from lmcache_fs.storage.space import StoreGuard
 from lmcache_fs.storage.store import ChunkStore
 from lmcache_fs.storage.writer import BackgroundWriter
@@ -48,6 +50,7 @@ from lmcache_fs.transfer.chunk_reader import ChunkReader
 from lmcache_fs.transfer.device_saver import DeviceChunkSaver
 from lmcache_fs.transfer.kernel_blocks import KernelBlockError, whole_block_view
 from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseLoad, LayerwiseReader
+from lmcache_fs.transfer.no_answer import switched_off
 from lmcache_fs.transfer.read_paths import choose_read_backend
 
 from .metadata import LMCacheFSMetadata, SaveOp
@@ -71,6 +74,9 @@ class WorkerContext:
     """Asked before each store; one set for all groups, whose writers share the budget's count."""
     any_rank: Callable[[Sequence[bool]], list[bool]] = this_rank_only
     """Per flag, True on every tensor-parallel rank if any of them passes True (a collective)."""
+    breaker: Breaker | None = None
+    """The directory's breaker in this process: loads wait at most their deadline, none is
+    tried while it has the directory switched off, and stores are skipped then."""
 
 
 @dataclass(frozen=True)
@@ -128,8 +134,14 @@ class GroupWorker:
         self._layerwise: tuple[LMCacheFSMetadata, LayerwiseLoad] | None = None
         self.saver: DeviceChunkSaver | None = None
         save_queue_size = self.config.save_queue_size
-        self.writer = (BackgroundWriter(self.store, save_queue_size, context.guards)
+        self.breaker = context.breaker
+        self.writer = (BackgroundWriter(self.store, save_queue_size, context.guards,
+                                        context.breaker)
                        if context.can_save else None)
+        # Loads that may be abandoned at a deadline never read straight into vLLM's pages:
+        # only a directory on a local filesystem, which no peer can leave hanging, is read
+        # without one (see storage/filesystem.py).
+        self._deadlines = self.breaker is not None and not is_local(self.store.layout.root)
         self._chunk_shape: tuple[int, ...] = ()
         self._chunk_bytes = 0
         self._failed_blocks: set[int] = set()
@@ -163,23 +175,42 @@ class GroupWorker:
         cfg = self.config
         if cfg.layerwise_load.resolve(auto=first.device.type == "cpu"):
             self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
-            self.layer_reader = LayerwiseReader(self.store, self.layers, self.blocks_per_chunk,
-                                                threads=min(8, _usable_cores()),
-                                                staging_bytes=cfg.staging_bytes)
+            self._new_reader()
+            assert self.layer_reader is not None
             into = "into the cache" if self.layer_reader.into_pages else "through staging"
             reads = f"layer by layer {into} (read threads: {self.layer_reader.threads})"
         else:
-            self.reader = ChunkReader(self.store, self._chunk_shape, first.dtype, first.device,
-                                      choose_read_backend(cfg.use_gds, first.device),
-                                      staging_bytes=cfg.staging_bytes,
-                                      verify=cfg.verify_device_reads)
+            self._new_reader()
+            assert self.reader is not None
             reads = f"whole chunks ({self.reader.slots} reads in flight)"
+        if self._deadlines:
+            reads += ", each step's within its deadline"
         if self.writer is not None and first.device.type == "cuda":
             self.saver = DeviceChunkSaver(self.writer, first.device, max_pending=8,
                                           chunk_bytes=self._chunk_bytes)
         logger.info("registered %d layers, chunk of %d blocks = %s per file, device %s, "
                     "loads %s", len(self.layers), self.blocks_per_chunk,
                     human_bytes(self._chunk_bytes), first.device, reads)
+
+    def _new_reader(self) -> None:
+        """The reader of this group's loads (again after one was abandoned at a deadline:
+        its stuck reads may still land in its buffers, which nothing reads again)."""
+        cfg, first = self.config, self.layers[0]
+        if self._layer_index:
+            self.layer_reader = LayerwiseReader(self.store, self.layers, self.blocks_per_chunk,
+                                                threads=min(8, _usable_cores()),
+                                                staging_bytes=cfg.staging_bytes,
+                                                into_pages=not self._deadlines)
+        else:
+            self.reader = ChunkReader(self.store, self._chunk_shape, first.dtype, first.device,
+                                      choose_read_backend(cfg.use_gds, first.device),
+                                      staging_bytes=cfg.staging_bytes,
+                                      verify=cfg.verify_device_reads)
+
+    def _deadline_s(self, meta: LMCacheFSMetadata) -> float | None:
+        """Seconds this step's loads may take (None: a local directory, no deadline)."""
+        return self.config.load_deadline(len(meta.loads) * self._chunk_bytes) \
+            if self._deadlines else None
 
     def _check_page_shape(self, whole: torch.Tensor, registered: torch.Tensor) -> None:
         """Refuse views whose page differs from what the namespace was named for.
@@ -207,9 +238,12 @@ class GroupWorker:
         self.finish_load()  # (vLLM ends every step first; never two steps' reads at once)
         if not meta.loads:
             return
+        if self.breaker is not None and not self.breaker.available:
+            self._account(meta, [switched_off(self.store.layout.root)] * len(meta.loads), 0.0)
+            return
         if self.layer_reader is not None:
             jobs = [LayerLoadJob(op.key, op.first_block, op.block_ids) for op in meta.loads]
-            self._layerwise = (meta, self.layer_reader.start(jobs))
+            self._layerwise = (meta, self.layer_reader.start(jobs, self._deadline_s(meta)))
             return
         assert self.reader is not None, "register_kv_caches was not called"
         start = time.perf_counter()
@@ -240,15 +274,25 @@ class GroupWorker:
         meta, running = self._layerwise
         self._layerwise = None
         errors = running.finish()
+        if running.abandoned:
+            self._abandoned(running.deadline_s or 0.0)
         self._account(meta, errors, running.read_seconds,
                       f", engine waited {running.waited_seconds * 1e3:.0f} ms for it")
+
+    def _abandoned(self, deadline_s: float) -> None:
+        """A step's loads passed their deadline: switch the directory off, and read the next
+        steps with a new reader (reads stuck in the kernel may still land in the old one's)."""
+        assert self.breaker is not None
+        self.breaker.note_timeout("load", deadline_s)
+        self._new_reader()
 
     def _read_whole_chunks(self, meta: LMCacheFSMetadata) -> list[ChunkFileError | None]:
         """Read each chunk whole (several in flight) and scatter it; returns per-load errors."""
         assert self.reader is not None
         device = self.layers[0].device
         errors: list[ChunkFileError | None] = [None] * len(meta.loads)
-        for i, chunk in self.reader.read([op.key for op in meta.loads]):
+        deadline_s = self._deadline_s(meta)
+        for i, chunk in self.reader.read([op.key for op in meta.loads], deadline_s):
             op = meta.loads[i]
             if isinstance(chunk, ChunkFileError):
                 errors[i] = chunk
@@ -258,6 +302,8 @@ class GroupWorker:
                            self.layers, ids)
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # the log's timing is honest
+        if self.reader.abandoned:
+            self._abandoned(deadline_s or 0.0)
         return errors
 
     def _account(self, meta: LMCacheFSMetadata, errors: Sequence[ChunkFileError | None],
@@ -268,6 +314,8 @@ class GroupWorker:
         failed = []
         for op, error in zip(meta.loads, errors):
             if error is not None and op.req_id not in broken:
+                if self.breaker is not None and isinstance(error.__cause__, OSError):
+                    self.breaker.note_error(error.__cause__, "load")  # ENOTCONN, EIO...
                 logger.warning("request %s: chunk %s unusable (%s): recomputing from there",
                                op.req_id, op.key[:16], error)
                 self.stats.record_load_error(error)
@@ -431,7 +479,7 @@ class GroupWorker:
             self.layer_reader.close()
         if self.saver is not None:
             self.saver.close()
-        if self.writer is not None:
-            self.writer.close()
+        if self.writer is not None:  # (a directory that can hang may keep it from finishing)
+            self.writer.close(self.config.startup_deadline_s if self._deadlines else None)
         if self.reader is not None:
             self.reader.close()

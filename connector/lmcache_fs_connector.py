@@ -30,6 +30,7 @@ from lmcache_fs.config import ConfigError, TriState, load_config
 from lmcache_fs.log import init_logging
 from lmcache_fs.ops.eviction import BackgroundEvictor
 
+from .directory_health import DirectoryHealth
 from .metadata import LMCacheFSMetadata
 from .scheduler import SchedulerSide
 from .spec import LMCacheFSSpec
@@ -79,9 +80,11 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         self._evictor: BackgroundEvictor | None = None
+        self._health: DirectoryHealth | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._adopt_recompute_policy()
             self._scheduler, self._evictor = spec.scheduler_side()
+            self._health = DirectoryHealth(spec.breaker)
         else:
             self._worker = spec.worker_side()
 
@@ -145,6 +148,8 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
         return self._worker.take_failed_blocks()
 
     def get_kv_connector_stats(self) -> LMCacheFSStats | None:
+        if self._health is not None:  # the scheduler side: its breaker's counts
+            return self._health.take_stats()
         return self._worker.take_stats() if self._worker is not None else None
 
     @classmethod
@@ -193,7 +198,8 @@ class LMCacheFSConnector(KVConnectorBase_V1, SupportsHMA):
         return self._scheduler.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
-        assert self._scheduler is not None
+        assert self._scheduler is not None and self._health is not None
+        self._health.heard_from_workers(connector_output.kv_connector_stats)
         self._scheduler.loads_failed(connector_output.invalid_block_ids)
         if self._scheduler.async_loads:
             self._scheduler.async_loads_done(connector_output.finished_recving or set(),

@@ -12,10 +12,12 @@ its ``OffloadingConnector``.)
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from lmcache_fs.config import LMCacheFSConfig, load_config
 from lmcache_fs.ops.eviction import BackgroundEvictor, start_background_evictor
+from lmcache_fs.storage.breaker import DirectoryUnavailable, breaker_for
 from lmcache_fs.storage.index import ChunkIndex
 from lmcache_fs.storage.integrity import key_id
 from lmcache_fs.storage.layout import ChunkLayout
@@ -54,7 +56,8 @@ class LMCacheFSSpec:
         self.kv_role = transfer.kv_role
         self.can_load = transfer.kv_role in ("kv_both", "kv_consumer")
         self.can_save = transfer.kv_role in ("kv_both", "kv_producer")
-        self.root = self.config.check_storage_path(writable=self.can_save)
+        self.breaker = breaker_for(self.config.storage_path, **self.config.breaker_settings())
+        self.root = self._check_storage_path()
         check_supported(kv_cache_config, vllm_config.parallel_config,
                         vllm_config.speculative_config)
         self.kv_cache_config = kv_cache_config
@@ -73,29 +76,52 @@ class LMCacheFSSpec:
         self.geometries = [geometry_of(g.kv_cache_spec, self.config.chunk_size)
                            for g in kv_cache_config.kv_cache_groups]
 
+    def _check_storage_path(self) -> Path:
+        """The storage path, checked within the start-up deadline: a directory that does not
+        answer (a hung NFS server) starts the engine with the directory switched off."""
+        try:
+            return self.breaker.call(self.config.check_storage_path, self.can_save,
+                                     deadline_s=self.config.startup_deadline_s,
+                                     what="start-up check")
+        except DirectoryUnavailable:
+            logger.warning("storage_path %s did not answer at start-up: this engine serves "
+                           "without the cache until it does", self.config.storage_path)
+            return Path(self.config.storage_path)
+
+    def _at_start_up(self, what: str, fn: Callable[..., object], *args: object) -> None:
+        """One start-up write to the directory (a manifest, a marker), bounded by the start-up
+        deadline; one that fails or times out is logged, the engine starts all the same."""
+        if not self.breaker.available:
+            return
+        try:
+            self.breaker.call(fn, *args, deadline_s=self.config.startup_deadline_s, what=what)
+        except OSError as exc:
+            logger.warning("%s in %s failed (%s): the engine starts without it", what,
+                           self.root, exc.strerror or exc)
+
     def scheduler_side(self) -> tuple[SchedulerSide, BackgroundEvictor | None]:
         """The scheduler role: every rank's index of every group (scanned, watched), and
         the evictor of an engine that stores (None without a budget or stores)."""
         cfg = self.config
         groups = [GroupIndexes(geometry, [
             ChunkIndex(ChunkLayout(self.root, rank_namespace(fields, tp, pp)),
-                       cfg.lookup_negative_ttl_s)
+                       cfg.lookup_negative_ttl_s, breaker=self.breaker,
+                       lookup_deadline_s=cfg.lookup_deadline_ms / 1e3)
             for pp in range(self.parallel.pipeline_parallel_size)
             for tp in range(self.parallel.tensor_parallel_size)])
             for fields, geometry in zip(self.group_fields, self.geometries)]
+        # Scanned in the background: a start-up never waits for the directory (a restarted
+        # engine finds its chunks by their paths until the scan is done).
         for group in groups:
             for index in group.indexes:
-                found = index.scan()
-                if cfg.watch_events:
-                    index.start_watching()
-                logger.info("namespace %s: %d chunks found at start-up in %s (role %s)",
-                            index.layout.namespace.name, found, self.root, self.kv_role)
-        check_hash_seed(groups[0].indexes[0].layout.directory,
-                        str(self.group_fields[0]["hash_algo"]))
+                index.scan_in_background(watch=cfg.watch_events)
+        self._at_start_up("hash-seed check", check_hash_seed, groups[0].indexes[0].layout.directory,
+                          str(self.group_fields[0]["hash_algo"]))
         scheduler = SchedulerSide(groups, cfg.chunk_size, self.block_size, self.hash_block_size,
                                   self.can_load, self.can_save)
         # With a budget, one evictor per engine that stores; the lease picks who works.
-        evictor = start_background_evictor(cfg, scheduler.forget) if self.can_save else None
+        evictor = (start_background_evictor(cfg, scheduler.forget, self.breaker)
+                   if self.can_save else None)
         return scheduler, evictor
 
     def worker_side(self) -> WorkerSide:
@@ -109,7 +135,8 @@ class LMCacheFSSpec:
         guards = (FreeSpaceGuard(self.root, int(cfg.min_free_disk_gb * 1e9)),
                   BudgetGuard(self.root, int(cfg.max_disk_size_gb * 1e9)))
         any_rank = any_rank_of(tp_group.cpu_group) if tp_group.world_size > 1 else this_rank_only
-        context = WorkerContext(cfg, self.block_size, self.can_save, guards, any_rank)
+        context = WorkerContext(cfg, self.block_size, self.can_save, guards, any_rank,
+                                self.breaker)
         # Hit tokens are counted once: by the first full-attention group's loads, on
         # tensor-parallel rank 0 (vLLM sums the stats of every group and every rank).
         counting_group = next((g for g, geo in enumerate(self.geometries) if geo.kind == "full"), 0)
@@ -118,7 +145,7 @@ class LMCacheFSSpec:
             layout = ChunkLayout(self.root, rank_namespace(fields, tp_group.rank_in_group,
                                                            get_pp_group().rank_in_group))
             if self.can_save:
-                write_manifest(layout, cfg.file_mode)
+                self._at_start_up("namespace.json", write_manifest, layout, cfg.file_mode)
             groups.append(GroupFiles(
                 ChunkStore(layout, cfg.file_mode, mac_key=self.mac_key),
                 self.kv_cache_config.kv_cache_groups[g].layer_names, geometry.held_blocks,

@@ -12,8 +12,12 @@ Each worker records what its steps did into an :class:`LMCacheFSStats`
     vllm:lmcache_fs_load_seconds                histogram, one sample per step that loaded
     vllm:lmcache_fs_load_errors_total{reason}   missing, checksum, shape, io, other
     vllm:lmcache_fs_stored_chunks_total, vllm:lmcache_fs_stored_bytes_total
-    vllm:lmcache_fs_store_skipped_total{reason} queue_full, disk_guard, budget, failed_load
+    vllm:lmcache_fs_store_skipped_total{reason} queue_full, disk_guard, budget, failed_load,
+                                                unavailable
     vllm:lmcache_fs_store_failed_total
+    vllm:lmcache_fs_directory_timeouts_total    filesystem calls past their deadline
+    vllm:lmcache_fs_directory_trips_total       times the directory was switched off
+    vllm:lmcache_fs_directory_available         1, or 0 while a process has it switched off
 
 The stats travel between processes as plain data (numbers, lists, dicts).
 """
@@ -35,12 +39,15 @@ from lmcache_fs.log import human_bytes
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-LOAD_ERROR_REASONS = ("missing", "checksum", "shape", "io", "other")
-STORE_SKIP_REASONS = ("queue_full", "disk_guard", "budget", "failed_load")
+    from lmcache_fs.storage.breaker import Breaker
+
+LOAD_ERROR_REASONS = ("missing", "checksum", "shape", "io", "unavailable", "other")
+STORE_SKIP_REASONS = ("queue_full", "disk_guard", "budget", "failed_load", "unavailable")
 
 # ChunkFileError messages (lmcache_fs.storage.codec, store, chunk_reader) by cause;
 # the first matching fragment wins, anything else is "other".
 _REASON_FRAGMENTS = (
+    ("unavailable", ("no answer", "switched off")),
     ("missing", ("missing",)),
     ("checksum", ("checksum", "mac")),
     ("shape", ("holds ", "data_offsets", "metadata ", "format version")),
@@ -48,7 +55,8 @@ _REASON_FRAGMENTS = (
 )
 
 _SUMS = ("loaded_chunks", "loaded_tokens", "loaded_bytes", "load_seconds", "load_errors",
-         "stored_chunks", "stored_bytes", "skipped_stores", "failed_stores")
+         "stored_chunks", "stored_bytes", "skipped_stores", "failed_stores",
+         "directory_timeouts", "directory_trips", "directory_off", "directory_reports")
 _BY_REASON = ("load_errors_by_reason", "skipped_by_reason")
 _SAMPLES = "load_step_seconds"
 
@@ -103,6 +111,15 @@ class LMCacheFSStats(KVConnectorStats):
         _add_counts(self.data["skipped_by_reason"], skipped)
         self.data["failed_stores"] += failed
 
+    def record_directory(self, timeouts: int, trips: int, available: bool | None) -> None:
+        """A process's breaker since its last report: calls past their deadline, times it
+        switched the directory off, and (where it changed) whether it uses it now."""
+        self.data["directory_timeouts"] += timeouts
+        self.data["directory_trips"] += trips
+        if available is not None:
+            self.data["directory_reports"] += 1
+            self.data["directory_off"] += not available
+
     def reset(self) -> None:
         self.data = _zero()
 
@@ -151,7 +168,21 @@ class LMCacheFSPromMetrics(KVConnectorPromMetrics):
             "failed_stores": counter(name="vllm:lmcache_fs_store_failed", labelnames=labelnames,
                                      documentation="Chunk stores that failed (I/O error); the "
                                                    "chunk is simply not cached."),
+            "directory_timeouts": counter(
+                name="vllm:lmcache_fs_directory_timeouts", labelnames=labelnames,
+                documentation="Calls into the cache directory (lookups, loads, start-up "
+                              "writes) that passed their deadline: misses, recomputed."),
+            "directory_trips": counter(
+                name="vllm:lmcache_fs_directory_trips", labelnames=labelnames,
+                documentation="Times a process switched the cache directory off after a "
+                              "timeout or an outage error (ENOTCONN, EIO, ESTALE...)."),
         }
+        self._available = self._gauge_cls(
+            name="vllm:lmcache_fs_directory_available", labelnames=labelnames,
+            multiprocess_mode="mostrecent",
+            documentation="1 while every process of the engine uses the cache directory, 0 "
+                          "while one has it switched off after an outage (the engine serves, "
+                          "recomputing).")
         self._by_reason = {
             "load_errors_by_reason": (counter(
                 name="vllm:lmcache_fs_load_errors", labelnames=by_reason,
@@ -177,6 +208,7 @@ class LMCacheFSPromMetrics(KVConnectorPromMetrics):
                 for reason in reasons:
                     metric.labels(*values, reason)
             self._load_seconds.labels(*values)
+            self._available.labels(*values).set(1)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         values = self.per_engine_labelvalues[engine_idx]
@@ -189,3 +221,27 @@ class LMCacheFSPromMetrics(KVConnectorPromMetrics):
         histogram = self._load_seconds.labels(*values)
         for seconds in transfer_stats_data.get(_SAMPLES, []):
             histogram.observe(seconds)
+        if transfer_stats_data.get("directory_reports"):
+            self._available.labels(*values).set(0 if transfer_stats_data.get("directory_off")
+                                                else 1)
+
+
+class DirectoryReport:
+    """What one process's breaker counted since the last report, for :class:`LMCacheFSStats`.
+
+    A process has one breaker per directory (its groups share it), so each process
+    reports it once: the worker side with its stats, the scheduler side on its own.
+    """
+
+    def __init__(self, breaker: "Breaker"):
+        self.breaker = breaker
+        self._timeouts = self._trips = 0
+        self._available = True
+
+    def take(self, stats: "LMCacheFSStats") -> None:
+        """Add what changed since the last call to ``stats``."""
+        timeouts, trips = sum(self.breaker.timeouts.values()), self.breaker.trips
+        available = self.breaker.available
+        changed = None if available == self._available else available
+        stats.record_directory(timeouts - self._timeouts, trips - self._trips, changed)
+        self._timeouts, self._trips, self._available = timeouts, trips, available

@@ -34,7 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransfe
 from .group_worker import GroupFiles, GroupWorker, WorkerContext
 from .groups import loads_asynchronously
 from .metadata import LMCacheFSMetadata
-from .stats import LMCacheFSStats
+from .stats import DirectoryReport, LMCacheFSStats
 
 
 class WorkerSide:
@@ -43,6 +43,8 @@ class WorkerSide:
     def __init__(self, context: WorkerContext, groups: Sequence[GroupFiles]):
         self.async_loads = loads_asynchronously(len(groups))
         self.groups = [GroupWorker(files, context, self.async_loads) for files in groups]
+        # The process's breaker, reported once (its groups share it).
+        self._directory = DirectoryReport(context.breaker) if context.breaker is not None else None
         self._received: set[str] = set()  # requests whose asynchronous loads ran this step
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -88,6 +90,10 @@ class WorkerSide:
     def take_stats(self) -> LMCacheFSStats | None:
         """Every group's counters since the last call, summed; None if nothing happened."""
         stats = [s for s in (group.take_stats() for group in self.groups) if s is not None]
+        if self._directory is not None:
+            directory = LMCacheFSStats()
+            self._directory.take(directory)
+            stats += [] if directory.is_empty() else [directory]
         if not stats:
             return None
         for more in stats[1:]:

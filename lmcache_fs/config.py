@@ -64,7 +64,9 @@ _STORAGE_PATH_REQUIRED = (
     f"named by {CONFIG_FILE_ENV} or in kv_connector_extra_config")
 
 # Numeric settings checked by sign alone (the others have checks of their own).
-_POSITIVE = ("chunk_size", "save_queue_size", "staging_buffer_mb", "eviction_interval_s")
+_POSITIVE = ("chunk_size", "save_queue_size", "staging_buffer_mb", "eviction_interval_s",
+             "lookup_deadline_ms", "load_deadline_s", "load_deadline_min_mbps",
+             "startup_deadline_s", "breaker_cooldown_s")
 _NON_NEGATIVE = {"max_disk_size_gb": " (0 = no limit)", "lookup_negative_ttl_s": "",
                  "min_free_disk_gb": " (0 = no guard)"}
 
@@ -148,6 +150,25 @@ class LMCacheFSConfig:
     """A file holding a secret (16+ random bytes, not world-readable): chunks carry a keyed
     MAC, and only chunks written by holders of the same key are loaded. Empty: no MAC."""
 
+    lookup_deadline_ms: float = 200.0
+    """How long a lookup's stat of a chunk may take: past it the lookup is a miss and the
+    directory is switched off for a while (a hung NFS server or FUSE daemon, a dead brick)."""
+
+    load_deadline_s: float = 2.0
+    """How long one step's loads may take, plus their bytes at ``load_deadline_min_mbps``:
+    past it they are misses (recomputed) and the directory is switched off for a while."""
+
+    load_deadline_min_mbps: float = 200.0
+    """The slowest read rate (MB/s) a healthy directory is allowed (see ``load_deadline_s``)."""
+
+    startup_deadline_s: float = 10.0
+    """How long each start-up call to the directory may take (its check, namespace.json,
+    the seed marker): past it the engine starts with the directory switched off."""
+
+    breaker_cooldown_s: float = 5.0
+    """After a timeout or an outage error (ENOTCONN, EIO, ESTALE...), how long the
+    directory is left alone before one probe; doubles while the probes fail, up to 60 s."""
+
     def __post_init__(self) -> None:
         if not self.storage_path:
             raise ConfigError(_STORAGE_PATH_REQUIRED)
@@ -163,6 +184,14 @@ class LMCacheFSConfig:
         for name, zero_means in _NON_NEGATIVE.items():
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0{zero_means}, got {getattr(self, name)}")
+        for name in ("load_deadline_s", "startup_deadline_s", "breaker_cooldown_s"):
+            if getattr(self, name) > _MAX_INTERVAL_S:
+                raise ConfigError(f"{name} must be at most {_MAX_INTERVAL_S:.0f} (a day), got "
+                                  f"{getattr(self, name)}: a thread waits that long")
+        if self.lookup_deadline_ms > 60_000:
+            raise ConfigError(f"lookup_deadline_ms must be at most 60000 (a minute), got "
+                              f"{self.lookup_deadline_ms}: the scheduler waits that long for a "
+                              "lookup (the default is 200)")
         if self.eviction_interval_s > _MAX_INTERVAL_S:
             raise ConfigError(
                 f"eviction_interval_s must be at most {_MAX_INTERVAL_S:.0f} (a day), got "
@@ -188,6 +217,16 @@ class LMCacheFSConfig:
             raise ConfigError(
                 "need 0 < eviction_low_watermark < eviction_high_watermark <= 1, got "
                 f"{self.eviction_low_watermark} and {self.eviction_high_watermark}: e.g. 0.85 and 0.95")
+
+    def load_deadline(self, nbytes: int) -> float:
+        """Seconds one step's loads of ``nbytes`` may take."""
+        return self.load_deadline_s + nbytes / (self.load_deadline_min_mbps * 1e6)
+
+    def breaker_settings(self) -> dict[str, float]:
+        """The keyword arguments of :class:`lmcache_fs.storage.breaker.Breaker` these settings give."""
+        return {"cooldown_s": self.breaker_cooldown_s,
+                "max_cooldown_s": max(60.0, self.breaker_cooldown_s),
+                "canary_deadline_s": self.startup_deadline_s}
 
     @property
     def staging_bytes(self) -> int:

@@ -85,7 +85,8 @@ def test_pool_threads_of_a_gpu_worker_start_on_its_device(monkeypatch):
     devices = []
     monkeypatch.setattr(torch.cuda, "set_device", devices.append)
     pool = device_thread_pool(2, "test", torch.device("cuda", 3))
-    list(pool.map(lambda _: None, range(4)))
+    for _ in range(4):
+        pool.submit(lambda: None).result()
     pool.shutdown()
     assert devices and set(devices) == {3}
     cpu_pool = device_thread_pool(1, "test", torch.device("cpu"))

@@ -69,7 +69,8 @@ from lmcache_fs.ops.inventory import (
 )
 from lmcache_fs.ops.lease import Lease
 from lmcache_fs.ops.pins import PinStore
-from lmcache_fs.storage.layout import lease_path, usage_path
+from lmcache_fs.storage.breaker import Breaker
+from lmcache_fs.storage.layout import PINS_DIR, lease_path, usage_path
 from lmcache_fs.storage.usage import write_usage
 
 logger = logging.getLogger(__name__)
@@ -190,6 +191,14 @@ class Evictor:
         report.temporary_files = len(contents.temporaries)
         report.foreign_files, report.foreign_bytes = len(contents.foreign), total_size(contents.foreign)
         report.unreadable_entries = len(contents.unreadable)
+        if contents.outage:
+            # The directory answers in part (a dead brick, a flaky mount): its listing may
+            # be short, so what it does not list may not be taken as gone, nor its measure as
+            # the directory's. Nothing is evicted, and the writers keep the last measure.
+            logger.warning("eviction pass on %s met I/O errors (e.g. %s: %s): evicting nothing "
+                           "until the directory answers in full", self.root,
+                           contents.unreadable[0].path, os.strerror(contents.unreadable[0].errno))
+            return report
         if budgeted and report.bytes_before > self.high_watermark * self.max_bytes:
             self._evict(report, contents)
         self._log(report, contents)
@@ -273,7 +282,11 @@ class Evictor:
             report.quarantined_files -= 1
             report.quarantined_bytes -= entry.size
         rank_set = rank_sets(self.root / name for name in {c.namespace for c in contents.chunks})
-        for files in sorted(_by_chunk_of_all_ranks(contents.chunks, rank_set),
+        # A namespace whose pins this user cannot read keeps every chunk: any may be pinned.
+        unknown_pins = {e.parts[0] for e in contents.unreadable
+                        if len(e.parts) >= 2 and e.parts[1] == PINS_DIR}
+        candidates = [c for c in contents.chunks if c.namespace not in unknown_pins]
+        for files in sorted(_by_chunk_of_all_ranks(candidates, rank_set),
                             key=lambda fs: max(f.mtime for f in fs)):
             if report.bytes_after <= target:
                 return
@@ -375,10 +388,14 @@ class BackgroundEvictor:
     """Runs eviction passes every ``interval_s`` in a daemon thread (engine or ``gc --daemon``)."""
 
     def __init__(self, evictor: Evictor, interval_s: float,
-                 on_report: Callable[[EvictionReport], None] | None = None):
+                 on_report: Callable[[EvictionReport], None] | None = None,
+                 breaker: Breaker | None = None):
+        """``breaker``: the directory's in this process (an engine's): no pass runs while it
+        has the directory switched off, and a pass's outage error switches it off."""
         self.evictor = evictor
         self.interval_s = interval_s
         self._on_report = on_report
+        self._breaker = breaker
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.run_until_stopped,
                                         name="lmcache-fs-evictor", daemon=True)
@@ -392,10 +409,13 @@ class BackgroundEvictor:
         """Pass, wait, repeat, until :meth:`stop` (runs in the caller's thread if called directly)."""
         while not self._stop.is_set():
             try:
-                report = self.evictor.run_pass()
-                if self._on_report is not None:
-                    self._on_report(report)
+                if self._breaker is None or self._breaker.available:
+                    report = self.evictor.run_pass()
+                    if self._on_report is not None:
+                        self._on_report(report)
             except OSError as exc:  # e.g. the share is briefly unreachable: try next interval
+                if self._breaker is not None:
+                    self._breaker.note_error(exc, "eviction pass")
                 logger.warning("eviction pass on %s failed (%s); retrying in %.0f s",
                                self.evictor.root, exc.strerror or exc, self.interval_s)
             except Exception:  # a dead thread would stop eviction for good
@@ -413,8 +433,8 @@ class BackgroundEvictor:
 
 
 def start_background_evictor(config: LMCacheFSConfig,
-                             on_evicted: Callable[[str, str], None] | None = None
-                             ) -> BackgroundEvictor | None:
+                             on_evicted: Callable[[str, str], None] | None = None,
+                             breaker: Breaker | None = None) -> BackgroundEvictor | None:
     """Start evicting for ``config`` in a daemon thread (one per engine; the lease picks who works).
 
     Returns None without a budget (``max_disk_size_gb`` 0): an engine then
@@ -424,4 +444,4 @@ def start_background_evictor(config: LMCacheFSConfig,
     if config.max_disk_size_gb <= 0:
         return None
     return BackgroundEvictor(Evictor.from_config(config, on_evicted),
-                             config.eviction_interval_s).start()
+                             config.eviction_interval_s, breaker=breaker).start()

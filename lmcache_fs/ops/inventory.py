@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from lmcache_fs.ops.pins import PinStore
+from lmcache_fs.storage.breaker import OUTAGE_ERRNOS
 from lmcache_fs.storage.layout import (
     LEASE_NAME,
     MANIFEST_NAME,
@@ -98,6 +99,13 @@ class ChunkEntry(FileEntry):
 
 
 @dataclass(frozen=True)
+class UnreadableEntry(FileEntry):
+    """An entry this user could not read now, and why."""
+
+    errno: int = 0
+
+
+@dataclass(frozen=True)
 class NamespaceSummary:
     """One line of ``lmcache-fs ls``."""
 
@@ -147,7 +155,7 @@ class _Walk:
             return None
         except OSError as exc:
             if exc.errno in _UNREADABLE:
-                self.unreadable.append(FileEntry(self.path(parts), 0, 0.0, parts))
+                self._unreadable(parts, exc)
             return None  # ELOOP / ENOTDIR: swapped for a link or a file since it was listed
 
     def entries(self, fd: int, parts: tuple[str, ...]) -> list[os.DirEntry[str]]:
@@ -155,8 +163,12 @@ class _Walk:
             return list(os.scandir(fd))
         except OSError as exc:
             if exc.errno in _UNREADABLE:
-                self.unreadable.append(FileEntry(self.path(parts), 0, 0.0, parts))
+                self._unreadable(parts, exc)
             return []
+
+    def _unreadable(self, parts: tuple[str, ...], exc: OSError) -> None:
+        self.unreadable.append(UnreadableEntry(self.path(parts), 0, 0.0, parts,
+                                               exc.errno or 0))
 
     def path(self, parts: tuple[str, ...]) -> str:
         return "/".join((self._root_str, *parts))  # (a Path per chunk costs a scan seconds)
@@ -169,8 +181,8 @@ class _Walk:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             return None
-        except OSError:
-            self.unreadable.append(FileEntry(self.path(parts), 0, 0.0, parts))
+        except OSError as exc:
+            self._unreadable(parts, exc)
             return None
         size = _counted(st, ours)
         if stat.S_ISDIR(st.st_mode) and dir_fd is not None:
@@ -201,8 +213,14 @@ class DirectoryContents:
     quarantined: list[FileEntry] = field(default_factory=list)
     records: list[FileEntry] = field(default_factory=list)
     foreign: list[FileEntry] = field(default_factory=list)
-    unreadable: list[FileEntry] = field(default_factory=list)
+    unreadable: list[UnreadableEntry] = field(default_factory=list)
     namespaces: list[NamespaceSummary] = field(default_factory=list)
+
+    @property
+    def outage(self) -> bool:
+        """Some entry failed as a filesystem in trouble fails (EIO, ENOTCONN, ESTALE...):
+        the listing may be short, so no entry missing from it may be taken as gone."""
+        return any(e.errno in OUTAGE_ERRNOS for e in self.unreadable)
 
     @property
     def bytes(self) -> int:

@@ -164,19 +164,19 @@ class Breaker:
             raise DirectoryUnavailable(f"{self.directory} is switched off after an outage")
         if self._helpers.busy >= self.max_stuck_threads:
             self.refused += 1
-            self._trip(f"{self._helpers.busy} calls still stuck in it")
+            self.switch_off(f"{self._helpers.busy} calls still stuck in it")
             raise DirectoryUnavailable(f"{self.directory}: too many calls stuck")
         task = _Task(fn, args)
         self._helpers.start(task)
         if not task.done.wait(deadline_s):
             self.timeouts[what] += 1
-            self._trip(f"a {what} did not return within {deadline_s * 1e3:.0f} ms")
+            self.switch_off(f"a {what} did not return within {deadline_s * 1e3:.0f} ms")
             raise DirectoryUnavailable(f"{what} in {self.directory}: no answer within "
                                        f"{deadline_s * 1e3:.0f} ms")
         if task.error is not None:
             if isinstance(task.error, OSError) and task.error.errno in OUTAGE_ERRNOS:
                 self.errors[errno.errorcode.get(task.error.errno, str(task.error.errno))] += 1
-                self._trip(f"a {what} failed: {task.error.strerror or task.error}")
+                self.switch_off(f"a {what} failed: {task.error.strerror or task.error}")
             raise task.error
         return task.result
 
@@ -184,14 +184,15 @@ class Breaker:
         """An outage error met outside :meth:`call` (a read in a reader's own thread)."""
         if exc.errno in OUTAGE_ERRNOS:
             self.errors[errno.errorcode.get(exc.errno, str(exc.errno))] += 1
-            self._trip(f"a {what} failed: {exc.strerror or exc}")
+            self.switch_off(f"a {what} failed: {exc.strerror or exc}")
 
     def note_timeout(self, what: str, deadline_s: float) -> None:
         """A deadline passed outside :meth:`call` (a reader waited for its own threads)."""
         self.timeouts[what] += 1
-        self._trip(f"a {what} did not return within {deadline_s * 1e3:.0f} ms")
+        self.switch_off(f"a {what} did not return within {deadline_s * 1e3:.0f} ms")
 
-    def _trip(self, why: str) -> None:
+    def switch_off(self, why: str) -> None:
+        """Stop using the directory for a cooldown (logged with ``why``); a no-op while off."""
         with self._lock:
             if self._open_until is not None:
                 return

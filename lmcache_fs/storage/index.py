@@ -31,6 +31,7 @@ import threading
 import time
 from typing import Callable, Iterable
 
+from lmcache_fs.storage.breaker import Breaker
 from lmcache_fs.storage.layout import ChunkLayout, chunk_location, key_of
 
 logger = logging.getLogger(__name__)
@@ -43,10 +44,18 @@ class ChunkIndex:
 
     def __init__(self, layout: ChunkLayout, negative_ttl_s: float = 2.0,
                  stat: Callable[[str], os.stat_result] = os.stat,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 breaker: Breaker | None = None, lookup_deadline_s: float = 0.2):
+        """``breaker``: the directory's (see :mod:`lmcache_fs.storage.breaker`): while it
+        has the directory switched off every lookup is a miss, and each stat waits at most
+        ``lookup_deadline_s`` (engines pass one; tools that may block do not)."""
         self.layout = layout
         self._directory = str(layout.directory)
         self.negative_ttl_s = negative_ttl_s
+        self.breaker = breaker
+        if breaker is not None:
+            def stat(path: str, stat: Callable[[str], os.stat_result] = stat) -> os.stat_result:
+                return breaker.call(stat, path, deadline_s=lookup_deadline_s, what="lookup")
         self._stat = stat
         self._clock = clock
         self._keys: set[str] = set()
@@ -70,6 +79,25 @@ class ChunkIndex:
             self._keys.update(found)
         return len(found)
 
+    def scan_in_background(self, watch: bool) -> threading.Thread:
+        """:meth:`scan` (then :meth:`start_watching`, if ``watch``) in a daemon thread, so
+        that an engine never waits for a directory at start-up; lookups stat until then."""
+        def run() -> None:
+            try:
+                found = self.scan()
+            except OSError as exc:
+                logger.warning("start-up scan of %s failed (%s): chunks are found by their "
+                               "path meanwhile", self.layout.directory, exc.strerror or exc)
+            else:
+                logger.info("namespace %s: %d chunks found in %s", self.layout.namespace.name,
+                            found, self.layout.root)
+            if watch:
+                self.start_watching()
+
+        thread = threading.Thread(target=run, name="lmcache-fs-scan", daemon=True)
+        thread.start()
+        return thread
+
     def add(self, key: str) -> None:
         """Record a chunk known to exist (our own write, or an event)."""
         with self._lock:
@@ -84,8 +112,12 @@ class ChunkIndex:
     def contains(self, key: str, recheck: bool = False) -> bool:
         """True if the chunk is published, checking the disk when the set says no.
 
-        ``recheck`` skips the negative cache (a chunk known to be on its way).
+        ``recheck`` skips the negative cache (a chunk known to be on its way). While the
+        breaker has the directory switched off, nothing is: no load is planned that
+        would wait for it.
         """
+        if self.breaker is not None and not self.breaker.available:
+            return False
         if key in self._keys:
             return True
         now = self._clock()

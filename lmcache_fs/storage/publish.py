@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -121,8 +122,48 @@ def _write_temporary(dir_fd: int, tmp: str, write: Callable[[int], object], mode
 
 
 def _remove(dir_fd: int, name: str) -> None:
-    """Remove a temporary if it is still there (it is not once linked-and-replaced or renamed)."""
+    """Remove a temporary if it is still there (it is not once linked-and-replaced or renamed).
+
+    Where the directory does not answer (ENOTCONN, EIO on a sick mount), the temporary
+    is remembered and removed by :func:`remove_left_temporaries` once it answers again
+    (the error that made the write fail is the one raised).
+    """
     try:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
+    except OSError:
+        try:
+            directory = os.readlink(f"/proc/self/fd/{dir_fd}")
+        except OSError:
+            return  # (not Linux: eviction removes it after temp_file_grace_s)
+        with _LEFT_LOCK:
+            _LEFT_BEHIND.add(os.path.join(directory, name))
+
+
+_LEFT_BEHIND: set[str] = set()
+_LEFT_LOCK = threading.Lock()
+
+
+def left_temporaries() -> int:
+    """How many temporaries a failed write could not remove (see :func:`_remove`)."""
+    with _LEFT_LOCK:
+        return len(_LEFT_BEHIND)
+
+
+def remove_left_temporaries() -> int:
+    """Remove the temporaries failed writes left; returns how many are gone now."""
+    with _LEFT_LOCK:
+        paths = list(_LEFT_BEHIND)
+    removed = 0
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            continue  # still no answer: tried again later
+        removed += 1
+        with _LEFT_LOCK:
+            _LEFT_BEHIND.discard(path)
+    return removed

@@ -3,7 +3,9 @@
 The engine hands over a chunk already copied out of the paged cache; if the
 queue is full the chunk is skipped and counted (a future miss, never a stall).
 While a guard says no (the filesystem below its free-space reserve, the
-directory at its budget), stores are skipped the same way. Write failures
+directory at its budget), or while the directory's breaker has it switched
+off after an outage, stores are skipped the same way; temporaries that a
+failed write could not remove are removed once the directory answers again. Write failures
 (disk full, EIO) are counted; each kind of trouble is logged at most once a
 minute. The publish step guarantees that nothing half-written stays behind.
 """
@@ -21,7 +23,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from lmcache_fs.storage.breaker import Breaker
 from lmcache_fs.storage.codec import ALIGNMENT
+from lmcache_fs.storage.publish import left_temporaries, remove_left_temporaries
 from lmcache_fs.storage.space import StoreGuard
 from lmcache_fs.storage.store import ChunkStore
 
@@ -44,9 +48,11 @@ class WriterStats:
 class BackgroundWriter:
     """One thread that publishes queued chunks through a :class:`ChunkStore`."""
 
-    def __init__(self, store: ChunkStore, max_queue: int, guards: Sequence[StoreGuard] = ()):
+    def __init__(self, store: ChunkStore, max_queue: int, guards: Sequence[StoreGuard] = (),
+                 breaker: Breaker | None = None):
         self.store = store
         self.guards = tuple(guards)
+        self.breaker = breaker
         self.stats = WriterStats()
         self._queue: queue.Queue[tuple[str, torch.Tensor, Mapping[str, str]] | None] = \
             queue.Queue(maxsize=max_queue)
@@ -67,10 +73,18 @@ class BackgroundWriter:
         """Block until every queued chunk is written (tests, shutdown)."""
         self._queue.join()
 
-    def close(self) -> None:
-        """Write what is queued, then stop the thread."""
-        self._queue.put(None)
-        self._thread.join()
+    def close(self, timeout_s: float | None = None) -> None:
+        """Write what is queued, then stop the thread (waiting at most ``timeout_s``: a
+        writer stuck in a directory that does not answer is left behind, its stores lost)."""
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            pass
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            logger.warning("the writer did not finish within %.0f s (the directory does not "
+                           "answer): %d queued stores are dropped", timeout_s or 0,
+                           self._queue.qsize())
 
     def _run(self) -> None:
         # Writing is never urgent and decoding is: where the writer shares cores with
@@ -96,6 +110,15 @@ class BackgroundWriter:
     def _write(self, key: str, data: torch.Tensor, metadata: Mapping[str, str]) -> None:
         # The file's size: the data and its header, padded to one page (headers fit in one).
         nbytes = data.numel() * data.element_size() + ALIGNMENT
+        if self.breaker is not None:
+            if not self.breaker.available:
+                self.stats.skipped["unavailable"] += 1
+                self._log_once_a_minute("unavailable", "the cache directory is switched off after "
+                                        "an outage: stores skipped (%d so far)",
+                                        self.stats.skipped["unavailable"])
+                return
+            if left_temporaries():
+                remove_left_temporaries()
         for i, guard in enumerate(self.guards):
             if not guard.allows(nbytes):
                 self._refund(self.guards[:i], nbytes)
@@ -108,6 +131,8 @@ class BackgroundWriter:
         except OSError as exc:
             self._refund(self.guards, nbytes)
             self.stats.failed += 1
+            if self.breaker is not None:
+                self.breaker.note_error(exc, "store")
             self._log_once_a_minute("failed", "store of chunk %s failed (%s); serving continues, "
                                     "%d failed so far", key[:16], exc.strerror or exc,
                                     self.stats.failed)

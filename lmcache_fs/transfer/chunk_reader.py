@@ -28,6 +28,12 @@ kvikio read's block spans its start and its wait.
 Failure of any one chunk (missing, vanished mid-read, truncated, foreign,
 corrupt, an I/O error) is reported as a :class:`ChunkFileError` for that chunk,
 which callers treat as a miss; it never stops the other reads.
+
+A call's reads may have a deadline (the directory's filesystem can hang). Past
+it, every chunk not yet returned is a miss and the reader is abandoned
+(:attr:`ChunkReader.abandoned`): reads still stuck in the kernel finish, some
+day, into its slots, which nothing reads again (the caller builds a new
+reader). The deadline bounds the POSIX reads; a kvikio read's wait is kvikio's.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -45,6 +53,7 @@ from lmcache_fs.gpu import device_checksum
 from lmcache_fs.gpu.threads import device_thread_pool
 from lmcache_fs.storage.codec import ChunkFileError, byte_view
 from lmcache_fs.storage.store import ChunkStore, OpenChunk
+from lmcache_fs.transfer.no_answer import past_deadline
 from lmcache_fs.transfer.kvikio_reads import DeviceBytes, KvikioRead, start_read_kvikio
 from lmcache_fs.transfer.read_paths import ReadBackend, ReadPath
 from lmcache_fs.transfer.run_when_asked import RunWhenAsked
@@ -112,6 +121,8 @@ class ChunkReader:
         if backend.kvikio is not None and on_gpu:
             backend.kvikio.memory_register(self._device_buffer)
         self._pool = device_thread_pool(self.slots, "lmcache-fs-read", self.device)
+        self.abandoned = False
+        """True once a read passed its deadline: the reader must not be used again."""
 
     def _reading(self, key: str) -> contextlib.AbstractContextManager[OpenChunk]:
         return self.store.reading(key, self._device[0].dtype, self._device[0].shape)
@@ -198,8 +209,12 @@ class ChunkReader:
             device.copy_(self._host[slot], non_blocking=True)
         return device
 
-    def read(self, keys: Sequence[str]) -> Iterator[tuple[int, torch.Tensor | ChunkFileError]]:
+    def read(self, keys: Sequence[str], deadline_s: float | None = None
+             ) -> Iterator[tuple[int, torch.Tensor | ChunkFileError]]:
         """Yield ``(i, chunk)`` for ``keys[i]`` in order, reading ahead as far as the slots allow.
+
+        ``deadline_s``: seconds from now the reads may take; past it the rest are misses
+        and the reader is :attr:`abandoned`.
 
         ``chunk`` is a ``[*chunk_shape]`` tensor on the device, or the
         :class:`ChunkFileError` that made ``keys[i]`` a miss. On CUDA it is
@@ -210,7 +225,9 @@ class ChunkReader:
         before the slot is reused. Stopping early is safe: reads already
         started are waited for.
         """
+        assert not self.abandoned, "an abandoned reader's slots may still be written into"
         pending: deque[Future[Any] | RunWhenAsked] = deque()
+        deadline = None if deadline_s is None else time.monotonic() + deadline_s
         # Looked up once: torch's lookup costs tens of microseconds per chunk.
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         try:
@@ -219,7 +236,12 @@ class ChunkReader:
             for i in range(len(keys)):
                 slot = i % self.slots
                 try:
-                    pending.popleft().result()
+                    _wait(pending.popleft(), deadline)
+                except FutureTimeout:
+                    self.abandoned = True
+                    for late in range(i, len(keys)):
+                        yield late, past_deadline(deadline_s or 0.0)
+                    return
                 except ChunkFileError as exc:
                     yield i, exc
                 except Exception as exc:  # noqa: BLE001 - a bug here must cost a miss, not the engine
@@ -231,7 +253,7 @@ class ChunkReader:
                 if i + self.slots < len(keys):
                     pending.append(self._start(keys[i + self.slots], slot))
         finally:
-            for future in pending:
+            for future in () if self.abandoned else pending:
                 # A kvikio read is under way before its future runs (the future
                 # only finishes it: waits, closes, verifies), so it is never cancelled.
                 if self.backend.kvikio is not None or not future.cancel():
@@ -250,7 +272,25 @@ class ChunkReader:
         return event
 
     def close(self) -> None:
-        """Stop the read threads and release the staging slots' cuFile registration."""
+        """Stop the read threads and release the staging slots' cuFile registration (an
+        abandoned reader's threads may never return: they are left to the kernel)."""
+        if self.abandoned:
+            self._pool.shutdown(wait=False)
+            return
         self._pool.shutdown(wait=True)
         if self.backend.kvikio is not None and self.device.type == "cuda":
             self.backend.kvikio.memory_deregister(self._device_buffer)
+
+
+def _wait(pending: Future[Any] | RunWhenAsked, deadline: float | None) -> None:
+    """The result of one read, within ``deadline`` (a monotonic time; None: no deadline).
+
+    Raises:
+        concurrent.futures.TimeoutError: a pool thread's read passed the deadline.
+        ChunkFileError: what the read raised.
+    """
+    if isinstance(pending, RunWhenAsked):  # finishes on this thread: kvikio's wait is its own
+        pending.result()
+        return
+    pending.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+

@@ -14,8 +14,8 @@ thread's chunks are done).
 
 Where the bytes go:
 
-- contiguous CPU caches (vLLM's CPU layout): straight into the cache's own
-  pages, no staging and no copy (:class:`_IntoPages`);
+- contiguous CPU caches (vLLM's CPU layout) on a local filesystem: straight
+  into the cache's own pages, no staging and no copy (:class:`_IntoPages`);
 - anything else (CUDA, strided views): a ring of staging slots in host
   memory (pinned on CUDA), each holding one layer of the step's chunks, or of
   a group of them where one layer of the whole step would take more than half
@@ -23,7 +23,17 @@ Where the bytes go:
   host-to-device copy and a scatter into that layer's blocks on the current
   stream, so the engine's stream, not its thread, waits for the bytes
   (:class:`_ThroughStaging`). A slot is read into again only once the copy
-  out of it has finished.
+  out of it has finished. CPU caches go this way too where the directory is on
+  a filesystem that can hang on a peer (NFS, FUSE: see
+  :mod:`lmcache_fs.storage.filesystem`).
+
+A step's loads may have a deadline (the directory's filesystem can hang): a
+wait past it abandons the step's loads. Every chunk not complete by then is a
+miss (:class:`~lmcache_fs.storage.breaker.DirectoryUnavailable` as its cause:
+never quarantined), nothing more is handed to the cache, and the reader is
+done with: reads still stuck in the kernel finish, some day, into its staging
+slots, which nothing reads again (the caller builds a new reader). That is why
+a load that may be abandoned never reads straight into pages.
 
 Reads and hand-overs go in *units*: a unit is one layer of one group of
 chunks (one group, so one unit per layer, unless staging is split), layer by
@@ -46,6 +56,7 @@ import math
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -54,6 +65,7 @@ import torch
 from lmcache_fs.gpu.threads import device_thread_pool
 from lmcache_fs.storage.codec import ChunkFileError, DataCheck, byte_view
 from lmcache_fs.storage.store import ChunkStore, OpenChunk
+from lmcache_fs.transfer.no_answer import past_deadline
 from lmcache_fs.transfer.block_copy import block_ids_on, scatter_layer
 
 logger = logging.getLogger(__name__)
@@ -106,6 +118,9 @@ class _IntoPages:
     def commit(self, unit: int) -> None:
         return  # the bytes are already where the forward pass reads them
 
+    def abandon(self) -> None:
+        return  # (never abandoned: see LayerwiseReader.start)
+
 
 class _ThroughStaging:
     """Destination of one step: a ring of host slots, copied and scattered on demand.
@@ -149,6 +164,7 @@ class _ThroughStaging:
         self._committed = 0  # units 0 .. committed-1 are queued for the device
         self._copied: list[torch.cuda.Event | None] = [None] * self.ring
         self._cond = threading.Condition()
+        self._abandoned = False
 
     def group_of(self, index: int) -> int:
         return self._group[index]
@@ -168,7 +184,9 @@ class _ThroughStaging:
         if unit < self.ring:
             return
         with self._cond:
-            self._cond.wait_for(lambda: self._committed > unit - self.ring)
+            self._cond.wait_for(lambda: self._abandoned or self._committed > unit - self.ring)
+            if self._abandoned:
+                return
             copied = self._copied[unit % self.ring]
         if copied is not None:
             copied.synchronize()  # the device copy out of this slot has finished
@@ -193,6 +211,12 @@ class _ThroughStaging:
             self._committed = unit + 1
             self._cond.notify_all()
 
+    def abandon(self) -> None:
+        """No slot is committed again: wake the read threads waiting for one to free."""
+        with self._cond:
+            self._abandoned = True
+            self._cond.notify_all()
+
 
 def _direct(layers: Sequence[torch.Tensor]) -> bool:
     return all(kv.device.type == "cpu" and kv.is_contiguous() for kv in layers)
@@ -212,7 +236,9 @@ class LayerwiseReader:
     """
 
     def __init__(self, store: ChunkStore, layers: Sequence[torch.Tensor], blocks_per_chunk: int,
-                 threads: int, staging_bytes: int):
+                 threads: int, staging_bytes: int, into_pages: bool = True):
+        """``into_pages``: CPU caches may be read into straight (False: through staging, for
+        loads that may be abandoned at a deadline)."""
         if not layers:
             raise ValueError("LayerwiseReader needs at least one layer")
         self.store = store
@@ -222,7 +248,7 @@ class LayerwiseReader:
         self.dtype = layers[0].dtype
         self.page_bytes = layers[0].element_size() * math.prod(layers[0].shape[1:])
         self.staging_bytes = staging_bytes
-        self.into_pages = _direct(self.layers)
+        self.into_pages = into_pages and _direct(self.layers)
         """True: bytes land in the cache's pages; False: through a staging ring."""
         self._into_pages = _IntoPages(self.layers, self.page_bytes) if self.into_pages else None
         self.threads = max(1, threads)
@@ -232,11 +258,15 @@ class LayerwiseReader:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def start(self, jobs: Sequence[LayerLoadJob]) -> "LayerwiseLoad":
-        """Begin reading ``jobs``; returns at once."""
+    def start(self, jobs: Sequence[LayerLoadJob],
+              deadline_s: float | None = None) -> "LayerwiseLoad":
+        """Begin reading ``jobs``; returns at once. ``deadline_s``: seconds from now the loads
+        may take before they are abandoned (None: no deadline, only without ``into_pages``:
+        an abandoned read must never land in the cache's own pages)."""
+        assert deadline_s is None or not self.into_pages, "abandoned reads would land in pages"
         destination = self._into_pages or _ThroughStaging(self.layers, jobs, self.page_bytes,
                                                           self.staging_bytes)
-        return LayerwiseLoad(self, jobs, destination)
+        return LayerwiseLoad(self, jobs, destination, deadline_s)
 
     def close(self) -> None:
         """Stop the threads (a load in progress finishes first)."""
@@ -260,10 +290,14 @@ class LayerwiseLoad:
     """One step's loads in progress: wait for a layer, or for all of them."""
 
     def __init__(self, reader: LayerwiseReader, jobs: Sequence[LayerLoadJob],
-                 destination: _IntoPages | _ThroughStaging):
+                 destination: _IntoPages | _ThroughStaging, deadline_s: float | None = None):
         self.reader = reader
         self.jobs = list(jobs)
         self.destination = destination
+        self.deadline_s = deadline_s
+        self._deadline = None if deadline_s is None else time.monotonic() + deadline_s
+        self.abandoned = False
+        """True once a wait passed the deadline: the reader must not be used again."""
         self.errors: list[ChunkFileError | None] = [None] * len(self.jobs)
         """Per job, once :meth:`finish` returned: None, or why the chunk is a miss."""
         self.started = time.perf_counter()
@@ -289,22 +323,45 @@ class LayerwiseLoad:
         """
         start = time.perf_counter()
         last_unit = (layer + 1) * self.destination.units_per_layer - 1
-        while self._committed <= last_unit:  # in order: the staging ring relies on it
+        while self._committed <= last_unit and not self.abandoned:  # in order: the ring needs it
             with self._read:
-                self._read.wait_for(lambda: min(self._units_read) > self._committed)
+                arrived = self._read.wait_for(lambda: min(self._units_read) > self._committed,
+                                              timeout=self._remaining())
+            if not arrived:
+                self._abandon()
+                break
             self.destination.commit(self._committed)
             self._committed += 1
         self.waited_seconds += time.perf_counter() - start
+
+    def _remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def _abandon(self) -> None:
+        """The deadline passed: every chunk not yet complete is a miss; nothing more goes to
+        the cache, and the read threads stop at their next layer."""
+        with self._read:
+            self.abandoned = True
+            for i, error in enumerate(self.errors):
+                if error is None:
+                    self.errors[i] = past_deadline(self.deadline_s or 0.0)
+            self._read.notify_all()
+        self.destination.abandon()
 
     def finish(self) -> list[ChunkFileError | None]:
         """Wait for every layer, read and checksum; returns :attr:`errors`."""
         self.wait_layer(self.reader.num_layers - 1)
         start = time.perf_counter()
         for future in self._futures:
-            future.result()  # _run catches everything: this only waits
+            if self.abandoned:
+                break
+            try:
+                future.result(timeout=self._remaining())  # _run catches everything: this waits
+            except FutureTimeout:
+                self._abandon()
         self.waited_seconds += time.perf_counter() - start
-        self.read_seconds = max(self._ended) - self.started
-        return self.errors
+        self.read_seconds = (time.perf_counter() if self.abandoned else max(self._ended)) - self.started
+        return list(self.errors)
 
     def _run(self, thread: int, indices: list[int]) -> None:
         try:
@@ -329,7 +386,9 @@ class LayerwiseLoad:
                     chunk = open_chunks.enter_context(
                         reader.store.reading(self.jobs[i].key, reader.dtype, reader.chunk_shape))
                 except ChunkFileError as exc:  # the store quarantined what is proven bad
-                    self.errors[i] = exc
+                    with self._read:
+                        if not self.abandoned:
+                            self.errors[i] = exc
                     continue
                 readings.append(_Reading(i, chunk, chunk.data_check()))
             # Pages of a chunk that are not loaded (before first_block, after the
@@ -345,6 +404,8 @@ class LayerwiseLoad:
             for unit in range(self._units):
                 layer, group = divmod(unit, destination.units_per_layer)
                 destination.before_reading(unit)
+                if self.abandoned:
+                    break
                 for reading in groups[group]:
                     if reading.chunk.error is not None:
                         continue
@@ -356,12 +417,17 @@ class LayerwiseLoad:
                         reading.chunk.error = exc
                 self._unit_read(thread, unit + 1)
             for reading in readings:
-                if reading.chunk.error is None:
+                if reading.chunk.error is None and not self.abandoned:
                     try:
                         reading.check.verify()
                     except ChunkFileError as exc:
                         reading.chunk.error = exc
-                self.errors[reading.index] = reading.chunk.error
+            with self._read:  # once abandoned, errors are the abandonment's, for good
+                for reading in readings:
+                    if self.abandoned:  # incomplete, not bad: finished as not proven bad
+                        reading.chunk.error = self.errors[reading.index]
+                    else:
+                        self.errors[reading.index] = reading.chunk.error
 
     def _unit_read(self, thread: int, units: int) -> None:
         with self._read:
