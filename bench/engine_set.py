@@ -20,7 +20,7 @@ sys.path.insert(1, str(REPO / "frontend"))  # the synthetic model builder (demo 
 from engines import EngineProcess  # noqa: E402
 from synthetic_model import build_synthetic_model  # noqa: E402
 
-from lmcache_fs.storage.layout import TEMP_PREFIX  # noqa: E402
+from lmcache_fs.storage.layout import is_temporary  # noqa: E402
 
 CHUNK = 256  # lmcache-fs default chunk_size
 
@@ -40,7 +40,7 @@ def example_connector(directory: Path) -> dict:
 def chunk_files(directory: Path) -> list[Path]:
     """The published lmcache-fs chunk files under a storage directory."""
     # (pathlib's glob also matches dot files, so writers' temporaries are left out by name)
-    return [p for p in directory.glob("*/??/*.safetensors") if not p.name.startswith(TEMP_PREFIX)]
+    return [p for p in directory.glob("*/??/*.safetensors") if not is_temporary(p.name)]
 
 
 def wait_for_chunks(directory: Path, count: int, timeout_s: float = 120) -> None:

@@ -36,7 +36,7 @@ from hybrid_models import build_hybrid_model  # noqa: E402
 from synthetic_model import build_synthetic_model  # noqa: E402
 
 from lmcache_fs.ops.inspection import read_header  # noqa: E402
-from lmcache_fs.storage.layout import TEMP_PREFIX  # noqa: E402
+from lmcache_fs.storage.layout import is_temporary  # noqa: E402
 
 
 def _capacity(engine: EngineProcess) -> int:
@@ -49,7 +49,7 @@ def _files_by_group(storage: Path) -> dict[int, list[Path]]:
     for manifest in storage.glob("*/namespace.json"):
         group = int(json.loads(manifest.read_text()).get("kv_group", 0))
         groups.setdefault(group, []).extend(
-            p for p in manifest.parent.glob("??/*.safetensors") if not p.name.startswith(TEMP_PREFIX))
+            p for p in manifest.parent.glob("??/*.safetensors") if not is_temporary(p.name))
     return groups
 
 

@@ -120,7 +120,7 @@ class LMCacheFSConfig:
     at most a day."""
 
     temp_file_grace_s: float = 600.0
-    """Age after which a temporary file (a crashed writer's ``.tmp.*``) is removed."""
+    """Age after which a temporary file (a crashed writer's ``.<name>.tmp-*``) is removed."""
 
     min_free_disk_gb: float = 1.0
     """Stores stop (and serving continues) while the filesystem has less free space than this."""

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import pytest
 from cachedir import wait_for_count
 
-from lmcache_fs.storage.layout import TEMP_PREFIX
+from lmcache_fs.storage.layout import is_temporary
 
 MARKER = "lmcache_fs_hybrid.json"
 GEMMA3_WINDOW = 256
@@ -119,7 +119,7 @@ def files_by_group(storage: Path) -> dict[Path, int]:
     for manifest in storage.glob("*/namespace.json"):
         group = int(json.loads(manifest.read_text()).get("kv_group", -1))
         for path in manifest.parent.glob("??/*.safetensors"):
-            if not path.name.startswith(TEMP_PREFIX):
+            if not is_temporary(path.name):
                 found[path] = group
     return found
 

@@ -18,7 +18,7 @@ from cachedir import read_chunk_file, wait_for_count
 from engines import EngineProcess
 
 from lmcache_fs.ops.inspection import read_header
-from lmcache_fs.storage.layout import TEMP_PREFIX
+from lmcache_fs.storage.layout import is_temporary
 
 pytestmark = pytest.mark.engine
 
@@ -71,7 +71,7 @@ def _prompt(n: int = PROMPT_LEN) -> list[int]:
 def _chunk_files(storage: Path) -> list[Path]:
     # (pathlib's glob also matches dot files: a writer's temporary would be listed, then vanish)
     return sorted(p for p in storage.glob("*/??/*.safetensors")
-                  if not p.name.startswith(TEMP_PREFIX))
+                  if not is_temporary(p.name))
 
 
 def _wait_for_chunks(storage: Path, count: int) -> list[Path]:
@@ -163,4 +163,4 @@ def test_two_engines_storing_the_same_prompts_at_once_leave_only_valid_files(eng
         header = read_header(path)
         out = torch.empty(header.shape, dtype=header.dtype)
         read_chunk_file(path, out, {"key": path.stem})  # raises on any defect
-    assert not list(storage.glob("*/??/.tmp.*")), "temporaries left behind"
+    assert not [p for p in storage.glob("*/??/.*") if is_temporary(p.name)], "temporaries left behind"

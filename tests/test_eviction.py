@@ -13,7 +13,7 @@ from test_lease import fill_filesystem
 from lmcache_fs.config import load_config
 from lmcache_fs.ops import eviction
 from lmcache_fs.ops.eviction import BackgroundEvictor, Evictor
-from lmcache_fs.storage.layout import lease_path
+from lmcache_fs.storage.layout import is_temporary, lease_path
 from lmcache_fs.ops.inventory import scan_chunks, total_size
 from lmcache_fs.ops.lease import Lease
 from lmcache_fs.ops.pins import PinStore
@@ -295,7 +295,7 @@ def test_eviction_racing_with_loads_costs_misses_never_errors(tmp_path, store):
     assert errors == []
     assert loads[0] > 0 and loads[1] > 0  # both outcomes happened: it really raced
     assert not (tmp_path / "quarantine").exists()  # a vanished file is a miss, not damage
-    assert [p.name for p in files_under(tmp_path) if p.name.startswith(".tmp.")] == []
+    assert [p.name for p in files_under(tmp_path) if is_temporary(p.name)] == []
 
 
 def _clocked(root, max_bytes, clock):

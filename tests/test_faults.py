@@ -22,6 +22,7 @@ import writer_process
 from cachedir import SHAPE, chunk, files_under, load_ok, make_store, prefix_keys, save_prefix
 from mounts import read_only_view, tmpfs
 
+from lmcache_fs.storage.layout import is_temporary
 from lmcache_fs.config import ConfigError, load_config
 from lmcache_fs.ops.eviction import Evictor
 from lmcache_fs.ops.inventory import scan_chunks, scan_temporaries
@@ -45,7 +46,7 @@ def fault_log(artifacts_dir):
 
 
 def _temporaries(root):
-    return [p for p in files_under(root) if p.name.startswith(".tmp.")]
+    return [p for p in files_under(root) if is_temporary(p.name)]
 
 
 def _writer_processes():

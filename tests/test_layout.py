@@ -80,3 +80,16 @@ def test_a_name_maps_back_to_its_key_only_under_its_own_fan_out_directory():
     assert key_of(where.name, "1e") is None  # filed under another key's directory
     for stray in (".tmp.host.1.abcd." + where.name, key + ".json", key, "namespace.json"):
         assert key_of(stray) is None
+
+
+def test_temporaries_are_named_as_rsync_names_them_and_those_of_before_are_still_known():
+    from lmcache_fs.storage.layout import is_temporary, temp_name
+
+    final = "ab" * 32 + ".safetensors"
+    name = temp_name(final)
+    # GlusterFS's distribute layer hashes ".NAME.suffix" as NAME (its rsync-hash-regex
+    # ^\.(.+)\.[^.]+$): the temporary's data lands on the final name's brick.
+    assert name.startswith(f".{final}.") and "." not in name.rsplit(".", 1)[1]
+    assert is_temporary(name) and key_of(name) is None and temp_name(final) != name
+    assert is_temporary(".tmp.host.1.abcdef." + final)  # a crashed writer's of before
+    assert not is_temporary(".hidden") and not is_temporary(final)

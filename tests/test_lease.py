@@ -8,6 +8,7 @@ import os
 import pytest
 from cachedir import FakeClock
 
+from lmcache_fs.storage.layout import is_temporary
 from lmcache_fs.ops.lease import Lease, read_lease
 
 
@@ -90,7 +91,7 @@ def test_of_many_processes_racing_for_a_free_or_expired_lease_exactly_one_wins(t
             p.join(30)
         wins = [results.get(timeout=5) for _ in procs]
         assert wins.count(True) == 1, f"round {round_}: {wins}"
-        assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp.")]
+        assert not [n for n in os.listdir(tmp_path) if is_temporary(n)]
 
 
 def test_a_holder_renews_on_a_full_filesystem(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from cachedir import (
 
 from lmcache_fs.ops.pins import PinStore
 from lmcache_fs.storage.codec import ChunkFileError, write_chunk_file
-from lmcache_fs.storage.layout import TEMP_PREFIX, ChunkLayout, Namespace
+from lmcache_fs.storage.layout import ChunkLayout, Namespace, is_temporary
 from lmcache_fs.storage.store import ChunkStore
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lmcache_fs"
@@ -223,7 +223,7 @@ def test_a_fan_out_directory_swapped_for_a_link_mid_store_is_never_written_throu
     real_open = os.open
 
     def swap_then_open(path, *args, **kwargs):
-        if os.path.basename(os.fspath(path)).startswith(TEMP_PREFIX) and not fanout.is_symlink():
+        if is_temporary(os.path.basename(os.fspath(path))) and not fanout.is_symlink():
             os.rename(fanout, tmp_path / "moved")  # after the checks, before the temporary
             os.symlink(outside, fanout)
         return real_open(path, *args, **kwargs)

@@ -18,7 +18,7 @@ from cachedir import wait_for_count
 from demo_config import sample_documents
 from engines import EngineProcess
 
-from lmcache_fs.storage.layout import TEMP_PREFIX
+from lmcache_fs.storage.layout import is_temporary
 
 pytestmark = pytest.mark.engine
 
@@ -41,7 +41,7 @@ def _prompt(model: Path) -> list[int]:
 
 
 def _chunk_files(storage: Path) -> list[Path]:
-    return [p for p in storage.glob("*/??/*.safetensors") if not p.name.startswith(TEMP_PREFIX)]
+    return [p for p in storage.glob("*/??/*.safetensors") if not is_temporary(p.name)]
 
 
 def test_ngram_drafts_over_a_prefix_loaded_from_chunk_files_give_plain_vllm_s_tokens(

@@ -17,7 +17,7 @@ counts what it uses. Directories themselves are not counted (at most 257
 blocks per namespace), what they hold is:
 
 - chunks: published chunk files (regular files at a chunk's name);
-- temporaries: writers' ``.tmp.*`` files, in any directory of the map;
+- temporaries: writers' ``.<name>.tmp-*`` files (``.tmp.*`` of earlier releases), in any directory of the map;
 - quarantined: the quarantine's entries, directories with all they hold;
 - records: ``namespace.json``, hash-seed markers, pins, ``eviction.lease``,
   ``eviction.usage``: files the cache keeps about itself, each within the size

@@ -13,7 +13,7 @@ no I/O beyond the walk of the chunk names (:func:`iter_chunk_files`)::
         quarantine/<namespace>__<fan-out>__<name>.<time>.<random>   bad entries
         eviction.lease                          who runs eviction passes (ops/lease.py)
         eviction.usage                          what the last pass measured (storage/usage.py)
-    .tmp.<host>.<pid>.<random>.<name>           a writer's temporary, beside <name>
+    .<name>.tmp-<host>-<pid>-<random>           a writer's temporary, beside <name>
 
 The namespace name is a readable model slug plus a short hash of the
 sorted-JSON fields that make KV bytes incompatible (model, geometry, dtypes,
@@ -60,6 +60,9 @@ QUARANTINE_DIR = "quarantine"
 LEASE_NAME = "eviction.lease"
 USAGE_NAME = "eviction.usage"
 TEMP_PREFIX = ".tmp."
+"""How temporaries were named before (``.tmp.<host>.<pid>.<random>.<name>``): still
+recognised, so that eviction removes those that crashed writers of before left."""
+TEMP_MARK = ".tmp-"
 
 # The most bytes each record the cache keeps about itself may hold. A file at a record's
 # name that is larger was planted: readers ignore it, and the budget counts it as foreign.
@@ -75,7 +78,8 @@ _KEY_RE = re.compile(r"[0-9a-f]{16,128}")
 _NAMESPACE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,80}-[0-9a-f]{16}")
 _FANOUT_RE = re.compile(r"[0-9a-f]{2}")
 _SEED_MARKER_RE = re.compile(rf"{HASH_SEED_MARKER_PREFIX}([0-9a-f]{{12}})")
-_HOST = socket.gethostname().replace("/", "_").replace(".", "_")[:32] or "host"
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+_TEMP_RE = re.compile(r"\..+\.tmp-[A-Za-z0-9_]+-[0-9]+-[0-9a-f]+")
 
 FieldValue = Union[str, int, float, bool]
 
@@ -106,13 +110,19 @@ def is_namespace_name(name: str) -> bool:
 
 
 def is_temporary(name: str) -> bool:
-    """True if ``name`` is a writer's temporary (see :func:`temp_name`)."""
-    return name.startswith(TEMP_PREFIX)
+    """True if ``name`` is a writer's temporary (see :func:`temp_name`), or one of before."""
+    return name.startswith(TEMP_PREFIX) or _TEMP_RE.fullmatch(name) is not None
 
 
 def temp_name(final_name: str) -> str:
-    """A temporary name beside ``final_name`` that no other process can choose."""
-    return f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.{secrets.token_hex(6)}.{final_name}"
+    """A temporary name beside ``final_name`` that no other process can choose.
+
+    Shaped as rsync's (``.<name>.<suffix>``, no dot in the suffix), which GlusterFS's
+    distribute layer places by ``<name>``: the data then lands on the brick where the
+    final name will be, instead of a pointer there and the data on another brick, which
+    would make every such chunk need two bricks alive.
+    """
+    return f".{final_name}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(6)}"
 
 
 # -- chunks --------------------------------------------------------------------
