@@ -127,20 +127,15 @@ class DataCheck:
             self._expected_mac = header.metadata.get(MAC_FIELD)
             self._mac = _new_mac(mac_key, header.metadata, _DTYPE_TO_ST[header.dtype], header.shape)
 
-    def update(self, data: memoryview | bytes, *, checksum: bool = True) -> None:
-        """Feed the next bytes of the data; ``checksum=False`` feeds only the MAC."""
-        if checksum:
-            self._xxh3.update(data)
+    def update(self, data: memoryview | bytes) -> None:
+        """Feed the next bytes of the data."""
+        self._xxh3.update(data)
         if self._mac is not None:
             self._mac.update(data)
 
-    def verify(self, *, checksum: bool = True) -> None:
-        """Raise :class:`ChunkFileError` unless the data fed matches the header.
-
-        ``checksum=False``: the caller checked the data another way (the device
-        checksum); only the MAC, if keyed, is checked here.
-        """
-        if checksum and self._expected != _CHECKSUM_PREFIX + self._xxh3.hexdigest():
+    def verify(self) -> None:
+        """Raise :class:`ChunkFileError` unless the data fed matches the header."""
+        if self._expected != _CHECKSUM_PREFIX + self._xxh3.hexdigest():
             raise ChunkFileError("checksum mismatch: the data is corrupt")
         if self._mac is not None:
             if self._expected_mac is None:
