@@ -12,6 +12,9 @@ read as a miss or a clean error:
 - ``ChunkStore.load`` (the engine's read path): ``ChunkFileError``, or the
   exact bytes that were stored (a mutation of header padding can leave a
   valid file), never other data; ``verify.check_chunk``: a finding or None.
+  Keyed chunks also get their MAC field rewritten (stripped, other or unknown
+  algorithm names, other tags, odd text): a keyed load accepts only the MAC
+  its writer made.
 
 A bounded run is part of the tests (about 20 s here); ``make fuzz-long`` runs
 ``LMCACHE_FS_FUZZ_SCALE`` (default there 25) times as many examples.
@@ -31,6 +34,7 @@ from hypothesis import strategies as st
 from lmcache_fs.ops.lease import LeaseRecord, read_lease
 from lmcache_fs.ops.pins import PINS_DIR, Pin, PinStore
 from lmcache_fs.ops.verify import Finding, check_chunk
+from lmcache_fs.storage import mac
 from lmcache_fs.storage.codec import ChunkFileError
 from lmcache_fs.storage.layout import MANIFEST_NAME, check_key, read_manifest
 from lmcache_fs.storage.store import ChunkStore
@@ -259,6 +263,66 @@ def test_verify_reports_a_planted_chunk_file_or_accepts_the_stored_bytes(chunk_s
     _plant(path, content)
     finding = check_chunk(path, chunk_store.layout.namespace.name, KEY, (SHAPE, "bfloat16"))
     assert finding is None or isinstance(finding, Finding)
+
+
+# -- keyed chunk files: the MAC field's algorithm name and tag ----------------------------
+
+MAC_KEY = bytes(range(32))
+
+
+def _keyed_store_with_one_chunk(root) -> ChunkStore:
+    store = ChunkStore(make_store(root).layout, mac_key=MAC_KEY)
+    store.save(KEY, chunk(KEY), META)
+    return store
+
+
+with tempfile.TemporaryDirectory() as _tmp:
+    VALID_KEYED_CHUNK = _keyed_store_with_one_chunk(_tmp).layout.chunk_path(KEY).read_bytes()
+VALID_MAC = _header_fields(VALID_KEYED_CHUNK)["__metadata__"]["mac"]
+
+
+@pytest.fixture(scope="module")
+def keyed_store(tmp_path_factory):
+    return _keyed_store_with_one_chunk(tmp_path_factory.mktemp("fuzz-keyed"))
+
+
+def mac_claims(raw: bytes) -> st.SearchStrategy[bytes]:
+    """The keyed chunk with its MAC field removed or replaced by another ``name:tag`` claim."""
+    header = _header_fields(raw)
+    (length,) = struct.unpack_from("<Q", raw)
+    meta = header["__metadata__"]
+    tag, checksum = meta["mac"].split(":")[1], meta["checksum"].split(":")[1]
+    names = st.one_of(st.sampled_from([*mac.ACCEPTED, "", "none", "xxh3_64", "BLAKE3",
+                                       "hmac-sha512", "blake3 ", "sha256"]), st.text(max_size=12))
+    tags = st.one_of(st.sampled_from([tag, checksum, "", tag.upper(), tag[:-1]]),
+                     st.text(max_size=70), st.binary(min_size=32, max_size=32).map(bytes.hex))
+    claims = st.one_of(st.none(), st.builds("{}:{}".format, names, tags), st.text(max_size=80))
+
+    def rebuild(claim):
+        fields = {k: v for k, v in meta.items() if k != "mac"}
+        if claim is not None:
+            fields["mac"] = claim
+        text = _json_bytes({"__metadata__": fields, "kv": header["kv"]})
+        return struct.pack("<Q", len(text)) + text + raw[8 + length:]
+    return claims.map(rebuild)
+
+
+@fuzz(1000)
+@given(content=st.one_of(chunk_contents(VALID_KEYED_CHUNK), mac_claims(VALID_KEYED_CHUNK)))
+def test_a_planted_keyed_chunk_is_a_clean_miss_or_what_the_key_holder_wrote(keyed_store, content):
+    _count("keyed chunk load+verify")
+    path = keyed_store.layout.chunk_path(KEY)
+    _plant(path, content)
+    finding = check_chunk(path, keyed_store.layout.namespace.name, KEY, (SHAPE, "bfloat16"),
+                          mac_key=MAC_KEY)
+    assert finding is None or isinstance(finding, Finding)
+    out = torch.empty(SHAPE, dtype=torch.bfloat16)
+    try:
+        keyed_store.load(KEY, out)
+    except ChunkFileError:
+        return
+    assert _header_fields(content)["__metadata__"]["mac"] == VALID_MAC  # no other claim passes
+    assert torch.equal(out.view(torch.uint8), chunk(KEY).view(torch.uint8))
 
 
 def _plant(path, content: bytes) -> None:
