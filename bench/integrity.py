@@ -1,0 +1,224 @@
+"""What ``integrity_key_file`` costs: the connector's load paths with and without a key.
+
+Side by side on the same chunk bytes, interleaved within each round in a
+rotated order (the storage suite's trials and cases, :mod:`bench.storage`):
+
+- raw single-threaded pwrite/preadv, the ceiling;
+- the connector's CPU path (the LayerwiseReader, one thread) without a key
+  (xxh3), with a key (keyed BLAKE3, what keyed engines write), and with a key
+  over files written before keyed BLAKE3 (HMAC-SHA256, which readers still
+  accept);
+- whole-chunk loads (``ChunkStore.load``, one thread; the CUDA path's host
+  check) without and with a key.
+
+The figure that matters is a keyed path's speed over the same path's without
+a key, per round (the machine is shared: only ratios within a round hold).
+Beside them each round times the check alone over the same bytes, in the
+pieces the layer-wise reader feeds (one page): xxh3, keyed BLAKE3 on one thread
+and with ``max_threads=2``, and HMAC-SHA256, in wall time and in CPU time.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import blake3
+import torch
+import xxhash
+
+from bench import chunkdata
+from bench.common import (
+    BenchOptions,
+    md_table,
+    median,
+    progress,
+    results_header,
+    timed,
+    write_markdown,
+)
+from bench.storage import (
+    BASELINE,
+    BENCH_MAC_KEY,
+    BLOCK_TOKENS,
+    FULL_CASES,
+    QUICK_CASES,
+    SEED,
+    Case,
+    CaseResult,
+    ChunkStoreTrial,
+    LayerwiseTrial,
+    RawTrial,
+    Trial,
+    interleaved_rounds,
+)
+from lmcache_fs.storage import mac
+from lmcache_fs.storage.codec import byte_view, write_chunk_file
+
+LAYERWISE = "LayerwiseReader, 1 thread (connector's CPU path), no key"
+LAYERWISE_BLAKE3 = "LayerwiseReader, with integrity_key_file (keyed BLAKE3)"
+LAYERWISE_HMAC = "LayerwiseReader, with the key, over files written before (HMAC-SHA256)"
+WHOLE = "ChunkStore.load, 1 thread (whole chunks), no key"
+WHOLE_BLAKE3 = "ChunkStore.load, with integrity_key_file (keyed BLAKE3)"
+KEYED_PAIRS = {LAYERWISE_BLAKE3: LAYERWISE, LAYERWISE_HMAC: LAYERWISE, WHOLE_BLAKE3: WHOLE}
+"""Each keyed path and the same path without a key, which its ratios are taken to."""
+NOT_STORED_BY_THE_CONNECTOR = {LAYERWISE_HMAC}  # written in place by this suite: no store figure
+PHASES = ("store", "warm load", "cold load")
+WARM_LOADS = 3  # per trial, the fastest counts
+GOAL_OF_UNKEYED = 0.7
+
+
+class OlderKeyedFilesTrial(LayerwiseTrial):
+    """The connector's CPU path with a key, over chunk files as keyed engines wrote them
+    before keyed BLAKE3 (HMAC-SHA256): what a directory holds on the day it upgrades."""
+
+    def store(self) -> float:
+        layout, key = self.store_.layout, self.store_.mac_key
+
+        def write_all() -> None:
+            for i, chunk_key in enumerate(self.keys):
+                path = layout.chunk_path(chunk_key)
+                path.parent.mkdir(exist_ok=True)
+                write_chunk_file(path, self.chunks[i],
+                                 {**self.meta[i], **self.store_.identity(chunk_key)},
+                                 key, mac.HMAC_SHA256)
+        return timed(write_all)
+
+
+def _competitors(case: Case, chunks: list[torch.Tensor]) -> dict[str, Callable[[Path], Trial]]:
+    tokens = case.tokens
+    return {
+        BASELINE: lambda d: RawTrial(chunks, d, 1),
+        LAYERWISE: lambda d: LayerwiseTrial(chunks, d, tokens),
+        LAYERWISE_BLAKE3: lambda d: LayerwiseTrial(chunks, d, tokens, BENCH_MAC_KEY),
+        LAYERWISE_HMAC: lambda d: OlderKeyedFilesTrial(chunks, d, tokens, BENCH_MAC_KEY),
+        WHOLE: lambda d: ChunkStoreTrial(chunks, d, 1, tokens),
+        WHOLE_BLAKE3: lambda d: ChunkStoreTrial(chunks, d, 1, tokens, BENCH_MAC_KEY),
+    }
+
+
+@dataclass(frozen=True)
+class Check:
+    """A data check timed alone: a fresh hasher per chunk, fed page by page."""
+
+    label: str
+    new: Callable[[], mac.Mac]
+
+
+CHECKS = (
+    Check("xxh3-64 (no key)", xxhash.xxh3_64),
+    Check("keyed BLAKE3, 1 thread (what readers use)",
+          lambda: mac.new_mac(mac.BLAKE3, BENCH_MAC_KEY)),
+    # A pool of its own per hasher (blake3's docs): what a per-chunk check would pay.
+    Check("keyed BLAKE3, max_threads=2", lambda: blake3.blake3(key=BENCH_MAC_KEY, max_threads=2)),
+    Check("HMAC-SHA256 (files written before)",
+          lambda: mac.new_mac(mac.HMAC_SHA256, BENCH_MAC_KEY)),
+)
+
+
+@dataclass
+class CheckTimes:
+    """Per check, over rounds: GB/s of wall time and GB per second of CPU time (all threads)."""
+
+    wall_gbps: dict[str, list[float]] = field(default_factory=dict)
+    cpu_gbps: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _time_checks(chunks: list[torch.Tensor], page_bytes: int, times: CheckTimes) -> None:
+    """Each check alone over every chunk, fed in ``page_bytes`` pieces, in wall and CPU time."""
+    views = [byte_view(c) for c in chunks]
+    nbytes = sum(len(v) for v in views)
+    for check in CHECKS:
+        wall, cpu = time.perf_counter(), time.process_time()
+        for view in views:
+            hasher = check.new()
+            for at in range(0, len(view), page_bytes):
+                hasher.update(view[at:at + page_bytes])
+            hasher.hexdigest()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        times.wall_gbps.setdefault(check.label, []).append(nbytes / wall / 1e9)
+        times.cpu_gbps.setdefault(check.label, []).append(nbytes / max(cpu, 1e-9) / 1e9)
+
+
+def keyed_ratios(res: CaseResult, phase: str) -> dict[str, list[float]]:
+    """Per keyed path, its per-round GB/s over the unkeyed same path's in ``phase``."""
+    out = {}
+    for keyed, plain in KEYED_PAIRS.items():
+        ours, base = res.gbps.get(keyed, {}).get(phase, []), res.gbps.get(plain, {}).get(phase, [])
+        out[keyed] = [a / b for a, b in zip(ours, base)]
+    return out
+
+
+def measure_case(case: Case, opts: BenchOptions) -> tuple[CaseResult, CheckTimes]:
+    """Every competitor on one chunk size over ``opts.rounds`` rounds, and the checks alone."""
+    result, times = CaseResult(case), CheckTimes()
+    chunks = chunkdata.make_chunks(case.shape, case.count, SEED)
+    page_bytes = case.chunk_bytes // case.layers // (case.tokens // min(BLOCK_TOKENS, case.tokens))
+    rounds = interleaved_rounds(_competitors(case, chunks), case, opts, result,
+                                opts.work_dir / "integrity", WARM_LOADS)
+    for r, figures in enumerate(rounds):
+        _time_checks(chunks, page_bytes, times)
+        progress(f"integrity {case.label} round {r + 1}/{opts.rounds}: warm keyed/unkeyed "
+                 + ", ".join(f"{figures[k]['warm load'] / figures[p]['warm load']:.0%}"
+                             for k, p in KEYED_PAIRS.items()))
+    return result, times
+
+
+def _cell(values: list[float], fmt: str = "{:.2f}") -> str:
+    if not values:
+        return "-"
+    return f"{fmt.format(median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def _case_lines(res: CaseResult, times: CheckTimes) -> list[str]:
+    ratios = {phase: keyed_ratios(res, phase) for phase in PHASES}
+    rows = []
+    for name, phases in res.gbps.items():
+        shown = [p for p in PHASES if not (p == "store" and name in NOT_STORED_BY_THE_CONNECTOR)]
+        rows.append([name, *(_cell(phases.get(p, [])) if p in shown else "-" for p in PHASES),
+                     *(_cell(ratios[p].get(name, []), "{:.0%}") if p in shown else "-"
+                       for p in PHASES)])
+    lines = md_table(["path", *(f"{p} GB/s" for p in PHASES),
+                      *(f"{p}, keyed / no key" for p in PHASES)], rows)
+    warm = median(ratios["warm load"][LAYERWISE_BLAKE3])
+    lines += [f"Goal: warm loads with a key on the connector's CPU path at {GOAL_OF_UNKEYED:.0%} or "
+              f"more of the speed without one: {warm:.0%} "
+              f"({'met' if warm >= GOAL_OF_UNKEYED else 'MISSED'}).", ""]
+    lines += ["Each check alone over the same bytes, one page at a time (GB/s of wall time; GB per "
+              "second of CPU time, all threads):", ""]
+    lines += md_table(["check", "GB/s", "GB per CPU-second"],
+                      [[label, _cell(times.wall_gbps[label]), _cell(times.cpu_gbps[label])]
+                       for label in times.wall_gbps])
+    return lines
+
+
+def _report(results: list[tuple[CaseResult, CheckTimes]], opts: BenchOptions) -> list[str]:
+    lines = results_header("Keyed and unkeyed loads: what integrity_key_file costs", opts)
+    lines += [
+        "The same bytes as the storage suite (bf16 KV chunks of 256 tokens, 8 KV heads x 128) "
+        "in a fresh directory per trial. GB/s are decimal; cells are the median over "
+        f"{opts.rounds} interleaved rounds with (min-max). Each trial stores twice (the faster "
+        f"counts), loads warm {WARM_LOADS} times (the fastest counts: other tenants of this VM "
+        "slow single loads), evicts the files and loads them cold once. `keyed / no key` is, "
+        "per round, a keyed path's GB/s over the same path's without a key, then the median. "
+        "Without a key every load hashes its data with xxh3-64; with one it computes the MAC "
+        "instead (which covers the data and the header, xxh3 checksum included). Files written "
+        "before keyed BLAKE3 carry HMAC-SHA256; this suite writes them in place (no store "
+        "figure) and loads them as an upgraded engine does.", ""]
+    for res, times in results:
+        case = res.case
+        lines += [f"## {case.label} chunks x {case.count} ({case.total_bytes / 2**20:g} MiB per pass)",
+                  "", *_case_lines(res, times)]
+    return lines
+
+
+def run(opts: BenchOptions) -> list[Path]:
+    """Measure every case; write integrity.md. Returns the files written."""
+    try:
+        results = [measure_case(case, opts) for case in (QUICK_CASES if opts.quick else FULL_CASES)]
+    finally:
+        shutil.rmtree(opts.work_dir / "integrity", ignore_errors=True)
+    return [write_markdown(opts.results_dir / "integrity.md", _report(results, opts))]
