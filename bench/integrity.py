@@ -1,7 +1,7 @@
 """What ``integrity_key_file`` costs: the connector's load paths with and without a key.
 
-Side by side on the same chunk bytes, interleaved within each round in a
-rotated order (the storage suite's trials and cases, :mod:`bench.storage`):
+The same chunk bytes as the storage suite (:mod:`bench.storage`: its cases and
+trials) go through:
 
 - raw single-threaded pwrite/preadv, the ceiling;
 - the connector's CPU path (the LayerwiseReader, one thread) without a key
@@ -12,14 +12,19 @@ rotated order (the storage suite's trials and cases, :mod:`bench.storage`):
   check) without and with a key.
 
 The figure that matters is a keyed path's speed over the same path's without
-a key, per round (the machine is shared: only ratios within a round hold).
-Beside them each round times the check alone over the same bytes, in the
-pieces the layer-wise reader feeds (one page): xxh3, keyed BLAKE3 on one thread
-and with ``max_threads=2``, and HMAC-SHA256, in wall time and in CPU time.
+a key. This 2-core VM is shared and its speed changes within seconds, so the
+paths are interleaved phase by phase rather than trial by trial: each round
+stores every path into a directory of its own, then loads them all warm in
+turn, several sweeps, then cold in turn, and a keyed path is compared with its
+unkeyed twin of the same round. Beside them each round times the check alone
+over the same bytes, in the pieces the layer-wise reader feeds (one page):
+xxh3, keyed BLAKE3 on one thread and with ``max_threads=2``, and HMAC-SHA256,
+in wall time and in CPU time.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,7 +35,7 @@ import blake3
 import torch
 import xxhash
 
-from bench import chunkdata
+from bench import chunkdata, pagecache
 from bench.common import (
     BenchOptions,
     md_table,
@@ -53,7 +58,7 @@ from bench.storage import (
     LayerwiseTrial,
     RawTrial,
     Trial,
-    interleaved_rounds,
+    fresh_directory,
 )
 from lmcache_fs.storage import mac
 from lmcache_fs.storage.codec import byte_view, write_chunk_file
@@ -67,7 +72,7 @@ KEYED_PAIRS = {LAYERWISE_BLAKE3: LAYERWISE, LAYERWISE_HMAC: LAYERWISE, WHOLE_BLA
 """Each keyed path and the same path without a key, which its ratios are taken to."""
 NOT_STORED_BY_THE_CONNECTOR = {LAYERWISE_HMAC}  # written in place by this suite: no store figure
 PHASES = ("store", "warm load", "cold load")
-WARM_LOADS = 3  # per trial, the fastest counts
+WARM_SWEEPS = 3  # warm loads of every path per round, in turn; each path's fastest counts
 GOAL_OF_UNKEYED = 0.7
 
 
@@ -152,14 +157,58 @@ def keyed_ratios(res: CaseResult, phase: str) -> dict[str, list[float]]:
     return out
 
 
+def _load(trial: Trial) -> float:
+    """Seconds of one load of every chunk, its bytes then checked (untimed)."""
+    seconds = trial.load()
+    if seconds is None:
+        raise RuntimeError("a path of this suite stores without loading")
+    trial.check()
+    return seconds
+
+
+def _round(comps: dict[str, Callable[[Path], Trial]], order: list[str], case: Case,
+           scratch: Path) -> dict[str, dict[str, float]]:
+    """One round: every path stored, loaded warm in turn (the best of the sweeps), then cold
+    in turn; GB/s per path and phase. Removes the files."""
+    nbytes = case.total_bytes
+    dirs = {name: scratch / f"path-{i}" for i, name in enumerate(comps)}
+    trials: dict[str, Trial] = {}
+    figures: dict[str, dict[str, float]] = {name: {} for name in order}
+    try:
+        pagecache.back_free_memory(nbytes * len(order) + nbytes // 4)
+        for name in order:
+            trials[name] = comps[name](fresh_directory(dirs[name]))
+            figures[name]["store"] = nbytes / trials[name].store() / 1e9
+        pagecache.write_back(pagecache.files_under(scratch))  # no write-back during the loads
+        warm = dict.fromkeys(order, float("inf"))
+        for _ in range(WARM_SWEEPS):
+            for name in order:
+                warm[name] = min(warm[name], _load(trials[name]))
+        for name in order:
+            figures[name]["warm load"] = nbytes / warm[name] / 1e9
+        for name in order:
+            pagecache.evict(pagecache.files_under(dirs[name]))
+            pagecache.back_free_memory(nbytes + nbytes // 4)
+            figures[name]["cold load"] = nbytes / _load(trials[name]) / 1e9
+    finally:
+        for trial in trials.values():
+            trial.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+        os.sync()  # finish the deletion's journal before the next round's stores
+    return figures
+
+
 def measure_case(case: Case, opts: BenchOptions) -> tuple[CaseResult, CheckTimes]:
-    """Every competitor on one chunk size over ``opts.rounds`` rounds, and the checks alone."""
+    """Every path on one chunk size over ``opts.rounds`` rounds, and the checks alone."""
     result, times = CaseResult(case), CheckTimes()
     chunks = chunkdata.make_chunks(case.shape, case.count, SEED)
     page_bytes = case.chunk_bytes // case.layers // (case.tokens // min(BLOCK_TOKENS, case.tokens))
-    rounds = interleaved_rounds(_competitors(case, chunks), case, opts, result,
-                                opts.work_dir / "integrity", WARM_LOADS)
-    for r, figures in enumerate(rounds):
+    comps = _competitors(case, chunks)
+    names = list(comps)
+    for r in range(opts.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        figures = _round(comps, order, case, opts.work_dir / "integrity")
+        result.add_round(figures)
         _time_checks(chunks, page_bytes, times)
         progress(f"integrity {case.label} round {r + 1}/{opts.rounds}: warm keyed/unkeyed "
                  + ", ".join(f"{figures[k]['warm load'] / figures[p]['warm load']:.0%}"
@@ -198,16 +247,17 @@ def _case_lines(res: CaseResult, times: CheckTimes) -> list[str]:
 def _report(results: list[tuple[CaseResult, CheckTimes]], opts: BenchOptions) -> list[str]:
     lines = results_header("Keyed and unkeyed loads: what integrity_key_file costs", opts)
     lines += [
-        "The same bytes as the storage suite (bf16 KV chunks of 256 tokens, 8 KV heads x 128) "
-        "in a fresh directory per trial. GB/s are decimal; cells are the median over "
-        f"{opts.rounds} interleaved rounds with (min-max). Each trial stores twice (the faster "
-        f"counts), loads warm {WARM_LOADS} times (the fastest counts: other tenants of this VM "
-        "slow single loads), evicts the files and loads them cold once. `keyed / no key` is, "
-        "per round, a keyed path's GB/s over the same path's without a key, then the median. "
-        "Without a key every load hashes its data with xxh3-64; with one it computes the MAC "
-        "instead (which covers the data and the header, xxh3 checksum included). Files written "
-        "before keyed BLAKE3 carry HMAC-SHA256; this suite writes them in place (no store "
-        "figure) and loads them as an upgraded engine does.", ""]
+        "The same bytes as the storage suite (bf16 KV chunks of 256 tokens, 8 KV heads x 128), "
+        "each path in a directory of its own. GB/s are decimal; cells are the median over "
+        f"{opts.rounds} rounds with (min-max). A round stores every path once (in an order "
+        "rotated each round), writes the files back, loads every path warm in turn "
+        f"{WARM_SWEEPS} times (each path's fastest counts), then evicts and loads each path "
+        "cold in turn, so a keyed path and its unkeyed twin run seconds apart. `keyed / no "
+        "key` is, per round, a keyed path's GB/s over the same path's without a key, then the "
+        "median. Without a key every load hashes its data with xxh3-64; with one it computes "
+        "the MAC instead, which covers the data and the header (xxh3 checksum included). Files "
+        "written before keyed BLAKE3 carry HMAC-SHA256; this suite writes them in place (no "
+        "store figure) and loads them as an upgraded engine does.", ""]
     for res, times in results:
         case = res.case
         lines += [f"## {case.label} chunks x {case.count} ({case.total_bytes / 2**20:g} MiB per pass)",

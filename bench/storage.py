@@ -29,7 +29,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -357,7 +357,8 @@ class CaseResult:
                     self.ratio.setdefault(name, {}).setdefault(phase, []).append(value / base[phase])
 
 
-def _fresh(directory: Path) -> Path:
+def fresh_directory(directory: Path) -> Path:
+    """``directory``, emptied (created if missing)."""
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     return directory
@@ -369,7 +370,7 @@ STORE_ATTEMPTS = 2
 def _store_once(make: Callable[[Path], Trial], directory: Path,
                 nbytes: int) -> tuple[Trial, float, float]:
     """A fresh trial in a fresh directory, timed store and then timed fsync of every file."""
-    trial = make(_fresh(directory))
+    trial = make(fresh_directory(directory))
     try:
         pagecache.back_free_memory(nbytes + nbytes // 4)
         store_s = trial.store()
@@ -382,9 +383,8 @@ def _store_once(make: Callable[[Path], Trial], directory: Path,
 
 
 def run_trial(make: Callable[[Path], Trial], directory: Path, nbytes: int,
-              result: CaseResult, warm_loads: int = 1) -> dict[str, float]:
-    """Store (best of two), warm load (best of ``warm_loads``), evict, cold load; GB/s per
-    phase. Removes the files.
+              result: CaseResult) -> dict[str, float]:
+    """Store (best of two), warm load, evict, cold load; GB/s per phase. Removes the files.
 
     Each store goes to a fresh directory through a fresh trial, and the faster
     one counts: identical store loops on this VM varied 0.4-4.7 GB/s with the
@@ -402,8 +402,6 @@ def run_trial(make: Callable[[Path], Trial], directory: Path, nbytes: int,
         warm = trial.load()
         if warm is not None:
             trial.check()
-            for _ in range(warm_loads - 1):  # the shared VM's other tenants slow single loads
-                warm = min(warm, trial.load())
             figures["warm load"] = nbytes / warm / 1e9
             files = pagecache.files_under(directory)
             pagecache.evict(files)
@@ -423,7 +421,7 @@ def run_trial(make: Callable[[Path], Trial], directory: Path, nbytes: int,
 
 def _profile_connector_path(chunks: list[torch.Tensor], directory: Path, tokens: int) -> dict[str, str]:
     """cProfile of one store and one warm load through ChunkStore: the top functions by own time."""
-    trial = ChunkStoreTrial(chunks, _fresh(directory), 1, tokens)
+    trial = ChunkStoreTrial(chunks, fresh_directory(directory), 1, tokens)
     out = {}
     try:
         for phase, fn in (("store", trial.store), ("warm load", trial.load)):
@@ -459,20 +457,6 @@ def _competitors(case: Case, chunks: list[torch.Tensor],
     return comps
 
 
-def interleaved_rounds(comps: dict[str, Callable[[Path], Trial]], case: Case, opts: BenchOptions,
-                       result: CaseResult, scratch: Path,
-                       warm_loads: int = 1) -> Iterator[dict[str, dict[str, float]]]:
-    """Run every competitor once per round, in an order rotated each round; yields each
-    round's GB/s per competitor and phase, already added to ``result``."""
-    names = list(comps)
-    for r in range(opts.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        figures = {name: run_trial(comps[name], scratch / "trial", case.total_bytes, result,
-                                   warm_loads) for name in order}
-        result.add_round(figures)
-        yield figures
-
-
 def measure_case(case: Case, opts: BenchOptions, worker: LMCacheWorker | None) -> CaseResult:
     """All competitors on one chunk size, interleaved over ``opts.rounds`` rounds."""
     result = CaseResult(case)
@@ -483,7 +467,12 @@ def measure_case(case: Case, opts: BenchOptions, worker: LMCacheWorker | None) -
                     dir=str(scratch / "lmcache-cpu"))
     comps = _competitors(case, chunks, worker)
     names = list(comps)
-    for r, figures in enumerate(interleaved_rounds(comps, case, opts, result, scratch)):
+    for r in range(opts.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        figures = {}
+        for name in order:
+            figures[name] = run_trial(comps[name], scratch / "trial", case.total_bytes, result)
+        result.add_round(figures)
         result.checksum_gbps.append(
             case.total_bytes / timed(lambda: [checksum(c) for c in chunks]) / 1e9)
         progress(f"storage {case.label} round {r + 1}/{opts.rounds}: " + ", ".join(
