@@ -53,8 +53,9 @@ def new_mac(algorithm: str, key: bytes) -> Mac:
         ValueError: ``algorithm`` is not one of :data:`ACCEPTED`.
     """
     if algorithm == BLAKE3:
-        # One thread: the CPU engine's cores run its forward pass while layers load
-        # (bench/results/integrity.md measured max_threads=2 on the 2-core VM).
+        # One thread: a CPU engine's forward pass runs on the other cores while layers load.
+        # max_threads=2 took more CPU per byte here and starts a thread pool per hasher
+        # (bench/results/integrity.md): what it saves in wall time it takes from the engine.
         return blake3.blake3(key=_blake3_key(key))
     if algorithm == HMAC_SHA256:
         return hmac.new(key, digestmod=hashlib.sha256)
