@@ -11,11 +11,11 @@ missing, unknown or wrong MAC is a miss and is quarantined. The key's id is
 part of the namespace, so engines with different keys (or none) never share a
 directory's chunks and never quarantine each other's files.
 
-Keys, all 32 bytes: the integrity key is BLAKE2b of the secret (personalised,
-so it is no other use's hash of it); the key's public id is BLAKE2b of the
+Keys: the integrity key is a 32-byte BLAKE2b of the secret (personalised, so it
+is no other use's hash of it); the key's public id an 8-byte BLAKE2b of the
 integrity key under another personalisation; HMAC-SHA256 uses the integrity key
-itself and keyed BLAKE3 a key derived from it by BLAKE3's derive_key mode
-(:mod:`lmcache_fs.storage.mac`). None of them reveals another.
+itself and keyed BLAKE3 a 32-byte key derived from it by BLAKE3's derive_key
+mode (:mod:`lmcache_fs.storage.mac`). None of them reveals another.
 """
 
 from __future__ import annotations
