@@ -5,9 +5,9 @@ trials) go through:
 
 - raw single-threaded pwrite/preadv, the ceiling;
 - the connector's CPU path (the LayerwiseReader, one thread) without a key
-  (xxh3), with a key (keyed BLAKE3, what keyed engines write), and with a key
-  over files written before keyed BLAKE3 (HMAC-SHA256, which readers still
-  accept);
+  (xxh3), with a key (AES-256-GMAC under a key per file, what keyed engines
+  write), and with a key over files written by the release before
+  (HMAC-SHA256, which readers still accept);
 - whole-chunk loads (``ChunkStore.load``, one thread; the CUDA path's host
   check) without and with a key.
 
@@ -18,8 +18,8 @@ stores every path into a directory of its own, then loads them all warm in
 turn, several sweeps, then cold in turn, and a keyed path is compared with its
 unkeyed twin of the same round. Beside them each round times the check alone
 over the same bytes, in the pieces the layer-wise reader feeds (one page):
-xxh3, keyed BLAKE3 on one thread and with ``max_threads=2``, and HMAC-SHA256,
-in wall time and in CPU time.
+xxh3, AES-256-GMAC (its per-file key derived for every chunk) and
+HMAC-SHA256, in wall time and in CPU time.
 """
 
 from __future__ import annotations
@@ -31,14 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import blake3
 import torch
 import xxhash
-
-try:
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-except ImportError:  # the bench extra brings it; without it the GMAC comparison is left out
-    Cipher = None
 
 from bench import chunkdata, pagecache
 from bench.common import (
@@ -68,11 +62,11 @@ from lmcache_fs.storage import mac
 from lmcache_fs.storage.codec import byte_view, write_chunk_file
 
 LAYERWISE = "LayerwiseReader, 1 thread (connector's CPU path), no key"
-LAYERWISE_BLAKE3 = "LayerwiseReader, with integrity_key_file (keyed BLAKE3)"
+LAYERWISE_GMAC = "LayerwiseReader, with integrity_key_file (AES-256-GMAC)"
 LAYERWISE_HMAC = "LayerwiseReader, with the key, over files written before (HMAC-SHA256)"
 WHOLE = "ChunkStore.load, 1 thread (whole chunks), no key"
-WHOLE_BLAKE3 = "ChunkStore.load, with integrity_key_file (keyed BLAKE3)"
-KEYED_PAIRS = {LAYERWISE_BLAKE3: LAYERWISE, LAYERWISE_HMAC: LAYERWISE, WHOLE_BLAKE3: WHOLE}
+WHOLE_GMAC = "ChunkStore.load, with integrity_key_file (AES-256-GMAC)"
+KEYED_PAIRS = {LAYERWISE_GMAC: LAYERWISE, LAYERWISE_HMAC: LAYERWISE, WHOLE_GMAC: WHOLE}
 """Each keyed path and the same path without a key, which its ratios are taken to."""
 NOT_STORED_BY_THE_CONNECTOR = {LAYERWISE_HMAC}  # written in place by this suite: no store figure
 PHASES = {"store": "store GB/s", "warm load": "warm load GB/s",
@@ -87,8 +81,8 @@ CASES = (Case("2 MiB", layers=2, count=128), Case("32 MiB", layers=32, count=8))
 
 
 class OlderKeyedFilesTrial(LayerwiseTrial):
-    """The connector's CPU path with a key, over chunk files as keyed engines wrote them
-    before keyed BLAKE3 (HMAC-SHA256): what a directory holds on the day it upgrades."""
+    """The connector's CPU path with a key, over chunk files as keyed engines of the release
+    before wrote them (HMAC-SHA256): what a directory holds on the day it upgrades."""
 
     def store(self) -> float:
         layout, key = self.store_.layout, self.store_.mac_key
@@ -108,10 +102,10 @@ def _competitors(case: Case, chunks: list[torch.Tensor]) -> dict[str, Callable[[
     return {
         BASELINE: lambda d: RawTrial(chunks, d, 1),
         LAYERWISE: lambda d: LayerwiseTrial(chunks, d, tokens),
-        LAYERWISE_BLAKE3: lambda d: LayerwiseTrial(chunks, d, tokens, BENCH_MAC_KEY),
+        LAYERWISE_GMAC: lambda d: LayerwiseTrial(chunks, d, tokens, BENCH_MAC_KEY),
         LAYERWISE_HMAC: lambda d: OlderKeyedFilesTrial(chunks, d, tokens, BENCH_MAC_KEY),
         WHOLE: lambda d: ChunkStoreTrial(chunks, d, 1, tokens),
-        WHOLE_BLAKE3: lambda d: ChunkStoreTrial(chunks, d, 1, tokens, BENCH_MAC_KEY),
+        WHOLE_GMAC: lambda d: ChunkStoreTrial(chunks, d, 1, tokens, BENCH_MAC_KEY),
     }
 
 
@@ -123,34 +117,14 @@ class Check:
     new: Callable[[], mac.Mac]
 
 
-class _AesGmac:
-    """AES-256-GMAC (AES-GCM over no plaintext): a MAC of another kind, for comparison only.
-
-    Carter-Wegman: each file would need a nonce never used before under the key
-    (one repeated nonce gives away forgeries of every file); lmcache-fs does not use it.
-    """
-
-    def __init__(self) -> None:
-        self._gcm = Cipher(algorithms.AES(BENCH_MAC_KEY), modes.GCM(bytes(12))).encryptor()
-
-    def update(self, data: bytes | memoryview, /) -> None:
-        self._gcm.authenticate_additional_data(data)
-
-    def hexdigest(self) -> str:
-        self._gcm.finalize()
-        return self._gcm.tag.hex()
-
-
 CHECKS = (
     Check("xxh3-64 (no key)", xxhash.xxh3_64),
-    Check("keyed BLAKE3, 1 thread (what readers use)",
-          lambda: mac.new_mac(mac.BLAKE3, BENCH_MAC_KEY)),
-    # A pool of its own per hasher (blake3's docs): what a per-chunk check would pay.
-    Check("keyed BLAKE3, max_threads=2", lambda: blake3.blake3(key=BENCH_MAC_KEY, max_threads=2)),
+    # A fresh field per chunk: its salt, key derivation and AES key schedule are timed too.
+    Check("AES-256-GMAC, a key per file (what keyed engines write)",
+          lambda: mac.MacField.fresh(mac.GMAC_AES256).new_mac(BENCH_MAC_KEY)),
     Check("HMAC-SHA256 (files written before)",
-          lambda: mac.new_mac(mac.HMAC_SHA256, BENCH_MAC_KEY)),
-) + ((Check("AES-256-GMAC (for comparison: not used, see _AesGmac)", _AesGmac),)
-     if Cipher is not None else ())
+          lambda: mac.MacField.fresh(mac.HMAC_SHA256).new_mac(BENCH_MAC_KEY)),
+)
 
 
 @dataclass
@@ -260,8 +234,8 @@ def _case_lines(res: CaseResult, times: CheckTimes) -> list[str]:
                      *(_cell(ratios[p].get(name, []), "{:.0%}") if p in shown else "-"
                        for p in PHASES)])
     lines = md_table(["path", *PHASES.values(), *(f"{p}, keyed / no key" for p in PHASES)], rows)
-    warm = median(ratios["warm load"][LAYERWISE_BLAKE3])
-    cpu = median(ratios["warm load CPU"][LAYERWISE_BLAKE3])
+    warm = median(ratios["warm load"][LAYERWISE_GMAC])
+    cpu = median(ratios["warm load CPU"][LAYERWISE_GMAC])
     lines += [f"Goal: warm loads with a key on the connector's CPU path at {GOAL_OF_UNKEYED:.0%} or "
               f"more of the speed without one: {warm:.0%} "
               f"({'met' if warm >= GOAL_OF_UNKEYED else 'MISSED'}); in CPU time, {cpu:.0%}.", ""]
@@ -285,7 +259,7 @@ def _report(results: list[tuple[CaseResult, CheckTimes]], opts: BenchOptions) ->
         "key` is, per round, a keyed path's GB/s over the same path's without a key, then the "
         "median. Without a key every load hashes its data with xxh3-64; with one it computes "
         "the MAC instead, which covers the data and the header (xxh3 checksum included). Files "
-        "written before keyed BLAKE3 carry HMAC-SHA256; this suite writes them in place (no "
+        "written by the release before carry HMAC-SHA256; this suite writes them in place (no "
         "store figure) and loads them as an upgraded engine does.", ""]
     for res, times in results:
         case = res.case

@@ -57,7 +57,7 @@ from lmcache_fs.transfer.layer_reader import LayerLoadJob, LayerwiseReader
 PHASES = ("store", "store + fsync", "warm load", "cold load")
 BASELINE = "raw pwrite/preadv, 1 thread"
 CONNECTOR_PATH = "lmcache-fs LayerwiseReader, 1 thread (connector's CPU path)"
-CONNECTOR_PATH_MAC = "the same, with integrity_key_file (keyed BLAKE3)"
+CONNECTOR_PATH_MAC = "the same, with integrity_key_file (AES-256-GMAC)"
 BENCH_MAC_KEY = bytes(range(32))
 BLOCK_TOKENS = 128  # vLLM's CPU block size: a chunk of 256 tokens is 2 pages per layer
 LMCACHE_PATHS = {"local_disk": "LMCache LocalDiskBackend (4 threads)",

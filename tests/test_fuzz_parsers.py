@@ -13,8 +13,8 @@ read as a miss or a clean error:
   exact bytes that were stored (a mutation of header padding can leave a
   valid file), never other data; ``verify.check_chunk``: a finding or None.
   Keyed chunks also get their MAC field rewritten (stripped, other or unknown
-  algorithm names, other tags, odd text): a keyed load accepts only the MAC
-  its writer made.
+  algorithm names, other salts and tags, odd text): a keyed load accepts only
+  the MAC its writer made.
 
 A bounded run is part of the tests (about 20 s here); ``make fuzz-long`` runs
 ``LMCACHE_FS_FUZZ_SCALE`` (default there 25) times as many examples.
@@ -265,7 +265,7 @@ def test_verify_reports_a_planted_chunk_file_or_accepts_the_stored_bytes(chunk_s
     assert finding is None or isinstance(finding, Finding)
 
 
-# -- keyed chunk files: the MAC field's algorithm name and tag ----------------------------
+# -- keyed chunk files: the MAC field's algorithm name, salt and tag ----------------------
 
 MAC_KEY = bytes(range(32))
 
@@ -287,16 +287,23 @@ def keyed_store(tmp_path_factory):
 
 
 def mac_claims(raw: bytes) -> st.SearchStrategy[bytes]:
-    """The keyed chunk with its MAC field removed or replaced by another ``name:tag`` claim."""
+    """The keyed chunk with its MAC field removed or replaced by another ``name:salt:tag``
+    or ``name:tag`` claim."""
     header = _header_fields(raw)
     (length,) = struct.unpack_from("<Q", raw)
     meta = header["__metadata__"]
-    tag, checksum = meta["mac"].split(":")[1], meta["checksum"].split(":")[1]
-    names = st.one_of(st.sampled_from([*mac.ACCEPTED, "", "none", "xxh3_64", "BLAKE3",
-                                       "hmac-sha512", "blake3 ", "sha256"]), st.text(max_size=12))
-    tags = st.one_of(st.sampled_from([tag, checksum, "", tag.upper(), tag[:-1]]),
-                     st.text(max_size=70), st.binary(min_size=32, max_size=32).map(bytes.hex))
-    claims = st.one_of(st.none(), st.builds("{}:{}".format, names, tags), st.text(max_size=80))
+    _, salt, tag = meta["mac"].split(":")
+    checksum = meta["checksum"].split(":")[1]
+    names = st.one_of(st.sampled_from([*mac.ACCEPTED, "", "none", "xxh3_64", "GMAC-AES256",
+                                       "gmac-aes256 ", "gmac-aes128", "blake3", "sha256"]),
+                      st.text(max_size=12))
+    hex_of = st.integers(1, 40).flatmap(lambda n: st.binary(min_size=n, max_size=n).map(bytes.hex))
+    salts = st.one_of(st.sampled_from([salt, tag, "", salt.upper(), salt[:-1], salt + "0"]),
+                      st.text(max_size=70), hex_of)
+    tags = st.one_of(st.sampled_from([tag, salt, checksum, "", tag.upper(), tag[:-1], tag + tag]),
+                     st.text(max_size=70), hex_of)
+    claims = st.one_of(st.none(), st.builds("{}:{}:{}".format, names, salts, tags),
+                       st.builds("{}:{}".format, names, tags), st.text(max_size=120))
 
     def rebuild(claim):
         fields = {k: v for k, v in meta.items() if k != "mac"}

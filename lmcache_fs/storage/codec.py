@@ -12,8 +12,8 @@ the format name and version, the caller's fields (namespace, key, parent key,
 chunk index, tokens; GPU writers add a ``device_checksum``, see
 :mod:`lmcache_fs.gpu.device_checksum`), an xxh3-64 checksum of the data and,
 where the writer holds an integrity key, a MAC of the metadata and the data
-that names its algorithm (``"mac": "blake3:<hex>"``; files written before
-carry ``hmac-sha256:``, see :mod:`lmcache_fs.storage.mac` and
+that names its algorithm (``"mac": "gmac-aes256:<salt>:<tag>"``; files written
+before carry ``hmac-sha256:<tag>``, see :mod:`lmcache_fs.storage.mac` and
 :class:`DataCheck`). Aligned data lets GPUDirect Storage (which needs
 4096-aligned offsets) read it in place.
 
@@ -95,11 +95,14 @@ def checksum(data: torch.Tensor) -> str:
     return _CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(byte_view(data))
 
 
-def _new_mac(algorithm: str, key: bytes, metadata: Mapping[str, str], dtype: str,
+def _new_mac(field: mac.MacField, key: bytes, metadata: Mapping[str, str], dtype: str,
              shape: Sequence[int]) -> mac.Mac:
-    """A MAC fed with everything a header says but the MAC itself, before the data is fed to it."""
+    """A MAC fed with everything a header says but its tag, before the data is fed to it."""
     signed = {k: v for k, v in metadata.items() if k != MAC_FIELD}
-    started = mac.new_mac(algorithm, key)
+    covered = field.covered()
+    if covered is not None:
+        signed[MAC_FIELD] = covered
+    started = field.new_mac(key)
     started.update(json.dumps([signed, dtype, list(shape)], sort_keys=True,
                               separators=(",", ":")).encode())
     return started
@@ -118,9 +121,10 @@ class DataCheck:
 
     Without ``mac_key`` it checks the header's xxh3-64, which catches
     accidents. With ``mac_key`` it checks the header's MAC instead, which the
-    file must then carry under one of :data:`lmcache_fs.storage.mac.ACCEPTED`:
-    a file without one, naming another algorithm, or with a MAC made with
-    another key fails. The MAC covers the data and every other header field,
+    file must then carry under one of :data:`lmcache_fs.storage.mac.ACCEPTED`
+    in exactly its form (:class:`lmcache_fs.storage.mac.MacField`): a file
+    without one, naming another algorithm, with a salt or tag of another
+    length, or with a MAC made with another key fails. The MAC covers the data and every other header field,
     the checksum among them, so a good MAC proves the bytes are the ones a
     holder of the key wrote; hashing xxh3 as well would cost keyed loads a
     second pass over every byte and prove nothing more. (GPU readers may
@@ -140,20 +144,20 @@ class DataCheck:
             self._hash = xxhash.xxh3_64()
             self._mismatch = "checksum mismatch: the data is corrupt"
             return
-        declared = header.metadata.get(MAC_FIELD)
-        algorithm = (declared or "").partition(":")[0]
-        self._expected = declared or ""
-        self._prefix = algorithm + ":"
+        self._expected, self._prefix, self._hash = "", "", None
         self._mismatch = "MAC mismatch: written with another key, or altered"
-        self._hash = None
+        declared = header.metadata.get(MAC_FIELD)
         if declared is None:
             self._refused = "no MAC: not written by a holder of the integrity key"
-        elif algorithm not in mac.ACCEPTED:
-            self._refused = (f"unknown MAC algorithm {algorithm[:32]!r}: this release "
-                             f"accepts {', '.join(mac.ACCEPTED)}")
-        else:
-            self._hash = _new_mac(algorithm, mac_key, header.metadata,
-                                  _DTYPE_TO_ST[header.dtype], header.shape)
+            return
+        try:
+            field = mac.MacField.parse(declared)
+        except mac.MacFieldError as exc:
+            self._refused = str(exc)
+            return
+        self._expected = field.tag
+        self._hash = _new_mac(field, mac_key, header.metadata, _DTYPE_TO_ST[header.dtype],
+                              header.shape)
 
     def update(self, data: memoryview | bytes) -> None:
         """Feed the next bytes of the data."""
@@ -161,7 +165,7 @@ class DataCheck:
             self._hash.update(data)
 
     def verify(self) -> None:
-        """Raise :class:`ChunkFileError` unless the data fed matches the header."""
+        """Raise :class:`ChunkFileError` unless the data fed matches the header (once, at the end)."""
         if self._hash is None:
             raise ChunkFileError(self._refused)
         if not _same(self._prefix + self._hash.hexdigest(), self._expected):
@@ -202,9 +206,10 @@ def encode_header(data: torch.Tensor, metadata: Mapping[str, str],
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **metadata,
             CHECKSUM_FIELD: checksum(data)}
     if mac_key is not None:
-        signer = _new_mac(mac_algorithm, mac_key, meta, _DTYPE_TO_ST[data.dtype], data.shape)
+        field = mac.MacField.fresh(mac_algorithm)
+        signer = _new_mac(field, mac_key, meta, _DTYPE_TO_ST[data.dtype], data.shape)
         signer.update(byte_view(data))
-        meta[MAC_FIELD] = f"{mac_algorithm}:{signer.hexdigest()}"
+        meta[MAC_FIELD] = str(field.signed(signer.hexdigest()))
     nbytes = data.numel() * data.element_size()
     header = {"__metadata__": meta,
               TENSOR_NAME: {"dtype": _DTYPE_TO_ST[data.dtype], "shape": list(data.shape),

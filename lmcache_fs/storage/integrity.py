@@ -4,7 +4,7 @@ xxh3 and the device checksum catch accidents (torn writes, bit rot, stale or
 foreign files), not someone who can write the shared directory: such a writer
 can publish a file with a valid key, namespace and checksum but arbitrary KV.
 With ``integrity_key_file`` set, every chunk carries a MAC over its metadata
-and data (keyed BLAKE3; HMAC-SHA256 in files written before, see
+and data (AES-256-GMAC; HMAC-SHA256 in files written before, see
 :mod:`lmcache_fs.storage.mac` and :class:`lmcache_fs.storage.codec.DataCheck`):
 only holders of the key can write chunks the others load, and a file with a
 missing, unknown or wrong MAC is a miss and is quarantined. The key's id is
@@ -14,8 +14,8 @@ directory's chunks and never quarantine each other's files.
 Keys: the integrity key is a 32-byte BLAKE2b of the secret (personalised, so it
 is no other use's hash of it); the key's public id an 8-byte BLAKE2b of the
 integrity key under another personalisation; HMAC-SHA256 uses the integrity key
-itself and keyed BLAKE3 a 32-byte key derived from it by BLAKE3's derive_key
-mode (:mod:`lmcache_fs.storage.mac`). None of them reveals another.
+itself and AES-256-GMAC a key per file, derived from it and the file's salt by
+HKDF-Expand-SHA256 (:mod:`lmcache_fs.storage.mac`). None of them reveals another.
 """
 
 from __future__ import annotations
