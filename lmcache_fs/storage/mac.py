@@ -87,7 +87,11 @@ class MacField:
 
     @classmethod
     def fresh(cls, algorithm: str = WRITTEN) -> MacField:
-        """The field of a file about to be written with ``algorithm`` (a new random salt for GMAC)."""
+        """The field of a file about to be written with ``algorithm`` (a new random salt for GMAC).
+
+        Raises:
+            ValueError: ``algorithm`` is not one of :data:`ACCEPTED`.
+        """
         if algorithm not in ACCEPTED:
             raise ValueError(f"unknown MAC algorithm {algorithm!r}; known: {', '.join(ACCEPTED)}")
         return cls(algorithm, os.urandom(SALT_BYTES).hex() if algorithm == GMAC_AES256 else "")
