@@ -17,6 +17,7 @@ from bench.common import RESULTS_DIR, WORK_DIR, BenchOptions, progress
 
 SUITES = {
     "storage": "bench.storage",  # store/load GB/s against raw I/O and LMCache's paths
+    "integrity": "bench.integrity",  # loads with integrity_key_file against the same without
     "lookup": "bench.lookup",  # prefix lookup, start-up scan and index memory at 10k-1M files
     "ttft": "bench.ttft",  # TTFT of a second instance vs context length, peers side by side
     "ttft-real": "bench.ttft_real",  # the same on the demo's real chat model (SmolLM2-135M)

@@ -60,7 +60,7 @@ from lmcache_fs.transfer.read_paths import ReadBackend, ReadPath
 PHASES = ("store", "store + fsync", "warm load", "cold load")
 BASELINE = "raw pwrite/preadv, 1 thread"
 CONNECTOR_PATH = "lmcache-fs LayerwiseReader, 1 thread (connector's CPU path)"
-CONNECTOR_PATH_MAC = "the same, with integrity_key_file (HMAC-SHA256)"
+CONNECTOR_PATH_MAC = "the same, with integrity_key_file (AES-256-GMAC)"
 BENCH_MAC_KEY = bytes(range(32))
 BLOCK_TOKENS = 128  # vLLM's CPU block size: a chunk of 256 tokens is 2 pages per layer
 LMCACHE_PATHS = {"local_disk": "LMCache LocalDiskBackend (4 threads)",
@@ -361,7 +361,8 @@ class CaseResult:
                     self.ratio.setdefault(name, {}).setdefault(phase, []).append(value / base[phase])
 
 
-def _fresh(directory: Path) -> Path:
+def fresh_directory(directory: Path) -> Path:
+    """``directory``, emptied (created if missing)."""
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     return directory
@@ -373,7 +374,7 @@ STORE_ATTEMPTS = 2
 def _store_once(make: Callable[[Path], Trial], directory: Path,
                 nbytes: int) -> tuple[Trial, float, float]:
     """A fresh trial in a fresh directory, timed store and then timed fsync of every file."""
-    trial = make(_fresh(directory))
+    trial = make(fresh_directory(directory))
     try:
         pagecache.back_free_memory(nbytes + nbytes // 4)
         store_s = trial.store()
@@ -424,7 +425,7 @@ def run_trial(make: Callable[[Path], Trial], directory: Path, nbytes: int,
 
 def _profile_connector_path(chunks: list[torch.Tensor], directory: Path, tokens: int) -> dict[str, str]:
     """cProfile of one store and one warm load through ChunkStore: the top functions by own time."""
-    trial = ChunkStoreTrial(chunks, _fresh(directory), 1, tokens)
+    trial = ChunkStoreTrial(chunks, fresh_directory(directory), 1, tokens)
     out = {}
     try:
         for phase, fn in (("store", trial.store), ("warm load", trial.load)):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import chunkdata, lookup, pagecache, storage
+from bench import chunkdata, integrity, lookup, pagecache, storage
 from bench.lmcache_env import lmcache_installed, venv_python
 from bench.lmcache_proxy import LMCacheWorker
 from bench.run import main, parse_args
@@ -31,6 +31,20 @@ def test_quick_storage_run_writes_a_table_row_for_every_local_path(tmp_path: Pat
     assert not (tmp_path / "work" / "storage").exists(), "chunk files must be cleaned up"
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "results" / "storage.png") in written
+
+
+def test_quick_integrity_run_sets_every_keyed_path_against_the_same_path_unkeyed(tmp_path: Path) -> None:
+    # Guards against a keyed row, its ratio, the goal line or a check timed alone dropping out.
+    _quick(tmp_path, "integrity")
+    text = (tmp_path / "results" / "integrity.md").read_text()
+    for keyed, plain in integrity.KEYED_PAIRS.items():
+        assert re.search(rf"^\| {re.escape(plain)} \| \d+\.\d\d \(", text, re.M), plain
+        assert re.search(rf"^\| {re.escape(keyed)} \|.* \| \d+% \(\d+%-\d+%\) \|$", text, re.M), keyed
+    assert re.search(r"^Goal: warm loads with a key .*: \d+% \((met|MISSED)\); in CPU time, \d+%\.$",
+                     text, re.M)
+    for check in integrity.CHECKS:
+        assert re.search(rf"^\| {re.escape(check.label)} \| \d+\.\d\d \(", text, re.M), check.label
+    assert not (tmp_path / "work" / "integrity").exists(), "chunk files must be cleaned up"
 
 
 def test_quick_lookup_run_reports_every_method_and_keeps_its_tree(tmp_path: Path) -> None:

@@ -12,6 +12,9 @@ read as a miss or a clean error:
 - ``ChunkStore.load`` (the engine's read path): ``ChunkFileError``, or the
   exact bytes that were stored (a mutation of header padding can leave a
   valid file), never other data; ``verify.check_chunk``: a finding or None.
+  Keyed chunks also get their MAC field rewritten (stripped, other or unknown
+  algorithm names, other salts and tags, odd text): a keyed load accepts only
+  the MAC its writer made.
 
 The settings file is not in the shared directory, but a mistyped or
 half-copied one must still stop start-up with one line, not a traceback:
@@ -37,6 +40,7 @@ from lmcache_fs.config import ConfigError, LMCacheFSConfig, TriState, load_confi
 from lmcache_fs.ops.lease import LeaseRecord, read_lease
 from lmcache_fs.ops.pins import Pin, PinStore
 from lmcache_fs.ops.verify import Finding, check_chunk
+from lmcache_fs.storage import mac
 from lmcache_fs.storage.codec import ChunkFileError
 from lmcache_fs.storage.layout import MANIFEST_NAME, PINS_DIR, check_key
 from lmcache_fs.storage.manifest import read_manifest
@@ -266,6 +270,72 @@ def test_verify_reports_a_planted_chunk_file_or_accepts_the_stored_bytes(chunk_s
     _plant(path, content)
     finding = check_chunk(path, chunk_store.layout.namespace.name, KEY)
     assert finding is None or isinstance(finding, Finding)
+
+
+# -- keyed chunk files: the MAC field's algorithm name, salt and tag ----------------------
+
+MAC_KEY = bytes(range(32))
+
+
+def _keyed_store_with_one_chunk(root) -> ChunkStore:
+    store = ChunkStore(make_store(root).layout, mac_key=MAC_KEY)
+    store.save(KEY, chunk(KEY), META)
+    return store
+
+
+with tempfile.TemporaryDirectory() as _tmp:
+    VALID_KEYED_CHUNK = _keyed_store_with_one_chunk(_tmp).layout.chunk_path(KEY).read_bytes()
+VALID_MAC = _header_fields(VALID_KEYED_CHUNK)["__metadata__"]["mac"]
+
+
+@pytest.fixture(scope="module")
+def keyed_store(tmp_path_factory):
+    return _keyed_store_with_one_chunk(tmp_path_factory.mktemp("fuzz-keyed"))
+
+
+def mac_claims(raw: bytes) -> st.SearchStrategy[bytes]:
+    """The keyed chunk with its MAC field removed or replaced by another ``name:salt:tag``
+    or ``name:tag`` claim."""
+    header = _header_fields(raw)
+    (length,) = struct.unpack_from("<Q", raw)
+    meta = header["__metadata__"]
+    _, salt, tag = meta["mac"].split(":")
+    checksum = meta["checksum"].split(":")[1]
+    names = st.one_of(st.sampled_from([*mac.ACCEPTED, "", "none", "xxh3_64", "GMAC-AES256",
+                                       "gmac-aes256 ", "gmac-aes128", "blake3", "sha256"]),
+                      st.text(max_size=12))
+    hex_of = st.integers(1, 40).flatmap(lambda n: st.binary(min_size=n, max_size=n).map(bytes.hex))
+    salts = st.one_of(st.sampled_from([salt, tag, "", salt.upper(), salt[:-1], salt + "0"]),
+                      st.text(max_size=70), hex_of)
+    tags = st.one_of(st.sampled_from([tag, salt, checksum, "", tag.upper(), tag[:-1], tag + tag]),
+                     st.text(max_size=70), hex_of)
+    claims = st.one_of(st.none(), st.builds("{}:{}:{}".format, names, salts, tags),
+                       st.builds("{}:{}".format, names, tags), st.text(max_size=120))
+
+    def rebuild(claim):
+        fields = {k: v for k, v in meta.items() if k != "mac"}
+        if claim is not None:
+            fields["mac"] = claim
+        text = _json_bytes({"__metadata__": fields, "kv": header["kv"]})
+        return struct.pack("<Q", len(text)) + text + raw[8 + length:]
+    return claims.map(rebuild)
+
+
+@fuzz(1000)
+@given(content=st.one_of(chunk_contents(VALID_KEYED_CHUNK), mac_claims(VALID_KEYED_CHUNK)))
+def test_a_planted_keyed_chunk_is_a_clean_miss_or_what_the_key_holder_wrote(keyed_store, content):
+    _count("keyed chunk load+verify")
+    path = keyed_store.layout.chunk_path(KEY)
+    _plant(path, content)
+    finding = check_chunk(path, keyed_store.layout.namespace.name, KEY, mac_key=MAC_KEY)
+    assert finding is None or isinstance(finding, Finding)
+    out = torch.empty(SHAPE, dtype=torch.bfloat16)
+    try:
+        keyed_store.load(KEY, out)
+    except ChunkFileError:
+        return
+    assert _header_fields(content)["__metadata__"]["mac"] == VALID_MAC  # no other claim passes
+    assert torch.equal(out.view(torch.uint8), chunk(KEY).view(torch.uint8))
 
 
 def _plant(path, content: bytes) -> None:

@@ -11,9 +11,11 @@ The header's ``__metadata__`` (strings only, as safetensors requires) carries
 the format name and version, the caller's fields (namespace, key, parent key,
 chunk index, tokens; GPU writers add a ``device_checksum``, see
 :mod:`lmcache_fs.gpu.device_checksum`), an xxh3-64 checksum of the data and,
-where the writer holds an integrity key, an HMAC-SHA256 of the metadata
-and the data (:class:`DataCheck`). Aligned data lets GPUDirect Storage (which
-needs 4096-aligned offsets) read it in place.
+where the writer holds an integrity key, a MAC of the metadata and the data
+that names its algorithm (``"mac": "gmac-aes256:<salt>:<tag>"``; files written
+before carry ``hmac-sha256:<tag>``, see :mod:`lmcache_fs.storage.mac` and
+:class:`DataCheck`). Aligned data lets GPUDirect Storage (which needs
+4096-aligned offsets) read it in place.
 
 This module is the format only: :func:`read_header` parses a header from an
 open descriptor and :func:`check_header` / :class:`DataCheck` hold every check
@@ -33,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import os
@@ -44,6 +45,7 @@ from typing import Mapping, Sequence
 import torch
 import xxhash
 
+from lmcache_fs.storage import mac
 from lmcache_fs.storage.layout import FORMAT_VERSION as NAMESPACE_FORMAT_VERSION
 
 ALIGNMENT = 4096
@@ -86,7 +88,6 @@ class ChunkHeader:
 
 
 _CHECKSUM_PREFIX = "xxh3_64:"
-_MAC_PREFIX = "hmac-sha256:"
 
 
 def checksum(data: torch.Tensor) -> str:
@@ -94,59 +95,81 @@ def checksum(data: torch.Tensor) -> str:
     return _CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(byte_view(data))
 
 
-def _new_mac(key: bytes, metadata: Mapping[str, str], dtype: str, shape: Sequence[int]) -> hmac.HMAC:
-    """An HMAC-SHA256 fed with everything a header says, before the data is fed to it.
-
-    (HMAC-SHA256 over keyed BLAKE2b: 1.38 against 1.0 GiB/s on this project's 2-core VM,
-    where CPUs have SHA extensions.)
-    """
-    mac = hmac.new(key, digestmod=hashlib.sha256)
+def _new_mac(field: mac.MacField, key: bytes, metadata: Mapping[str, str], dtype: str,
+             shape: Sequence[int]) -> mac.Mac:
+    """A MAC fed with everything a header says but its tag, before the data is fed to it."""
     signed = {k: v for k, v in metadata.items() if k != MAC_FIELD}
-    mac.update(json.dumps([signed, dtype, list(shape)], sort_keys=True,
-                          separators=(",", ":")).encode())
-    return mac
+    covered = field.covered()
+    if covered is not None:
+        signed[MAC_FIELD] = covered
+    started = field.new_mac(key)
+    started.update(json.dumps([signed, dtype, list(shape)], sort_keys=True,
+                              separators=(",", ":")).encode())
+    return started
+
+
+def _same(got: str, expected: str) -> bool:
+    """Constant-time comparison of a computed check with a header's (any text a writer planted)."""
+    return hmac.compare_digest(got.encode(), expected.encode("utf-8", "surrogatepass"))
 
 
 class DataCheck:
     """The one check of a chunk's data that every reader makes: feed it the data, then verify.
 
     The data goes in file order, in any pieces (whole-chunk readers feed one
-    buffer; the layer-wise reader feeds each layer as it lands). It checks
-    the header's xxh3-64 and, with ``mac_key``, the MAC, which a file must
-    then carry: one without it, or with a MAC made with another key, fails.
-    (GPU readers may check the device checksum instead of xxh3, see
+    buffer; the layer-wise reader feeds each layer as it lands).
+
+    Without ``mac_key`` it checks the header's xxh3-64, which catches
+    accidents. With ``mac_key`` it checks the header's MAC instead, which the
+    file must then carry under one of :data:`lmcache_fs.storage.mac.ACCEPTED`
+    in exactly its form (:class:`lmcache_fs.storage.mac.MacField`): a file
+    without one, naming another algorithm, with a salt or tag of another
+    length, or with a MAC made with another key fails. The MAC covers the data and every other header field,
+    the checksum among them, so a good MAC proves the bytes are the ones a
+    holder of the key wrote; hashing xxh3 as well would cost keyed loads a
+    second pass over every byte and prove nothing more. (GPU readers may
+    check the device checksum instead of xxh3, see
     :mod:`lmcache_fs.transfer.chunk_reader`; never instead of the MAC.)
+
+    A file's defects show in :meth:`verify`, never here: readers build a
+    check as they open a chunk and count any failure as that chunk's miss.
     """
 
     def __init__(self, header: "ChunkHeader", mac_key: bytes | None = None):
-        self._expected = header.metadata.get(CHECKSUM_FIELD)
-        self._xxh3 = xxhash.xxh3_64()
-        self._mac = None
-        self._expected_mac = None
-        if mac_key is not None:
-            self._expected_mac = header.metadata.get(MAC_FIELD)
-            self._mac = _new_mac(mac_key, header.metadata, _DTYPE_TO_ST[header.dtype], header.shape)
+        self._hash: mac.Mac | None  # xxh3 or the MAC; None: refused
+        self._refused = ""  # why the file cannot pass, whatever its data (a keyed check only)
+        if mac_key is None:
+            self._expected = header.metadata.get(CHECKSUM_FIELD, "")
+            self._prefix = _CHECKSUM_PREFIX
+            self._hash = xxhash.xxh3_64()
+            self._mismatch = "checksum mismatch: the data is corrupt"
+            return
+        self._expected, self._prefix, self._hash = "", "", None
+        self._mismatch = "MAC mismatch: written with another key, or altered"
+        declared = header.metadata.get(MAC_FIELD)
+        if declared is None:
+            self._refused = "no MAC: not written by a holder of the integrity key"
+            return
+        try:
+            field = mac.MacField.parse(declared)
+        except mac.MacFieldError as exc:
+            self._refused = str(exc)
+            return
+        self._expected = field.tag
+        self._hash = _new_mac(field, mac_key, header.metadata, _DTYPE_TO_ST[header.dtype],
+                              header.shape)
 
-    def update(self, data: memoryview | bytes, *, checksum: bool = True) -> None:
-        """Feed the next bytes of the data; ``checksum=False`` feeds only the MAC."""
-        if checksum:
-            self._xxh3.update(data)
-        if self._mac is not None:
-            self._mac.update(data)
+    def update(self, data: memoryview | bytes) -> None:
+        """Feed the next bytes of the data."""
+        if self._hash is not None:
+            self._hash.update(data)
 
-    def verify(self, *, checksum: bool = True) -> None:
-        """Raise :class:`ChunkFileError` unless the data fed matches the header.
-
-        ``checksum=False``: the caller checked the data another way (the device
-        checksum); only the MAC, if keyed, is checked here.
-        """
-        if checksum and self._expected != _CHECKSUM_PREFIX + self._xxh3.hexdigest():
-            raise ChunkFileError("checksum mismatch: the data is corrupt")
-        if self._mac is not None:
-            if self._expected_mac is None:
-                raise ChunkFileError("no MAC: not written by a holder of the integrity key")
-            if not hmac.compare_digest(self._expected_mac, _MAC_PREFIX + self._mac.hexdigest()):
-                raise ChunkFileError("MAC mismatch: written with another key, or altered")
+    def verify(self) -> None:
+        """Raise :class:`ChunkFileError` unless the data fed matches the header (once, at the end)."""
+        if self._hash is None:
+            raise ChunkFileError(self._refused)
+        if not _same(self._prefix + self._hash.hexdigest(), self._expected):
+            raise ChunkFileError(self._mismatch)
 
 
 def byte_view(data: torch.Tensor) -> memoryview:
@@ -165,10 +188,12 @@ def _check_tensor(data: torch.Tensor) -> None:
 
 
 def encode_header(data: torch.Tensor, metadata: Mapping[str, str],
-                  mac_key: bytes | None = None) -> bytes:
+                  mac_key: bytes | None = None, mac_algorithm: str = mac.WRITTEN) -> bytes:
     """The 8-byte length plus padded JSON header for ``data`` (a multiple of 4096 bytes).
 
-    With ``mac_key`` the header also carries the MAC that :class:`DataCheck` checks.
+    With ``mac_key`` the header also carries the MAC that :class:`DataCheck`
+    checks, made with ``mac_algorithm`` (only benchmarks and tests of older
+    files pass another than the default).
 
     Raises:
         ValueError: the tensor is not a contiguous CPU tensor of a known dtype,
@@ -181,9 +206,10 @@ def encode_header(data: torch.Tensor, metadata: Mapping[str, str],
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **metadata,
             CHECKSUM_FIELD: checksum(data)}
     if mac_key is not None:
-        mac = _new_mac(mac_key, meta, _DTYPE_TO_ST[data.dtype], data.shape)
-        mac.update(byte_view(data))
-        meta[MAC_FIELD] = _MAC_PREFIX + mac.hexdigest()
+        field = mac.MacField.fresh(mac_algorithm)
+        signer = _new_mac(field, mac_key, meta, _DTYPE_TO_ST[data.dtype], data.shape)
+        signer.update(byte_view(data))
+        meta[MAC_FIELD] = str(field.signed(signer.hexdigest()))
     nbytes = data.numel() * data.element_size()
     header = {"__metadata__": meta,
               TENSOR_NAME: {"dtype": _DTYPE_TO_ST[data.dtype], "shape": list(data.shape),
@@ -194,9 +220,9 @@ def encode_header(data: torch.Tensor, metadata: Mapping[str, str],
 
 
 def write_chunk_to_fd(fd: int, data: torch.Tensor, metadata: Mapping[str, str],
-                      mac_key: bytes | None = None) -> int:
+                      mac_key: bytes | None = None, mac_algorithm: str = mac.WRITTEN) -> int:
     """Write header and data to an open file descriptor; returns bytes written."""
-    header = encode_header(data, metadata, mac_key)
+    header = encode_header(data, metadata, mac_key, mac_algorithm)
     body = byte_view(data)
     total = len(header) + len(body)
     written = os.writev(fd, [header, body])
@@ -209,11 +235,12 @@ def write_chunk_to_fd(fd: int, data: torch.Tensor, metadata: Mapping[str, str],
 
 
 def write_chunk_file(path: str | os.PathLike[str], data: torch.Tensor,
-                     metadata: Mapping[str, str], mac_key: bytes | None = None) -> None:
+                     metadata: Mapping[str, str], mac_key: bytes | None = None,
+                     mac_algorithm: str = mac.WRITTEN) -> None:
     """Write a chunk file at ``path`` in place (callers that share a directory publish instead)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        write_chunk_to_fd(fd, data, metadata, mac_key)
+        write_chunk_to_fd(fd, data, metadata, mac_key, mac_algorithm)
     finally:
         os.close(fd)
 

@@ -3,12 +3,19 @@
 xxh3 and the device checksum catch accidents (torn writes, bit rot, stale or
 foreign files), not someone who can write the shared directory: such a writer
 can publish a file with a valid key, namespace and checksum but arbitrary KV.
-With ``integrity_key_file`` set, every chunk carries a HMAC-SHA256 over
-its metadata and data (:class:`lmcache_fs.storage.codec.DataCheck`): only
-holders of the key can write chunks the others load, and a file with a missing
-or wrong MAC is a miss and is quarantined. The key's id is part of the
-namespace, so engines with different keys (or none) never share a directory's
-chunks and never quarantine each other's files.
+With ``integrity_key_file`` set, every chunk carries a MAC over its metadata
+and data (AES-256-GMAC; HMAC-SHA256 in files written before, see
+:mod:`lmcache_fs.storage.mac` and :class:`lmcache_fs.storage.codec.DataCheck`):
+only holders of the key can write chunks the others load, and a file with a
+missing, unknown or wrong MAC is a miss and is quarantined. The key's id is
+part of the namespace, so engines with different keys (or none) never share a
+directory's chunks and never quarantine each other's files.
+
+Keys: the integrity key is a 32-byte BLAKE2b of the secret (personalised, so it
+is no other use's hash of it); the key's public id an 8-byte BLAKE2b of the
+integrity key under another personalisation; HMAC-SHA256 uses the integrity key
+itself and AES-256-GMAC a key per file, derived from it and the file's salt by
+HKDF-Expand-SHA256 (:mod:`lmcache_fs.storage.mac`). None of them reveals another.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ class IntegrityKeyError(ValueError):
 
 
 def read_key_file(path: str | os.PathLike[str]) -> bytes:
-    """The 32-byte MAC key derived from the secret in ``path`` (surrounding whitespace ignored).
+    """The 32-byte integrity key derived from the secret in ``path`` (surrounding whitespace ignored).
 
     Raises:
         IntegrityKeyError: unreadable, world-readable, shorter than 16 bytes or over 4 KiB,
