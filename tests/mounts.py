@@ -99,7 +99,8 @@ class FreezableView:
         os.kill(self.daemon.pid, signal.SIGSTOP)
 
     def thaw(self) -> None:
-        os.kill(self.daemon.pid, signal.SIGCONT)
+        if self.daemon.poll() is None:  # (a killed daemon has nothing to thaw)
+            os.kill(self.daemon.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         """The daemon dies: every call on the mount fails with ENOTCONN until it is unmounted."""
