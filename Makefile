@@ -7,8 +7,9 @@ STAMP := $(VENV)/.lmcache-fs-installed
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Debian packages the end-to-end tests use: a browser for the demo page, FUSE mounts
 # for two-"node" tests, and Docker for the CPU compose stack (docker.io's dockerd and CLI,
-# docker-compose, debootstrap for the stand-in base images: tests/base_image_standin.py).
-SYSTEM_PACKAGES := chromium bindfs fuse3 docker.io docker-compose debootstrap
+# docker-compose, debootstrap for the stand-in base images: tests/base_image_standin.py), and
+# GlusterFS for the nodes'-own-disks volume of tests/test_gluster_engines.py.
+SYSTEM_PACKAGES := chromium bindfs fuse3 docker.io docker-compose debootstrap glusterfs-server glusterfs-client
 
 .PHONY: install system-deps test test-fast demo model bench clean soak fuzz-long
 

@@ -11,15 +11,14 @@ deadlines, B answered nothing within 30 s while frozen (issue 24).
 
 from __future__ import annotations
 
-import json
 import random
-import time
 from pathlib import Path
 
 import pytest
 from cachedir import wait_for_count
 from engines import EngineProcess
 from mounts import freezable_view
+from timed_answers import TimedAnswers
 
 from lmcache_fs.storage.layout import is_temporary
 
@@ -28,12 +27,10 @@ pytestmark = pytest.mark.engine
 CHUNK = 256
 PROMPT_LEN = 1200
 FULL_HIT = PROMPT_LEN // CHUNK * CHUNK  # 1024: four whole chunks, and a last token to compute
-ANSWER = 8
 FAST_S = 8.0  # an answer "within a few seconds": deadlines of 1 s, a prefill of 1.2k tokens
 # Short deadlines and cooldown: the test would otherwise wait out the defaults.
 OUTAGE_SETTINGS = {"load_deadline_s": 1.0, "lookup_deadline_ms": 200, "breaker_cooldown_s": 1.0,
                    "startup_deadline_s": 5.0}
-TIMES: dict[str, float] = {}
 
 _rng = random.Random(2424)
 
@@ -52,24 +49,6 @@ def _chunk_files(storage: Path) -> list[Path]:
     return [p for p in storage.glob("*/??/*.safetensors") if not is_temporary(p.name)]
 
 
-def _answer(engine: EngineProcess, prompt: list[int], what: str) -> dict:
-    start = time.monotonic()
-    (out,) = engine.command("generate", timeout_s=120, prompts=[prompt], max_tokens=ANSWER)["outputs"]
-    TIMES[what] = round(time.monotonic() - start, 2)
-    return out
-
-
-def _until_hit(engine: EngineProcess, prompt: list[int], what: str, tries: int = 10) -> dict:
-    """Ask until the answer loads from the directory again (its probe must find it first)."""
-    for _ in range(tries):
-        engine.reset_prefix_cache()
-        out = _answer(engine, prompt, what)
-        if out["num_cached_tokens"] >= FULL_HIT:
-            return out
-        time.sleep(1.0)
-    return out
-
-
 @pytest.fixture(scope="module")
 def setup(synthetic_model, tmp_path_factory, artifacts_dir):
     root = tmp_path_factory.mktemp("outage")
@@ -82,46 +61,47 @@ def setup(synthetic_model, tmp_path_factory, artifacts_dir):
                                          _connector(storage))
             engines["b"] = EngineProcess(synthetic_model, artifacts_dir / "outage-b.log",
                                          _connector(view.path), max_num_batched_tokens=512)
-            yield engines["a"], engines["b"], view, storage
+            answers = TimedAnswers()
+            yield engines["a"], engines["b"], view, storage, answers
+            answers.write(artifacts_dir / "outage-times.json")
         finally:
             view.thaw()
             for engine in engines.values():
                 engine.close()
-            (artifacts_dir / "outage-times.json").write_text(json.dumps(TIMES, indent=2) + "\n")
 
 
 def test_a_frozen_then_dead_mount_costs_recomputes_within_seconds_never_wrong_tokens(setup):
-    a, b, view, storage = setup
+    a, b, view, storage, answers = setup
     cached, fresh, after_death = _prompt(), _prompt(), _prompt()
-    plain_cached = _answer(a, cached, "a cached prompt")["token_ids"]
+    plain_cached = answers.ask(a, cached, "a cached prompt")["token_ids"]
     wait_for_count(lambda: _chunk_files(storage), PROMPT_LEN // CHUNK)
-    hit = _answer(b, cached, "b healthy")
+    hit = answers.ask(b, cached, "b healthy")
     assert hit["num_cached_tokens"] >= FULL_HIT and hit["token_ids"] == plain_cached
 
     view.freeze()
     b.reset_prefix_cache()
-    frozen_cached = _answer(b, cached, "b frozen, cached prompt")
-    frozen_fresh = _answer(b, fresh, "b frozen, fresh prompt")  # on disk nowhere
+    frozen_cached = answers.ask(b, cached, "b frozen, cached prompt")
+    frozen_fresh = answers.ask(b, fresh, "b frozen, fresh prompt")  # on disk nowhere
     # (vLLM counts the planned hit in num_cached_tokens even when its load fails: the log
     # says what happened, and the tokens are what counts)
     assert frozen_cached["token_ids"] == plain_cached
     assert "unusable (no answer within the load deadline" in b.log_text()
-    assert TIMES["b frozen, cached prompt"] < FAST_S and TIMES["b frozen, fresh prompt"] < FAST_S
-    assert frozen_fresh["token_ids"] == _answer(a, fresh, "a fresh prompt")["token_ids"]
+    assert answers.seconds["b frozen, cached prompt"] < FAST_S and answers.seconds["b frozen, fresh prompt"] < FAST_S
+    assert frozen_fresh["token_ids"] == answers.ask(a, fresh, "a fresh prompt")["token_ids"]
 
     view.thaw()
-    again = _until_hit(b, cached, "b thawed, cached prompt")
+    again = answers.until_hit(b, cached, "b thawed, cached prompt", FULL_HIT)
     assert again["num_cached_tokens"] >= FULL_HIT and again["token_ids"] == plain_cached
 
     view.kill()  # ENOTCONN from now on, at once
     b.reset_prefix_cache()
-    dead_cached = _answer(b, cached, "b dead mount, cached prompt")
-    dead_fresh = _answer(b, after_death, "b dead mount, fresh prompt")
+    dead_cached = answers.ask(b, cached, "b dead mount, cached prompt")
+    dead_fresh = answers.ask(b, after_death, "b dead mount, fresh prompt")
     assert dead_cached["token_ids"] == plain_cached
-    assert TIMES["b dead mount, cached prompt"] < FAST_S
-    assert TIMES["b dead mount, fresh prompt"] < FAST_S
-    assert dead_fresh["token_ids"] == _answer(a, after_death, "a after death")["token_ids"]
-    assert _answer(b, fresh, "b dead mount, again")["token_ids"] == frozen_fresh["token_ids"]
+    assert answers.seconds["b dead mount, cached prompt"] < FAST_S
+    assert answers.seconds["b dead mount, fresh prompt"] < FAST_S
+    assert dead_fresh["token_ids"] == answers.ask(a, after_death, "a after death")["token_ids"]
+    assert answers.ask(b, fresh, "b dead mount, again")["token_ids"] == frozen_fresh["token_ids"]
     log = b.log_text()
     assert "is not answering" in log and "answers again" in log
     assert "Traceback" not in log
