@@ -206,7 +206,7 @@ def test_the_engine_logs_through_vllms_format_and_sums_hits_up_periodically(engi
                             r"failed_stores=\d+", s.strip()) for s in summaries()), summaries()
     text = log.read_text()
     # Our lines in vLLM's format, on the engine's stdout; the per-request hit line is DEBUG.
-    assert re.search(r"^\(EngineCore pid=\d+\) INFO \S+ \S+ \[spec\.py:\d+\] "
+    assert re.search(r"^\(EngineCore pid=\d+\) INFO \S+ \S+ \[index\.py:\d+\] "
                      r"namespace ", text, re.MULTILINE)
     assert not re.search(r"request \S+: hit \d+/\d+ tokens", text)
 

@@ -89,7 +89,7 @@ class ChunkIndex:
                 logger.warning("start-up scan of %s failed (%s): chunks are found by their "
                                "path meanwhile", self.layout.directory, exc.strerror or exc)
             else:
-                logger.info("namespace %s: %d chunks found in %s", self.layout.namespace.name,
+                logger.info("namespace %s: %d chunks found at start-up in %s", self.layout.namespace.name,
                             found, self.layout.root)
             if watch:
                 self.start_watching()
