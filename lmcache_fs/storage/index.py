@@ -89,8 +89,8 @@ class ChunkIndex:
                 logger.warning("start-up scan of %s failed (%s): chunks are found by their "
                                "path meanwhile", self.layout.directory, exc.strerror or exc)
             else:
-                logger.info("namespace %s: %d chunks found at start-up in %s", self.layout.namespace.name,
-                            found, self.layout.root)
+                logger.info("namespace %s: %d chunks found at start-up in %s",
+                            self.layout.namespace.name, found, self.layout.root)
             if watch:
                 self.start_watching()
 
