@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -363,3 +364,44 @@ def test_device_saver_publishes_what_was_on_the_gpu(store):
         assert torch.equal(out, want)
     saver.close()
     writer.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.path.value)
+def test_reads_with_a_deadline_run_on_pool_threads_and_read_the_same(store, backend):
+    # With a deadline no part of a read may run on the caller's thread (kvikio's open and
+    # header read did): a hung mount would hold the engine there.
+    chunks = _save(store, 5)
+    reader = _reader(store, backend, staging_bytes=2 * NBYTES)
+    callers = set()
+    real_reading = store.reading
+
+    def reading(*args, **kwargs):
+        callers.add(threading.get_ident())
+        return real_reading(*args, **kwargs)
+
+    store.reading = reading
+    got = {i: c.clone() for i, c in reader.read([_key(i) for i in range(5)], deadline_s=30.0)}
+    assert all(torch.equal(got[i], chunks[i]) for i in range(5))
+    assert threading.get_ident() not in callers and not reader.abandoned
+    reader.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.path.value)
+def test_a_read_past_its_deadline_makes_the_rest_misses_and_retires_the_reader(store, backend):
+    _save(store, 3)
+    reader = _reader(store, backend, staging_bytes=2 * NBYTES)
+    release = threading.Event()
+    real_reading = store.reading
+
+    def hung(key, *args, **kwargs):
+        if key == _key(1):
+            release.wait()  # a read stuck in the kernel
+        return real_reading(key, *args, **kwargs)
+
+    store.reading = hung
+    results = list(reader.read([_key(i) for i in range(3)], deadline_s=0.3))
+    assert isinstance(results[0][1], torch.Tensor)
+    assert [i for i, r in results if isinstance(r, ChunkFileError)] == [1, 2]
+    assert "no answer within the load deadline" in str(results[1][1]) and reader.abandoned
+    release.set()
+    reader.close()

@@ -33,7 +33,8 @@ A call's reads may have a deadline (the directory's filesystem can hang). Past
 it, every chunk not yet returned is a miss and the reader is abandoned
 (:attr:`ChunkReader.abandoned`): reads still stuck in the kernel finish, some
 day, into its slots, which nothing reads again (the caller builds a new
-reader). The deadline bounds the POSIX reads; a kvikio read's wait is kvikio's.
+reader). With a deadline, every read runs on a pool thread, kvikio's too (its
+open and header read otherwise run on the caller's thread).
 """
 
 from __future__ import annotations
@@ -173,11 +174,17 @@ class ChunkReader:
         return (bool(self._checkers) and device_checksum.FIELD in chunk.header.metadata
                 and not chunk.keyed)
 
-    def _start(self, key: str, slot: int) -> Future[Any] | RunWhenAsked:
-        """Begin reading ``key`` into ``slot``; the future completes once it is there, verified."""
+    def _start(self, key: str, slot: int, bounded: bool = False) -> Future[Any] | RunWhenAsked:
+        """Begin reading ``key`` into ``slot``; the future completes once it is there, verified.
+
+        ``bounded``: the read has a deadline, so none of it may run on the caller's thread
+        (a kvikio read's open and header read, done there otherwise, run on a pool thread).
+        """
         in_use = self._in_use[slot]
         if self.backend.kvikio is None:
             return self._pool.submit(self._read_posix, key, slot, in_use)
+        if bounded:
+            return self._pool.submit(self._read_kvikio, key, slot, in_use)
         if in_use is not None:
             in_use.synchronize()  # kvikio writes into the slot as soon as the read starts
         try:
@@ -193,6 +200,16 @@ class ChunkReader:
         if self.verify and not self._checks_on_device(chunk):
             return self._pool.submit(self._finish_kvikio, read, slot, reading)
         return RunWhenAsked(functools.partial(self._finish_kvikio, read, slot, reading))
+
+    def _read_kvikio(self, key: str, slot: int, in_use: torch.cuda.Event | None) -> None:
+        """A whole kvikio read, start to verified end, on one pool thread."""
+        if in_use is not None:
+            in_use.synchronize()
+        with contextlib.ExitStack() as opened:
+            chunk = opened.enter_context(self._reading(key))
+            read = start_read_kvikio(self.backend.kvikio, chunk, self._device[slot],
+                                     self._targets[slot])
+            self._finish_kvikio(read, slot, opened.pop_all())
 
     def _finish_kvikio(self, read: KvikioRead, slot: int, reading: contextlib.ExitStack) -> None:
         """Wait for and verify a kvikio read, then end its chunk's read (``reading``)."""
@@ -231,8 +248,9 @@ class ChunkReader:
         # Looked up once: torch's lookup costs tens of microseconds per chunk.
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         try:
+            bounded = deadline is not None
             for i in range(min(self.slots, len(keys))):
-                pending.append(self._start(keys[i], i))
+                pending.append(self._start(keys[i], i, bounded))
             for i in range(len(keys)):
                 slot = i % self.slots
                 try:
@@ -251,7 +269,7 @@ class ChunkReader:
                     yield i, self._to_device(slot)
                 self._in_use[slot] = self._mark_in_use(stream)
                 if i + self.slots < len(keys):
-                    pending.append(self._start(keys[i + self.slots], slot))
+                    pending.append(self._start(keys[i + self.slots], slot, bounded))
         finally:
             for future in () if self.abandoned else pending:
                 # A kvikio read is under way before its future runs (the future
