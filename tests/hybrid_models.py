@@ -147,6 +147,14 @@ def wait_for_files(storage: Path, count: int) -> dict[Path, int]:
     return wait_for_count(lambda: files_by_group(storage), count)
 
 
+def by_chunk(files: dict[Path, int]) -> dict[tuple[int, int], Path]:
+    """Chunk files (from :func:`files_by_group`) by (KV cache group, chunk index in the prompt)."""
+    from lmcache_fs.ops.inspection import read_header
+
+    return {(group, int(read_header(path).metadata["chunk_index"])): path
+            for path, group in files.items()}
+
+
 def kv_capacity(engine: Any) -> int:
     match = re.search(r"KV cache size: ([\d,]+) tokens", engine.log_text())
     assert match, "vLLM's KV cache size line is missing from the log"
