@@ -27,7 +27,6 @@ stay within ``BF16_SPLIT_TOLERANCE``.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -55,6 +54,7 @@ STATE, FULL = 0, 1  # vLLM's groups: the linear-attention states, the full atten
 ATTENTION_SHAPE = (2, 1, 2, 256, 128)  # layers, blocks, KV heads, tokens, K and V (bf16)
 STATE_SHAPE = (2, 1, 1, 1, 68608)  # layers, the block at the chunk's end, its state bytes
 BF16_SPLIT_TOLERANCE = 2e-2
+NOTES_FILE = "gdn-engines.json"  # what the tests measured (the notes fixture, conftest.py)
 MID_CHUNK = 4 * CHUNK + 76  # a prompt that ends mid-chunk
 EXACT = 4 * CHUNK  # a prompt of exactly four chunks
 
@@ -73,14 +73,6 @@ def _connector(storage: Path) -> dict:
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("gdn-kv")
-
-
-@pytest.fixture(scope="module")
-def notes(artifacts_dir):
-    """What the tests measured, for tests/artifacts/gdn-engines.json."""
-    found: dict = {}
-    yield found
-    (artifacts_dir / "gdn-engines.json").write_text(json.dumps(found, indent=2) + "\n")
 
 
 @pytest.fixture(scope="module")
