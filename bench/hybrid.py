@@ -148,7 +148,7 @@ def main() -> None:
             f"## Bytes per chunk of {chunk_size} tokens", "",
             *(f"- group {g} ({kinds[g]}): {layers[g]} layers x {h.shape[1]} blocks, "
               f"{h.nbytes:,} bytes of KV ({file_bytes[g]:,} bytes file; {len(groups[g])} files "
-              f"for {args.rounds} prompts)" for g, h in sizes.items())]
+              f"for the {args.rounds} prompts and the warm-up)" for g, h in sizes.items())]
         if family.windowed:
             page = {g: h.nbytes // (h.shape[0] * h.shape[1]) for g, h in sizes.items()}
             full = max(sizes, key=lambda g: sizes[g].shape[1])  # a group holding whole chunks
