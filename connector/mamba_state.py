@@ -126,5 +126,6 @@ def handed_states(scheduler_output: "SchedulerOutput") -> dict[str, HandedStates
     block_state = scheduler_output.kv_connector_block_state
     if block_state is None:
         return {}
-    return {req_id: {(group, boundary): block for group, block, boundary in entries}
+    # vLLM's null block (id 0) holds no state: its OffloadingConnector skips it too.
+    return {req_id: {(group, boundary): block for group, block, boundary in entries if block}
             for req_id, entries in block_state.boundary_state_offloads.items()}

@@ -175,7 +175,8 @@ def test_saves_take_the_states_vllm_hands_over_and_loads_fill_the_one_block_it_a
                      (FULL, keys[2], 0, tuple(full_ids[4:6]))]
 
 
-def test_a_state_save_takes_the_block_vllm_names_never_the_table_position(tmp_path):
+def test_a_state_save_takes_the_block_vllm_names_never_the_table_position_nor_its_null_block(
+        tmp_path):
     # In align mode vLLM nulls, frees and moves a state group's blocks: the table entry at a
     # boundary may hold another block than the state, so only the hand-off names it.
     side, _, _ = _side(tmp_path)
@@ -183,8 +184,9 @@ def test_a_state_save_takes_the_block_vllm_names_never_the_table_position(tmp_pa
     side.update_state_after_alloc(req, blocks([None, None, None, 7], [10, 11, 12, 13]), 0)
     meta = side.build_connector_meta(step([new_request(req, ([0, 0, 0, 7], [10, 11, 12, 13]), 0)],
                                           scheduled={"r": 2 * CHUNK},
-                                          handed={"r": [(STATE, 42, 2 * CHUNK)]}))
-    assert [op.block_ids for op in meta.saves if op.group == STATE] == [(42,)]
+                                          handed={"r": [(STATE, 0, CHUNK),  # the null block
+                                                        (STATE, 42, 2 * CHUNK)]}))
+    assert [(op.chunk_index, op.block_ids) for op in meta.saves if op.group == STATE] == [(1, (42,))]
 
 
 def test_a_state_is_stored_when_handed_over_even_if_its_chunk_was_just_stored(tmp_path):
