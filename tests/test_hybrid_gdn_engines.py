@@ -147,6 +147,21 @@ def test_b_already_running_loads_what_a_stored_with_plain_vllms_tokens_and_logpr
     assert_same_output(stored, plain)
 
 
+def test_a_one_step_prefill_ending_late_in_a_block_keeps_no_state_so_attention_alone_is_no_hit(
+        engines, storage):
+    # vLLM ends the step at the last token rounded down to 128 (here 896, mid-block): no state
+    # at a block boundary, so none is stored, and the attention files are never loaded alone.
+    before = set(files_by_group(storage))
+    prompt = _prompt(EXACT - 24)
+    _store(engines["a"], storage, prompt, files=3)
+    time.sleep(1)  # (the state group's writer would have published with the attention's)
+    new = {p: g for p, g in files_by_group(storage).items() if p not in before}
+    assert sorted(by_chunk(new)) == [(FULL, 0), (FULL, 1), (FULL, 2)]
+    got = generate_with_logprobs(engines["b"], prompt)
+    assert got["num_cached_tokens"] == 0
+    _within_split_tolerance(got, generate_with_logprobs(engines["plain"], prompt))
+
+
 def test_chunked_prefill_stores_a_state_per_chunk_and_a_prompt_of_exactly_k_chunks_hits_below_its_last_token(
         engines, storage, notes):
     prompt = _prompt(EXACT)
