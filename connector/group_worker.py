@@ -90,6 +90,9 @@ class GroupFiles:
     """Blocks of each chunk that the group's files hold (``GroupGeometry.held_blocks``)."""
     counts_tokens: bool = True
     """Its loads count as hit tokens in the stats (one group per engine, on one rank, does)."""
+    holds_states: bool = False
+    """Its layers keep linear-attention states (``connector/mamba_state.py``): vLLM registers
+    one whole state page per block, never split into kernel blocks."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class GroupWorker:
         self._failed_requests: set[str] = set()
         self.any_rank = context.any_rank
         self.layer_names = list(files.layer_names)
+        self.holds_states = files.holds_states
         self.blocks_per_chunk = files.held_blocks
         self.block_size = context.block_size
         self.layers: list[torch.Tensor] = []
@@ -160,10 +164,14 @@ class GroupWorker:
         missing = [n for n in self.layer_names if n not in kv_caches]
         if missing:
             raise ValueError(f"lmcache-fs: KV caches missing for layers {missing[:3]}...")
-        # vLLM may register kernel blocks (several rows per block): index whole blocks instead.
-        self.layers = [whole_block_view(kv_caches[n], self.block_size) for n in self.layer_names]
+        if self.holds_states:  # [blocks, 1, 1, state bytes], one row per block already
+            self.layers = [kv_caches[n] for n in self.layer_names]
+        else:
+            # vLLM may register kernel blocks (several rows per block): index whole blocks.
+            self.layers = [whole_block_view(kv_caches[n], self.block_size)
+                           for n in self.layer_names]
+            self._check_page_shape(self.layers[0], kv_caches[self.layer_names[0]])
         first = self.layers[0]
-        self._check_page_shape(first, kv_caches[self.layer_names[0]])
         page_shape = tuple(first.shape[1:])
         for name, kv in zip(self.layer_names, self.layers):
             if tuple(kv.shape[1:]) != page_shape or kv.dtype != first.dtype:

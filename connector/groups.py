@@ -6,6 +6,9 @@ keeps only the blocks inside the window of the next token: vLLM frees the
 others and puts its null block in their place (``remove_skipped_blocks``); a
 chunked-local group keeps only the blocks of the current attention chunk.
 
+A linear-attention (state) group keeps one state per cached block boundary
+(see ``connector/mamba_state.py``): a hit needs only the state at its end.
+
 So a chunk file of a windowed group holds only the blocks that a later hit can
 need: the blocks of chunk ``c`` inside the window at the end of chunk ``c``
 (a hit further on needs fewer of them, never more, as the window only moves
@@ -13,7 +16,7 @@ right). Each group has its own files (one namespace per group), so every file
 keeps the plain single-tensor chunk format.
 
 The arithmetic follows vLLM 0.32's ``SingleTypeKVCacheManager.get_num_skipped_tokens``
-(``SlidingWindowManager``, ``ChunkedLocalAttentionManager``).
+(``SlidingWindowManager``, ``ChunkedLocalAttentionManager``, ``MambaManager``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ class GroupGeometry:
     """One KV cache group as lmcache-fs stores it.
 
     Attributes:
-        kind: ``full``, ``sliding_window`` or ``chunked_local``.
+        kind: ``full``, ``sliding_window``, ``chunked_local`` or ``state`` (linear
+            attention: one state per block boundary, in a block table that is not
+            append-only).
         window: the sliding window, or the attention chunk size, in tokens (0 for full).
         extra_retained: tokens vLLM keeps below the window (``extra_retained_tokens``).
         block_size: tokens per block.
@@ -49,6 +54,8 @@ class GroupGeometry:
             return max(0, num_computed_tokens - self.window + 1 - self.extra_retained)
         if self.kind == "chunked_local":
             return num_computed_tokens // self.window * self.window
+        if self.kind == "state":  # only the state after the last computed token is needed
+            return max(0, num_computed_tokens - 1)
         return 0
 
     def first_held_block(self, chunk: int) -> int:
@@ -73,8 +80,12 @@ def geometry_of(spec: Any, chunk_size: int) -> GroupGeometry:
     """The geometry of a vLLM KV cache spec (one checked by ``check_supported``)."""
     from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, SlidingWindowSpec
 
+    from .mamba_state import is_state_spec
+
     block_size = int(spec.block_size)
     per_chunk = chunk_size // block_size
+    if is_state_spec(spec):  # the state at the chunk's end, in its last block
+        return GroupGeometry("state", 0, 0, block_size, per_chunk, 1)
     if isinstance(spec, SlidingWindowSpec):
         extra = int(getattr(spec, "extra_retained_tokens", 0) or 0)
         window = int(spec.sliding_window)
@@ -91,8 +102,13 @@ def geometry_of(spec: Any, chunk_size: int) -> GroupGeometry:
 
 def describe_groups(specs: list[Any], layer_counts: list[int], chunk_size: int) -> str:
     """Every group's spec as one namespace field: engines whose groups differ share no file."""
+    from .mamba_state import describe_state_group, is_state_spec
+
     described = []
     for spec, layers in zip(specs, layer_counts):
+        if is_state_spec(spec):
+            described.append(describe_state_group(spec, layers))
+            continue
         geo = geometry_of(spec, chunk_size)
         described.append({"type": type(spec).__name__, "layers": layers,
                           "window": geo.window, "extra_retained": geo.extra_retained,

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from lmcache_fs.model_identity import model_identity, weights_fingerprint
 from lmcache_fs.storage.layout import FieldValue, Namespace, seed_marker_name, seed_of_marker
 
+from .mamba_state import is_state_spec, state_fields
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
@@ -110,14 +112,30 @@ def split_page_field(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig"
     return {"page_shape": f"{heads}x{tokens // kernel}x{kernel * content}"}
 
 
+def _attention_fields(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig",
+                      spec: "KVCacheSpec") -> dict[str, FieldValue]:
+    """The geometry of an attention group's blocks (the fields every namespace had before
+    linear-attention states: their names must not change)."""
+    return {
+        "num_kv_heads": int(spec.num_kv_heads),
+        "head_size": int(spec.head_size),
+        "kv_dtype": str(spec.dtype).removeprefix("torch."),
+        "block_size": int(spec.block_size),
+        "kv_layout": kv_layout_name(vllm_config, int(spec.head_size), int(spec.block_size)),
+        **split_page_field(vllm_config, kv_cache_config, spec),
+    }
+
+
 def namespace_fields(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig",
                      chunk_size: int, group_index: int = 0) -> dict[str, FieldValue]:
     """The rank-independent fields of the namespace of KV cache group ``group_index``.
 
     An engine of one full-attention group keeps the fields it always had (its
     files stay valid). Any other engine gets one namespace per group: the
-    group's own geometry, its index, and every group's spec (``kv_groups``),
-    so that engines whose groups differ in any way never read each other's files.
+    group's own geometry (a linear-attention group's state shapes, dtypes and
+    layout, see ``connector/mamba_state.py``), its index, and every group's spec
+    (``kv_groups``), so that engines whose groups differ in any way never read
+    each other's files.
     """
     group = kv_cache_config.kv_cache_groups[group_index]
     spec = group.kv_cache_spec
@@ -133,6 +151,8 @@ def namespace_fields(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig"
     parallel = vllm_config.parallel_config
     # The commit the hub resolved: a hub id, or a branch or tag given as --revision, moves.
     revision = getattr(model_config.hf_config, "_commit_hash", None) or model_config.revision
+    geometry = (state_fields(spec) if is_state_spec(spec)
+                else _attention_fields(vllm_config, kv_cache_config, spec))
     return {
         "model": model_identity(model_config.model, model_config.revision),
         "model_revision": str(revision or ""),
@@ -140,14 +160,9 @@ def namespace_fields(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig"
         "quantization": str(model_config.quantization or ""),
         "hf_overrides": _settings_hash(model_config.hf_overrides),
         "num_layers": len(group.layer_names),
-        "num_kv_heads": int(spec.num_kv_heads),
-        "head_size": int(spec.head_size),
         "dtype": str(model_config.dtype).removeprefix("torch."),
         "kv_cache_dtype": str(vllm_config.cache_config.cache_dtype),
-        "kv_dtype": str(spec.dtype).removeprefix("torch."),
-        "block_size": int(spec.block_size),
-        "kv_layout": kv_layout_name(vllm_config, int(spec.head_size), int(spec.block_size)),
-        **split_page_field(vllm_config, kv_cache_config, spec),
+        **geometry,
         "tp_size": int(parallel.tensor_parallel_size),
         "pp_size": int(parallel.pipeline_parallel_size),
         "hash_algo": str(vllm_config.cache_config.prefix_caching_hash_algo),

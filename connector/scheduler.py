@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 from lmcache_fs.storage.index import ChunkIndex
 
 from .groups import GroupGeometry, loads_asynchronously
+from .mamba_state import HandedStates, handed_states
 from .metadata import HitSummary, LMCacheFSMetadata, LoadOp, SaveOp
 from .vllm_compat import resumed_requests
 
@@ -70,6 +71,9 @@ class SchedulerSide:
         self.blocks_per_chunk = chunk_size // block_size
         self._full = [g for g, (geo, _) in enumerate(self.groups) if geo.kind == "full"]
         self._windowed = [g for g, (geo, _) in enumerate(self.groups) if geo.kind != "full"]
+        # Linear-attention state groups: their block tables are not append-only (vLLM nulls
+        # and moves their blocks), so their saves take the blocks vLLM hands over instead.
+        self._states = [g for g, (geo, _) in enumerate(self.groups) if geo.kind == "state"]
         self.hashes_per_chunk = chunk_size // hash_block_size
         self.can_load = can_load
         self.can_save = can_save
@@ -212,11 +216,13 @@ class SchedulerSide:
         if not self.can_save:
             return meta
         scheduled = scheduler_output.num_scheduled_tokens
+        states = handed_states(scheduler_output)
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._tracked.get(new.req_id)
             if tracked is not None:
                 tracked.block_ids = [list(ids) for ids in new.block_ids]
-                self._plan_saves(tracked, new.num_computed_tokens + scheduled[new.req_id], meta)
+                self._plan_saves(tracked, new.num_computed_tokens + scheduled[new.req_id], meta,
+                                 states.get(new.req_id, {}))
         # A preempted request that runs again comes with its whole new block table: as a new
         # request (vLLM 0.34), or as a resumed cached one (0.32, 0.33).
         cached = scheduler_output.scheduled_cached_reqs
@@ -232,7 +238,8 @@ class SchedulerSide:
             elif new_ids:
                 for ids, more in zip(tracked.block_ids, new_ids):
                     ids.extend(more)
-            self._plan_saves(tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
+            self._plan_saves(tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta,
+                             states.get(req_id, {}))
         self._recent_saves.append(meta.saves)
         if self._finished_blocks:  # keep only those whose saves are still recent
             recent = {op.req_id for saves in self._recent_saves for op in saves}
@@ -330,8 +337,22 @@ class SchedulerSide:
 
     # -- stores -------------------------------------------------------------
 
+    def _held_blocks(self, tracked: _Tracked, group: int, chunk: int,
+                     states: HandedStates) -> tuple[int, ...]:
+        """The blocks of ``chunk`` that ``group``'s file holds, as this step leaves them.
+
+        Attention groups: from the block table, all still real blocks (vLLM frees
+        them later, not before). A state group: the block vLLM handed over with the
+        state at the chunk's end, or none (no state was kept there).
+        """
+        stop = (chunk + 1) * self.blocks_per_chunk
+        if self.groups[group][0].kind == "state":
+            block = states.get((group, stop * self.block_size))
+            return () if block is None else (block,)
+        return tuple(tracked.block_ids[group][self.groups[group][0].first_held_block(chunk):stop])
+
     def _plan_saves(self, tracked: _Tracked, computed_after_step: int,
-                    meta: LMCacheFSMetadata) -> None:
+                    meta: LMCacheFSMetadata, states: HandedStates) -> None:
         request = tracked.request
         if tracked.next_chunk >= request.num_prompt_tokens // self.chunk_size:
             return  # every full prompt chunk is planned (decode steps end here)
@@ -341,19 +362,19 @@ class SchedulerSide:
         for chunk in range(tracked.next_chunk, len(keys)):
             key = keys[chunk]
             stop = (chunk + 1) * self.blocks_per_chunk
-            if any(len(ids) < stop for ids in tracked.block_ids):
+            if any(len(ids) < stop for g, ids in enumerate(tracked.block_ids)
+                   if g not in self._states):
                 break
             tracked.next_chunk = chunk + 1
-            # Each group's blocks of the chunk that its files hold: all still real
-            # blocks, as this step computes them (vLLM frees them later, not before).
-            missing = [g for g in range(len(self.groups)) if not self._present(key, g)]
-            if self._save_pending(key) or not missing:
+            held = {g: self._held_blocks(tracked, g, chunk, states) for g in range(len(self.groups))}
+            missing = [g for g, blocks in held.items() if blocks and not self._present(key, g)]
+            if self._save_pending(key):  # but a state: vLLM hands it over this once
+                missing = [g for g in missing if g in self._states]
+            if not missing:
                 continue
             if len(self._save_requested) > _SAVE_REQUESTED_MAX:
                 self._save_requested.clear()
             self._save_requested[key] = time.monotonic()
             parent = keys[chunk - 1] if chunk else ""
             for g in missing:
-                first = self.groups[g][0].first_held_block(chunk)
-                meta.saves.append(SaveOp(request.request_id, key, parent, chunk,
-                                         tuple(tracked.block_ids[g][first:stop]), g))
+                meta.saves.append(SaveOp(request.request_id, key, parent, chunk, held[g], g))

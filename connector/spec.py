@@ -149,5 +149,6 @@ class LMCacheFSSpec:
             groups.append(GroupFiles(
                 ChunkStore(layout, cfg.file_mode, mac_key=self.mac_key),
                 self.kv_cache_config.kv_cache_groups[g].layer_names, geometry.held_blocks,
-                counts_tokens=g == counting_group and tp_group.rank_in_group == 0))
+                counts_tokens=g == counting_group and tp_group.rank_in_group == 0,
+                holds_states=geometry.kind == "state"))
         return WorkerSide(context, groups)

@@ -13,6 +13,7 @@ from vllm.v1.kv_cache_interface import (
 
 from lmcache_fs.config import ConfigError
 
+from .mamba_state import check_state_group, is_state_spec
 from .namespace import layer_specs
 from .vllm_compat import drafter_keeps_kv
 
@@ -30,9 +31,10 @@ def check_supported(kv_cache_config: "KVCacheConfig", parallel: "ParallelConfig"
                     speculative: Any = None) -> None:
     """Refuse engines whose KV lmcache-fs could not store and load faithfully.
 
-    - KV cache groups other than full, sliding-window and chunked-local attention:
-      Mamba and linear-attention layers keep a recurrent state, not per-token
-      blocks; lmcache-fs stores none.
+    - KV cache groups other than full, sliding-window and chunked-local attention
+      and Gated DeltaNet states (see ``check_state_group`` for the states it refuses:
+      other kinds, cache modes other than align, speculative decoding), and engines
+      of linear-attention layers alone (untested: no attention layer waits for a load).
     - Groups of different block sizes: one chunk spans the same blocks in every group.
     - Pipeline parallelism: a stage whose load fails cannot tell the others before
       they store what they computed over it (vLLM keeps several steps in flight).
@@ -46,13 +48,19 @@ def check_supported(kv_cache_config: "KVCacheConfig", parallel: "ParallelConfig"
     groups = kv_cache_config.kv_cache_groups
     for group in groups:
         for one in layer_specs(group.kv_cache_spec):
-            if type(one) not in _STORED_SPECS:
+            if is_state_spec(one):
+                check_state_group(one, group.layer_names[0], len(group.layer_names), speculative)
+            elif type(one) not in _STORED_SPECS:
                 raise ConfigError(
                     f"lmcache-fs cannot store the KV cache of layer {group.layer_names[0]} "
                     f"({len(group.layer_names)} layers of this kind): its spec is "
-                    f"{type(one).__name__} (a Mamba / linear-attention state or another kind lmcache-fs "
-                    "does not store; it stores full, sliding-window and chunked-local attention): "
+                    f"{type(one).__name__}, a kind lmcache-fs does not store (it stores full, "
+                    "sliding-window and chunked-local attention and Gated DeltaNet states): "
                     "remove the kv-transfer-config")
+    if all(is_state_spec(layer_specs(g.kv_cache_spec)[0]) for g in groups):
+        raise ConfigError("lmcache-fs does not store models of linear-attention layers alone "
+                          "(untested: it serves hybrids such as Qwen3-Next, whose attention "
+                          "layers are there too): remove the kv-transfer-config")
     block_sizes = {int(g.kv_cache_spec.block_size) for g in groups}
     if len(block_sizes) > 1:
         raise ConfigError(f"lmcache-fs needs one block size in every KV cache group; this engine "

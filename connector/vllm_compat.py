@@ -27,6 +27,9 @@ What each release changed, and what lmcache-fs does about it:
 - 0.34: ``may_load_async(request)``: engines that load asynchronously (several
   KV cache groups) answer it, so under ``--max-num-inflight-kv-loads`` their
   loads may start while the running batch is full.
+- 0.34: ``MambaSpec.state_alignment``: each state of a linear-attention layer
+  starts at a multiple of it within the page (``state_alignment``; 1, packed, is
+  what earlier releases do). It is part of a state group's namespace.
 - 0.34: ``kv_cache_access()`` (default in-process, which is how workers use the
   tensors), ``supports_lookahead_block_hashes()`` (default False: block hashes,
   and so chunk keys, stay the prompt's own; opting in would make a block's hash
@@ -68,6 +71,7 @@ class Change:
 
 _BASE = "vllm/distributed/kv_transfer/kv_connector/v1/base.py"
 _SCHED_OUTPUT = "vllm/v1/core/sched/output.py"
+_KV_CACHE_INTERFACE = "vllm/v1/kv_cache_interface.py"
 
 CHANGES = (
     Change("0.33.0", _BASE, "KVConnectorBase_V1", "supports_sleep_mode", added=True),
@@ -75,6 +79,7 @@ CHANGES = (
     Change("0.33.0", _BASE, "KVConnectorBase_V1", "restore_kv_caches", added=True),
     Change("0.34.0", _BASE, "KVConnectorBase_V1", "may_load_async", added=True),
     Change("0.34.0", _SCHED_OUTPUT, "CachedRequestData", "resumed_req_ids", added=False),
+    Change("0.34.0", _KV_CACHE_INTERFACE, "MambaSpec", "state_alignment", added=True),
 )
 
 
@@ -86,6 +91,12 @@ def resumed_requests(cached: "CachedRequestData") -> Collection[str]:
     instead, so no cached request is resumed.
     """
     return getattr(cached, "resumed_req_ids", ())
+
+
+def state_alignment(spec: Any) -> int:
+    """The byte alignment of each state within a linear-attention page: vLLM 0.34's
+    ``MambaSpec.state_alignment``, or 1 (states packed back to back) before it."""
+    return int(getattr(spec, "state_alignment", 1))
 
 
 def drafter_keeps_kv(speculative_config: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,15 @@ def artifacts_dir() -> Path:
     path = REPO / "tests" / "artifacts"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def notes(request, artifacts_dir):
+    """What a module's tests measured: a dict they fill, written at the module's end as JSON to
+    ``tests/artifacts/`` under the module's ``NOTES_FILE``."""
+    found: dict = {}
+    yield found
+    (artifacts_dir / request.module.NOTES_FILE).write_text(json.dumps(found, indent=2) + "\n")
 
 
 # CI honesty: where CI=true, a skipped engine, fault or browser test fails the run, since

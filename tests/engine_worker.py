@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--speculative-config", default="", help="JSON speculative_config, or empty")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--engine-args", default="", help="JSON of more vllm.LLM arguments")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -37,6 +38,8 @@ def main() -> None:
         kwargs["enable_chunked_prefill"] = True
     if args.speculative_config:
         kwargs["speculative_config"] = json.loads(args.speculative_config)
+    if args.engine_args:
+        kwargs.update(json.loads(args.engine_args))
     llm = LLM(args.model, enforce_eager=True, kv_cache_memory_bytes=512 << 20,
               max_model_len=args.max_model_len, seed=0, dtype=args.dtype,
               tensor_parallel_size=args.tensor_parallel_size, **kwargs)

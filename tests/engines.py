@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -47,7 +48,8 @@ class EngineProcess:
     def __init__(self, model: Path, log_path: Path, connector: dict[str, Any] | None = None,
                  max_num_batched_tokens: int = 0, env: dict[str, str] | None = None,
                  max_model_len: int = 8192, dtype: str = "float32",
-                 speculative: dict[str, Any] | None = None, tensor_parallel_size: int = 1):
+                 speculative: dict[str, Any] | None = None, tensor_parallel_size: int = 1,
+                 engine_args: dict[str, Any] | None = None):
         # float32 by default: a random model's logits are often nearly tied, and in
         # bf16 the rounding of another, equally correct computation order (chunked
         # prefill, a prefix loaded from the cache) can flip a greedy pick. In float32
@@ -61,10 +63,14 @@ class EngineProcess:
             cmd += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
         if speculative is not None:
             cmd += ["--speculative-config", json.dumps(speculative)]
+        if engine_args:
+            cmd += ["--engine-args", json.dumps(engine_args)]
         self.log_path = log_path
         self._log = open(log_path, "w")
+        # A session of its own: kill() takes the engine core and workers with it.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     start_new_session=True,
                                      env={**os.environ, **one_thread_per_worker(tensor_parallel_size),
                                           **(env or {})})
         self._read_reply(START_TIMEOUT_S)
@@ -111,13 +117,19 @@ class EngineProcess:
     def reset_prefix_cache(self) -> None:
         self.command("reset_prefix_cache")
 
+    def kill(self) -> None:
+        """SIGKILL the engine and its engine core and workers at once, as a crash would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
                 self.command("quit", timeout_s=60)
                 self.proc.wait(timeout=60)
             except Exception:
-                self.proc.kill()
+                self.kill()
         self._log.close()
 
 

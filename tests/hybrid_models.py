@@ -11,6 +11,9 @@ gives them several KV cache groups:
 - ``llama4``: Llama-4 text, chunked local attention (chunks of 256 tokens) in
   three layers of four, full attention (no RoPE) in the fourth; small MoE
   (vLLM: four groups of one layer).
+- ``qwen3_next``: Qwen3-Next, Gated DeltaNet (linear attention) and full-attention
+  layers alternating, small MoE; vLLM's CPU build runs it in bf16 only and gives it
+  two KV cache groups (a Mamba group of linear-attention states, a full one).
 """
 
 from __future__ import annotations
@@ -71,7 +74,23 @@ def _llama4(vocab_size: int, bos: int, eos: int):
     return transformers.Llama4ForCausalLM(config)
 
 
-BUILDERS = {"gemma3": _gemma3, "alternating": _alternating, "llama4": _llama4}
+def _qwen3_next(vocab_size: int, bos: int, eos: int):
+    import transformers
+
+    config = transformers.Qwen3NextConfig(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        layer_types=["linear_attention", "full_attention"] * 2, linear_conv_kernel_dim=4,
+        linear_key_head_dim=64, linear_value_head_dim=64, linear_num_key_heads=2,
+        linear_num_value_heads=4, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=256, shared_expert_intermediate_size=256,
+        max_position_embeddings=32768, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+        tie_word_embeddings=False, dtype="bfloat16")
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+BUILDERS = {"gemma3": _gemma3, "alternating": _alternating, "llama4": _llama4,
+            "qwen3_next": _qwen3_next}
 
 
 def build_hybrid_model(path: Path, family: str, tokenizer_source: Path, seed: int = 0) -> Path:
@@ -126,6 +145,14 @@ def files_by_group(storage: Path) -> dict[Path, int]:
 
 def wait_for_files(storage: Path, count: int) -> dict[Path, int]:
     return wait_for_count(lambda: files_by_group(storage), count)
+
+
+def by_chunk(files: dict[Path, int]) -> dict[tuple[int, int], Path]:
+    """Chunk files (from :func:`files_by_group`) by (KV cache group, chunk index in the prompt)."""
+    from lmcache_fs.ops.inspection import read_header
+
+    return {(group, int(read_header(path).metadata["chunk_index"])): path
+            for path, group in files.items()}
 
 
 def kv_capacity(engine: Any) -> int:

@@ -23,6 +23,7 @@ from hybrid_models import (
     GEMMA3_WINDOW,
     assert_same_output,
     build_hybrid_model,
+    by_chunk,
     files_by_group,
     generate_with_logprobs,
     kv_capacity,
@@ -89,8 +90,7 @@ def _stored_by_a(engines, storage: Path, prompt: list[int]) -> dict[tuple[int, i
     before = files_by_group(storage)
     engines["a"].generate([prompt])
     files = wait_for_files(storage, len(before) + GROUPS * (PROMPT_LEN // CHUNK))
-    return {(group, int(read_header(path).metadata["chunk_index"])): path
-            for path, group in files.items() if path not in before}
+    return by_chunk({path: group for path, group in files.items() if path not in before})
 
 
 def test_hybrid_manager_stays_on_and_capacity_is_plain_vllms(engines):

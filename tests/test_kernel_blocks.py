@@ -10,7 +10,6 @@ vLLM's own function (the GPU machines have no vLLM, so the views are built here)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -201,20 +200,13 @@ def test_the_cuda_kernel_moves_whole_blocks_of_split_caches_and_nothing_else(cas
 
 def _fields(layout: str | None, block_size: int, kernel: int | None) -> dict:
     pytest.importorskip("vllm")
+    from vllm_objects import engine_configs
+
     from lmcache_fs.connector.namespace import namespace_fields
 
-    vllm_config = SimpleNamespace(
-        model_config=SimpleNamespace(model="org/M", revision=None, dtype=torch.bfloat16,
-                                     quantization=None, hf_overrides={},
-                                     hf_config=SimpleNamespace(_commit_hash="abc")),
-        cache_config=SimpleNamespace(cache_dtype="auto", prefix_caching_hash_algo="sha256",
-                                     kv_cache_layout=None),
-        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1))
-    kv_cache_config = SimpleNamespace(
-        kv_cache_groups=[SimpleNamespace(kv_cache_spec=_vllm_spec(block_size, kernel),
-                                         layer_names=NAMES)],
-        kv_cache_layout=_vllm_layout(layout).name if layout else None)
-    return namespace_fields(vllm_config, kv_cache_config, 4 * block_size)
+    configs = engine_configs([_vllm_spec(block_size, kernel)], layer_names=NAMES,
+                             kv_cache_layout=_vllm_layout(layout).name if layout else None)
+    return namespace_fields(*configs, 4 * block_size)
 
 
 def _name(fields: dict) -> str:

@@ -58,6 +58,7 @@ LOADED_BYTES = "vllm:lmcache_fs_loaded_bytes_total"
 LOAD_ERRORS = "vllm:lmcache_fs_load_errors_total"
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"  # vLLM's own count of connector hits
 CLI = Path(sys.executable).with_name("lmcache-fs")
+NOTES_FILE = "tp2-engines.json"  # what the tests measured (the notes fixture, conftest.py)
 
 _rng = random.Random(28)
 
@@ -171,14 +172,6 @@ def _cli(storage: Path, *args: str) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tp2-kv")
-
-
-@pytest.fixture(scope="module")
-def notes(artifacts_dir):
-    """What the engines measured, for tests/artifacts/tp2-engines.json."""
-    found: dict = {}
-    yield found
-    (artifacts_dir / "tp2-engines.json").write_text(json.dumps(found, indent=2) + "\n")
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,22 @@ are real ``SchedulerOutput``s. :func:`as_of_0_34` turns a step into what vLLM
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Sequence
+from types import SimpleNamespace
+from typing import Any, Iterable, Sequence
+
+import torch
 
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core import kv_cache_utils
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
-from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.core.sched.output import (
+    CachedRequestData,
+    KVConnectorBlockState,
+    NewRequestData,
+    SchedulerOutput,
+)
 from vllm.v1.request import Request
 
 _HASH = get_hash_fn_by_name("sha256")
@@ -60,14 +68,41 @@ def cached_requests(*running: tuple[str, int, Sequence[Sequence[int]] | None],
 
 
 def step(new: Iterable[NewRequestData] = (), cached: CachedRequestData | None = None,
-         scheduled: dict[str, int] | None = None) -> SchedulerOutput:
-    """One step's ``SchedulerOutput``; ``scheduled``: tokens per request this step."""
+         scheduled: dict[str, int] | None = None,
+         handed: dict[str, list[tuple[int, int, int]]] | None = None) -> SchedulerOutput:
+    """One step's ``SchedulerOutput``; ``scheduled``: tokens per request this step; ``handed``:
+    the boundary states vLLM's Mamba managers handed over, ``{req_id: [(group, block id,
+    tokens)]}`` (as ``KVCacheManager.take_boundary_state_offloads`` returns them)."""
     scheduled = scheduled or {}
+    block_state = None
+    if handed is not None:
+        block_state = KVConnectorBlockState(req_ids=set(scheduled) | set(handed),
+                                            resolve_block_ids=lambda _: (),
+                                            boundary_state_offloads=handed)
     return SchedulerOutput(
         scheduled_new_reqs=list(new), scheduled_cached_reqs=cached or CachedRequestData.make_empty(),
         num_scheduled_tokens=scheduled, total_num_scheduled_tokens=sum(scheduled.values()),
         scheduled_spec_decode_tokens={}, scheduled_encoder_inputs={}, finished_req_ids=set(),
-        free_encoder_mm_hashes=[])
+        free_encoder_mm_hashes=[], kv_connector_block_state=block_state)
+
+
+def engine_configs(specs: Sequence[Any], tp_size: int = 1, kv_cache_layout: str | None = None,
+                   layer_names: Sequence[str] | None = None) -> tuple[Any, Any]:
+    """The parts of a ``VllmConfig`` and a ``KVCacheConfig`` that an engine's namespace reads:
+    model ``org/M`` (bf16, a hub commit), one KV cache group per spec (of ``layer_names``,
+    default one layer each)."""
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(model="org/M", revision=None, dtype=torch.bfloat16,
+                                     quantization=None, hf_overrides={},
+                                     hf_config=SimpleNamespace(_commit_hash="abc")),
+        cache_config=SimpleNamespace(cache_dtype="auto", prefix_caching_hash_algo="sha256",
+                                     kv_cache_layout=None),
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp_size, pipeline_parallel_size=1))
+    kv_cache_config = SimpleNamespace(
+        kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=list(layer_names or [f"l{g}"]))
+                         for g, spec in enumerate(specs)],
+        kv_cache_layout=kv_cache_layout)
+    return vllm_config, kv_cache_config
 
 
 def as_of_0_34(output: SchedulerOutput) -> SchedulerOutput:
