@@ -11,6 +11,7 @@ from typing import Callable, Sized, TypeVar
 import torch
 
 from lmcache_fs.ops.inspection import open_chunk_path
+from lmcache_fs.ops.inventory import scan_directory, total_size
 from lmcache_fs.storage.codec import ChunkHeader
 from lmcache_fs.storage.layout import ChunkLayout, Namespace
 from lmcache_fs.storage.manifest import write_manifest
@@ -32,6 +33,11 @@ def make_store(root: str | os.PathLike[str], **fields: object) -> ChunkStore:
     layout = ChunkLayout(root, Namespace({**FIELDS, **fields}))
     write_manifest(layout)
     return ChunkStore(layout)
+
+
+def record_bytes(root: str | os.PathLike[str]) -> int:
+    """What the cache's records (each namespace's manifest, markers, pins) add to the budget."""
+    return total_size(scan_directory(root).budgeted_records)
 
 
 def prefix_keys(prompt: str, n: int) -> list[str]:

@@ -5,18 +5,19 @@ import logging
 import os
 
 import pytest
-from cachedir import FakeClock, chunk, make_store, prefix_keys
+from cachedir import FakeClock, chunk, make_store, prefix_keys, record_bytes
 from test_eviction import CHUNK_BYTES
 
 from lmcache_fs.ops.eviction import Evictor
-from lmcache_fs.ops.inventory import scan_chunks, total_size
+from lmcache_fs.ops.inventory import scan_directory
 from lmcache_fs.storage.layout import usage_path
 from lmcache_fs.storage.usage import BudgetGuard, read_usage, write_usage
 from lmcache_fs.storage.writer import BackgroundWriter
 
 
 def _directory_bytes(root):
-    return sum(total_size(scan_chunks(ns)) for ns in root.iterdir() if ns.is_dir())
+    """What a pass would measure: the chunks and the namespaces' records."""
+    return scan_directory(root).bytes
 
 
 def _store_all(writer, keys):
@@ -86,9 +87,10 @@ def test_a_budgeted_pass_shares_what_the_directory_holds_after_it(tmp_path):
     store = make_store(tmp_path)
     for key in prefix_keys("p", 10):
         store.save(key, chunk(key), {})
-    report = Evictor(tmp_path, max_bytes=8 * CHUNK_BYTES, low_watermark=0.5).run_pass()
+    budget = 8 * CHUNK_BYTES + 2 * record_bytes(tmp_path)  # half of it: 4 chunks and the records
+    report = Evictor(tmp_path, max_bytes=budget, low_watermark=0.5).run_pass()
     assert report.evicted_chunks == 6
-    assert read_usage(tmp_path) == (report.bytes_after, 8 * CHUNK_BYTES)
+    assert read_usage(tmp_path) == (report.bytes_after, budget)
     assert report.bytes_after == _directory_bytes(tmp_path)
 
 
@@ -105,8 +107,8 @@ def test_only_a_pass_that_ran_with_a_budget_shares_a_measure(tmp_path):
 
 def test_writers_stop_at_the_budget_while_no_pass_runs(tmp_path, caplog):
     """The evicting engine was killed: until another takes the lease over, writers hold the line."""
-    budget = 12 * CHUNK_BYTES
     store = make_store(tmp_path)
+    budget = 12 * CHUNK_BYTES + record_bytes(tmp_path)
     for key in prefix_keys("before", 4):
         store.save(key, chunk(key), {})
     assert Evictor(tmp_path, max_bytes=budget).run_pass().ran  # measures 4 chunks, then dies
@@ -121,8 +123,9 @@ def test_writers_stop_at_the_budget_while_no_pass_runs(tmp_path, caplog):
 
 
 def test_several_writers_overshoot_by_at_most_the_room_each_saw(tmp_path):
-    budget, measured = 12 * CHUNK_BYTES, 8 * CHUNK_BYTES
     stores = [make_store(tmp_path, tp_rank=rank) for rank in range(3)]
+    records = record_bytes(tmp_path)
+    budget, measured = 12 * CHUNK_BYTES + records, 8 * CHUNK_BYTES + records
     for key in prefix_keys("before", 8):
         stores[0].save(key, chunk(key), {})
     assert Evictor(tmp_path, max_bytes=budget, high_watermark=1.0, low_watermark=0.5
@@ -137,8 +140,9 @@ def test_several_writers_overshoot_by_at_most_the_room_each_saw(tmp_path):
 
 def test_the_next_pass_makes_room_and_stores_resume(tmp_path):
     clock = FakeClock()
-    budget = 10 * CHUNK_BYTES
     store = make_store(tmp_path)
+    records = record_bytes(tmp_path)
+    budget = 10 * CHUNK_BYTES + records
     evictor = Evictor(tmp_path, max_bytes=budget, low_watermark=0.5)
     evictor.run_pass()
     writer = BackgroundWriter(store, max_queue=64,
@@ -146,10 +150,11 @@ def test_the_next_pass_makes_room_and_stores_resume(tmp_path):
     _store_all(writer, prefix_keys("first", 15))
     assert writer.stats.published == 10 and _directory_bytes(tmp_path) == budget
     evictor.run_pass()  # over the high watermark: down to half the budget
+    kept = (budget // 2 - records) // CHUNK_BYTES
     clock.now = 1.0
     _store_all(writer, prefix_keys("second", 15))
     writer.close()
-    assert writer.stats.published == 15 and _directory_bytes(tmp_path) == budget
+    assert writer.stats.published == 10 + (10 - kept) and _directory_bytes(tmp_path) == budget
     evictor.close()
 
 
@@ -170,8 +175,8 @@ def test_the_usage_file_is_replaced_whole(tmp_path, monkeypatch):
 
 def test_the_groups_of_one_worker_share_one_count(tmp_path):
     """A hybrid model's KV cache groups each have a writer; one guard keeps their sum in budget."""
-    budget = 12 * CHUNK_BYTES
     stores = [make_store(tmp_path, kv_group=group) for group in range(3)]
+    budget = 12 * CHUNK_BYTES + record_bytes(tmp_path)
     for key in prefix_keys("before", 4):
         stores[0].save(key, chunk(key), {})
     Evictor(tmp_path, max_bytes=budget, high_watermark=1.0, low_watermark=0.5).run_pass()
@@ -226,7 +231,8 @@ def test_only_bytes_that_reach_the_disk_count(tmp_path, monkeypatch):
     _store_all(writer, prefix_keys("s", 5))  # room for exactly two more
     writer.close()
     assert writer.stats.published == 4 and writer.stats.skipped["budget"] == 3
-    assert _directory_bytes(tmp_path) == budget + 2 * CHUNK_BYTES  # the two planted first
+    # the two planted first, and the records (the usage was written by hand, not measured)
+    assert _directory_bytes(tmp_path) == budget + 2 * CHUNK_BYTES + record_bytes(tmp_path)
 
 
 def test_the_usage_file_gets_the_configured_mode_whatever_the_umask(tmp_path):

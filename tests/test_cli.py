@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cachedir import make_store, prefix_keys, save_prefix, set_mtime
+from cachedir import make_store, prefix_keys, record_bytes, save_prefix, set_mtime
 
 from lmcache_fs.model_identity import model_identity
 from lmcache_fs.ops import pins
@@ -350,9 +350,9 @@ def test_stats_reads_the_budget_from_the_engines_config_file(capsys, cache, tmp_
     code, data = run(capsys, "stats", "--config", str(config))
     assert code == EXIT_OK
     assert data["chunks"] == 6 and data["budget_bytes"] == 100_000
-    # the chunks, the temporary and the config file (a foreign file, since the test put it
-    # in the cache directory): every byte under the directory counts but the cache's records
-    used = 6 * 5120 + 1 + config.stat().st_size
+    # the chunks, the temporary, the namespace's records and the config file (a foreign file,
+    # since the test put it in the cache directory): every byte under the directory counts
+    used = 6 * 5120 + 1 + record_bytes(tmp_path) + config.stat().st_size
     assert data["budget_used"] == pytest.approx(used / 100_000)
     assert data["foreign"] == 1 and data["foreign_bytes"] == config.stat().st_size
     assert data["temporaries"] == 1 and data["evictor"] is None
@@ -364,8 +364,9 @@ def test_stats_says_what_the_last_pass_measured_for_the_writers(capsys, cache, t
     code, _ = run(capsys, "gc", "--storage-path", str(tmp_path), "--max-disk-size-gb", "1")
     assert code == EXIT_OK
     code, data = run(capsys, "stats", "--storage-path", str(tmp_path))
-    assert code == EXIT_OK and data["last_pass_bytes"] == 6 * 5120
-    assert read_usage(tmp_path) == (6 * 5120, 10**9)
+    measured = 6 * 5120 + record_bytes(tmp_path)
+    assert code == EXIT_OK and data["last_pass_bytes"] == measured
+    assert read_usage(tmp_path) == (measured, 10**9)
     main(["stats", "--storage-path", str(tmp_path)])
     assert "last pass measured 31 KB" in capsys.readouterr().out
 

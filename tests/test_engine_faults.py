@@ -27,8 +27,9 @@ from lmcache_fs.ops.inspection import read_header
 from lmcache_fs.ops.inventory import (
     namespace_dirs,
     scan_chunks,
+    scan_directory,
     scan_quarantine,
-    scan_temporaries,
+    total_size,
 )
 from lmcache_fs.storage.codec import ChunkFileError, write_chunk_file
 from lmcache_fs.storage.layout import chunk_path
@@ -286,9 +287,8 @@ class TestTwoNodesWithoutSharedFileEvents:
         them (after the quarantined files, which always go first)."""
         for path in paths:
             os.utime(path, (time.time() - 3600, time.time() - 3600))
-        quarantined = sum(e.size for e in scan_quarantine(source))
-        total = sum(c.size for ns in namespace_dirs(source) for c in scan_chunks(ns))
-        total += quarantined + sum(e.size for e in scan_temporaries(source))
+        contents = scan_directory(source)
+        total, quarantined = contents.bytes, total_size(contents.quarantined)
         victims = sum(p.stat().st_size for p in paths)
         evictor = Evictor(source, max_bytes=total, high_watermark=0.99,
                           low_watermark=(total - quarantined - victims + 1000) / total)

@@ -7,7 +7,8 @@ import threading
 import time
 
 import pytest
-from cachedir import chunk, files_under, load_ok, make_store, prefix_keys, save_prefix, set_mtime
+from cachedir import (chunk, files_under, load_ok, make_store, prefix_keys, record_bytes,
+                      save_prefix, set_mtime)
 from test_lease import fill_filesystem
 
 from lmcache_fs.config import load_config
@@ -32,6 +33,11 @@ def _present(store, keys):
     return [k for k in keys if store.layout.chunk_path(k).exists()]
 
 
+def _keeping(root, chunks):
+    """A budget whose low watermark of 0.5 holds exactly ``chunks`` chunks and the records."""
+    return 2 * (chunks * CHUNK_BYTES + record_bytes(root))
+
+
 def _one_pass(root, **kwargs):
     """One pass as ``lmcache-fs gc`` runs it: take the lease, evict, give the lease back."""
     evictor = Evictor(root, **kwargs)
@@ -49,7 +55,8 @@ def store(tmp_path):
 def test_below_the_high_watermark_nothing_is_evicted(tmp_path, store):
     keys = prefix_keys("p", 10)
     save_prefix(store, keys)
-    report = _one_pass(tmp_path, max_bytes=int(10 * CHUNK_BYTES / 0.95) + 1)
+    held = 10 * CHUNK_BYTES + record_bytes(tmp_path)
+    report = _one_pass(tmp_path, max_bytes=int(held / 0.95) + 1)
     assert report.ran and report.evicted_chunks == 0
     assert _present(store, keys) == keys
 
@@ -58,11 +65,11 @@ def test_over_budget_the_least_recently_used_go_first_down_to_the_low_watermark(
     keys = prefix_keys("p", 10)
     save_prefix(store, keys)
     _aged(store, keys, time.time() - 1000)
-    report = Evictor(tmp_path, max_bytes=8 * CHUNK_BYTES, high_watermark=0.9,
+    report = Evictor(tmp_path, max_bytes=_keeping(tmp_path, 4), high_watermark=0.9,
                      low_watermark=0.5).run_pass()
-    assert report.evicted_chunks == 6  # 10 chunks down to 4 = 0.5 x 8
+    assert report.evicted_chunks == 6  # 10 chunks down to 4
     assert _present(store, keys) == keys[6:]
-    assert report.bytes_after == 4 * CHUNK_BYTES
+    assert report.bytes_after == 4 * CHUNK_BYTES + record_bytes(tmp_path)
 
 
 def test_the_budget_covers_every_namespace_of_the_directory(tmp_path):
@@ -73,7 +80,7 @@ def test_the_budget_covers_every_namespace_of_the_directory(tmp_path):
     now = time.time()
     _aged(a, keys_a, now - 2000)  # all of a is older than all of b
     _aged(b, keys_b, now - 1000)
-    _one_pass(tmp_path, max_bytes=6 * CHUNK_BYTES, low_watermark=0.5)
+    _one_pass(tmp_path, max_bytes=_keeping(tmp_path, 3), low_watermark=0.5)
     assert _present(a, keys_a) == [] and _present(b, keys_b) == keys_b[2:]
 
 
@@ -82,7 +89,7 @@ def test_a_load_hit_makes_a_chunk_recently_used(tmp_path, store):
     save_prefix(store, keys)
     _aged(store, keys, time.time() - 1000)
     assert load_ok(store, keys[0])  # the oldest, but used now
-    _one_pass(tmp_path, max_bytes=4 * CHUNK_BYTES, low_watermark=0.5)
+    _one_pass(tmp_path, max_bytes=_keeping(tmp_path, 2), low_watermark=0.5)
     assert _present(store, keys) == [keys[0], keys[3]]
 
 
@@ -91,7 +98,7 @@ def test_storing_a_chunk_that_exists_counts_as_a_use(tmp_path, store):
     save_prefix(store, keys)
     _aged(store, keys, time.time() - 1000)
     assert store.save(keys[0], chunk(keys[0]), {}) is False  # another instance stored it again
-    _one_pass(tmp_path, max_bytes=2 * CHUNK_BYTES, low_watermark=0.5)
+    _one_pass(tmp_path, max_bytes=_keeping(tmp_path, 1), low_watermark=0.5)
     assert _present(store, keys) == [keys[0]]
 
 
@@ -153,7 +160,7 @@ def test_a_chunk_is_evicted_for_every_rank_or_for_none(tmp_path):
         # Rank 0's files all older than rank 1's: file by file, LRU would take rank 0's
         # four, leaving four rank-1 files of which no chunk can hit.
         _aged(store, keys, time.time() - 1000 + 100 * rank)
-    report = _one_pass(tmp_path, max_bytes=8 * CHUNK_BYTES, high_watermark=0.9,
+    report = _one_pass(tmp_path, max_bytes=_keeping(tmp_path, 4), high_watermark=0.9,
                        low_watermark=0.5)
     assert report.evicted_chunks == 4  # files: the two oldest chunks, on both ranks
     assert [_present(store, keys) for store in ranks] == [keys[2:], keys[2:]]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cachedir import SHAPE, chunk, load_ok, make_store, prefix_keys, save_prefix
+from cachedir import SHAPE, chunk, load_ok, make_store, prefix_keys, record_bytes, save_prefix
 from test_lease import fill_filesystem
 
 from lmcache_fs.ops.cli import EXIT_OK, main
@@ -30,7 +30,8 @@ from lmcache_fs.ops.pins import PinStore
 from lmcache_fs.ops.verify import verify_namespace
 from lmcache_fs.storage.codec import ChunkFileError
 from lmcache_fs.storage.index import ChunkIndex
-from lmcache_fs.storage.layout import QUARANTINE_DIR, ChunkLayout, Namespace, lease_path
+from lmcache_fs.storage.layout import (QUARANTINE_DIR, ChunkLayout, Namespace, lease_path,
+                                      pin_file_name, pins_dir)
 from lmcache_fs.storage.manifest import write_manifest
 from lmcache_fs.storage.store import ChunkStore
 
@@ -197,7 +198,8 @@ def test_an_unreadable_fan_out_directory_stops_neither_eviction_nor_a_listing(ro
     assert [e.path for e in contents.unreadable] == [str(refused)]
     readable = [k for k in keys if k[:2] != refused.name]
     assert contents.namespaces[0].chunks == len(readable)
-    report = Evictor(root, max_bytes=2 * CHUNK_BYTES, low_watermark=0.5).run_pass()
+    budget = 2 * (CHUNK_BYTES + record_bytes(root))  # half of it: one chunk and the records
+    report = Evictor(root, max_bytes=budget, low_watermark=0.5).run_pass()
     assert report.ran and report.unreadable_entries == 1
     assert report.evicted_chunks == len(readable) - 1
 
@@ -232,6 +234,22 @@ def test_the_budget_counts_foreign_files_and_gc_removes_them_only_when_asked(cap
                         "--remove-foreign")
     assert report["removed_foreign"] == 4 and report["bytes_after"] < 2 * MB
     assert not (root / "stray.bin").exists() and not (root / "not-a-namespace").exists()
+
+
+def test_pins_planted_in_bulk_count_against_the_budget(capsys, root):
+    """A pin file may hold 16 MiB of keys and a neighbour may plant any number of them: records
+    of the cache's own, never removed by a pass, but counted like every other byte."""
+    store = make_store(root)
+    save_prefix(store, prefix_keys("p", 2))
+    pins = pins_dir(store.layout.directory)
+    pins.mkdir()
+    for key in prefix_keys("planted", 3):
+        (pins / pin_file_name(key)).write_bytes(os.urandom(MB))
+    code, data = _cli(capsys, "stats", "--storage-path", str(root))
+    assert code == EXIT_OK and data["bytes"] > 3 * MB and data["foreign"] == 0
+    code, report = _cli(capsys, "gc", "--storage-path", str(root), "--max-disk-size-gb",
+                        str(2 * MB / 1e9))
+    assert report["evicted_chunks"] == 2 and len(list(pins.iterdir())) == 3
 
 
 def test_a_quarantined_directory_counts_all_it_holds(root):

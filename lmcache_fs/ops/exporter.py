@@ -8,7 +8,7 @@ holds the eviction lease, so this one scanned nothing) is followed by the scan
 ``GET /health`` answers 200 while passes keep finishing (503 once the last one
 is older than the eviction lease's time to live: three intervals, at least 30 s).
 
-    lmcache_fs_directory_bytes 8.1e+09          chunks + quarantine + temporaries
+    lmcache_fs_directory_bytes 8.1e+09          every byte the budget counts
     lmcache_fs_namespace_chunks{namespace="..."} 1234
     lmcache_fs_evicted_chunks_total 56
     lmcache_fs_lease_held 1
@@ -59,7 +59,8 @@ class DirectoryMetrics:
             return Counter(name, doc, registry=r)
 
         self.directory_bytes = gauge("lmcache_fs_directory_bytes",
-                                     "Bytes in the cache directory: chunks, quarantine, temporaries.")
+                                     "Bytes in the cache directory that the budget counts: "
+                                     "chunks, quarantine, temporaries, records, foreign entries.")
         self.budget_bytes = gauge("lmcache_fs_budget_bytes",
                                   "max_disk_size_gb in bytes (0: no budget).")
         self.high_watermark_bytes = gauge("lmcache_fs_high_watermark_bytes",

@@ -21,8 +21,9 @@ blocks per namespace), what they hold is:
 - quarantined: the quarantine's entries, directories with all they hold;
 - records: ``namespace.json``, hash-seed markers, pins, ``eviction.lease``,
   ``eviction.usage``: files the cache keeps about itself, each within the size
-  the map allows it (a larger file at a record's name is foreign). They are
-  listed but not counted against the budget: a few KiB per namespace;
+  the map allows it (a larger file at a record's name is foreign). No pass
+  removes them; all but the pass's own lease and usage record count against
+  the budget (a neighbour can plant any number of pins or namespaces);
 - foreign: anything else (a file or directory at a name the map does not give,
   a symlink, FIFO, socket or device anywhere, a directory at a chunk's name).
   Foreign entries are counted and reported, never removed unless asked
@@ -223,10 +224,17 @@ class DirectoryContents:
         return any(e.errno in OUTAGE_ERRNOS for e in self.unreadable)
 
     @property
+    def budgeted_records(self) -> list[FileEntry]:
+        """The records the budget counts: all but the eviction pass's own lease and usage
+        record (one of each, 4 KiB at most, rewritten by the pass that measures). Pins and
+        namespaces' records count: each is small, but a neighbour can plant any number."""
+        return [e for e in self.records if len(e.parts) > 1]
+
+    @property
     def bytes(self) -> int:
-        """What an eviction pass holds to the budget: everything but the records."""
+        """What an eviction pass holds to the budget: every byte but the pass's own two records."""
         return sum(total_size(kind) for kind in (self.chunks, self.temporaries, self.quarantined,
-                                                 self.foreign))
+                                                 self.budgeted_records, self.foreign))
 
 
 class _ScanStopped(Exception):
