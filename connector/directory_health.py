@@ -28,7 +28,7 @@ class DirectoryHealth:
         """The workers' stats of a step (None, or :class:`LMCacheFSStats` data)."""
         data = getattr(stats, "data", None) or {}
         if data.get("directory_trips"):
-            self.breaker.switch_off("a worker's load or store got no answer")
+            self.breaker.switch_off("a worker's load or store timed out or failed as an outage does")
 
     def take_stats(self) -> LMCacheFSStats | None:
         """What the scheduler's breaker counted since the last call; None if nothing."""

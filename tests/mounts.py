@@ -7,10 +7,12 @@ where this machine does not allow it (not root, no mount permission, no FUSE).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -73,6 +75,20 @@ def bindfs_view(source: Path, path: Path) -> contextlib.AbstractContextManager[P
     return _mounted("a FUSE view (two-node test)", path, "bindfs", str(source), str(path), fuse=True)
 
 
+def _fuse_daemon(what: str, path: Path, *cmd: str) -> subprocess.Popen[bytes]:
+    """A FUSE daemon run in the foreground, once its mount at ``path`` is up (else a skip)."""
+    path.mkdir(parents=True, exist_ok=True)
+    daemon = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not os.path.ismount(path):
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            err = daemon.stderr.read().decode() if daemon.stderr else ""
+            daemon.kill()
+            pytest.skip(f"{what} did not mount {path}: {err.strip()}")
+        time.sleep(0.05)
+    return daemon
+
+
 class FreezableView:
     """A FUSE view of a directory whose daemon a test can stop and start: a hung NFS server
     (SIGSTOP: every call on the mount blocks) or a dead one (SIGKILL: ENOTCONN at once)."""
@@ -82,18 +98,9 @@ class FreezableView:
             pytest.skip("a FUSE view needs root to mount")
         if not os.path.exists("/dev/fuse") or shutil.which("bindfs") is None:
             pytest.skip("a FUSE view needs /dev/fuse and bindfs (Debian: apt-get install bindfs)")
-        path.mkdir(parents=True, exist_ok=True)
         self.path = path
         # In the foreground (-f), so the daemon's pid is the child's; multithreaded as usual.
-        self.daemon = subprocess.Popen(["bindfs", "-f", str(source), str(path)],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 20
-        while not os.path.ismount(path):
-            if self.daemon.poll() is not None or time.monotonic() > deadline:
-                err = self.daemon.stderr.read().decode() if self.daemon.stderr else ""
-                self.daemon.kill()
-                pytest.skip(f"bindfs did not mount {path}: {err.strip()}")
-            time.sleep(0.05)
+        self.daemon = _fuse_daemon("bindfs", path, "bindfs", "-f", str(source), str(path))
 
     def freeze(self) -> None:
         os.kill(self.daemon.pid, signal.SIGSTOP)
@@ -114,6 +121,53 @@ class FreezableView:
             self.daemon.wait(10)
         else:
             _run("fusermount", "-u", "-z", str(self.path))
+
+
+class FailingView:
+    """A FUSE view of a directory whose every call a test can make fail with one errno (a
+    failing disk or server: EIO, ENOTCONN...) and then heal (see ``failing_fs.py``)."""
+
+    def __init__(self, source: Path, path: Path):
+        if os.geteuid() != 0:
+            pytest.skip("a FUSE view needs root to mount")
+        if not os.path.exists("/dev/fuse"):
+            pytest.skip("a FUSE view needs /dev/fuse")
+        try:
+            import mfusepy  # noqa: F401  (the daemon's library: libfuse through ctypes)
+        except (ImportError, OSError) as exc:  # OSError: no libfuse on this machine
+            pytest.skip(f"a failing FUSE view needs mfusepy and libfuse (pip install mfusepy; "
+                        f"Debian: apt-get install fuse3): {exc}")
+        self.path = path
+        self.switch = path.parent / f".{path.name}.failing"
+        self.heal()
+        self.daemon = _fuse_daemon("failing_fs.py", path, sys.executable,
+                                   str(Path(__file__).with_name("failing_fs.py")), str(source),
+                                   str(path), str(self.switch))
+
+    def fail(self, code: int) -> None:
+        """From now on every call on the mount fails with ``code`` (an errno)."""
+        self.switch.write_text(errno.errorcode[code])
+
+    def heal(self) -> None:
+        self.switch.write_text("")
+
+    def close(self) -> None:
+        self.heal()
+        _unmount(self.path, fuse=True)
+        try:
+            self.daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            self.daemon.kill()
+
+
+@contextlib.contextmanager
+def failing_view(source: Path, path: Path) -> Iterator[FailingView]:
+    """``source`` through a FUSE mount at ``path`` whose calls the test can make fail."""
+    view = FailingView(source, path)
+    try:
+        yield view
+    finally:
+        view.close()
 
 
 @contextlib.contextmanager

@@ -4,20 +4,23 @@ Engine A serves from the cache directory itself; engine B (chunked prefill,
 layer-wise loads, the CPU defaults) from a FUSE view of it, as from an NFS or
 GlusterFS client. The test freezes the FUSE daemon (SIGSTOP: every call on the
 mount blocks, as when an NFS server or a storage node stops answering), thaws
-it, then kills it (ENOTCONN, as from a dead server). A's answers, computed
-before any chunk existed, are plain vLLM's. Each answer of B is timed: without
-deadlines, B answered nothing within 30 s while frozen (issue 24).
+it, then kills it (ENOTCONN, as from a dead server). Engine C serves from a
+view whose every call fails with EIO for a while (a failing disk or server),
+then heals. A's answers, computed before any chunk existed, are plain vLLM's.
+Each answer of B and C is timed: without deadlines, B answered nothing within
+30 s while frozen (issue 24).
 """
 
 from __future__ import annotations
 
+import errno
 import random
 from pathlib import Path
 
 import pytest
 from cachedir import wait_for_count
 from engines import EngineProcess
-from mounts import freezable_view
+from mounts import failing_view, freezable_view
 from timed_answers import TimedAnswers
 
 from lmcache_fs.storage.layout import is_temporary
@@ -104,4 +107,47 @@ def test_a_frozen_then_dead_mount_costs_recomputes_within_seconds_never_wrong_to
     assert answers.ask(b, fresh, "b dead mount, again")["token_ids"] == frozen_fresh["token_ids"]
     log = b.log_text()
     assert "is not answering" in log and "answers again" in log
+    assert "Traceback" not in log
+
+
+@pytest.fixture(scope="module")
+def failing(setup, synthetic_model, tmp_path_factory, artifacts_dir):
+    a, _, _, storage, answers = setup
+    with failing_view(storage, tmp_path_factory.mktemp("eio") / "client-c") as view:
+        c = EngineProcess(synthetic_model, artifacts_dir / "outage-c.log", _connector(view.path),
+                          max_num_batched_tokens=512)
+        try:
+            yield a, c, view, storage, answers
+        finally:
+            c.close()
+
+
+def test_a_mount_failing_with_eio_costs_misses_never_a_failed_request_then_hits_again(failing):
+    a, c, view, storage, answers = failing
+    cached, fresh, later = _prompt(), _prompt(), _prompt()
+    before = set(_chunk_files(storage))
+    plain_cached = answers.ask(a, cached, "a, for c: a cached prompt")["token_ids"]
+    wait_for_count(lambda: set(_chunk_files(storage)) - before, PROMPT_LEN // CHUNK)
+    hit = answers.until_hit(c, cached, "c healthy", FULL_HIT)
+    assert hit["num_cached_tokens"] >= FULL_HIT and hit["token_ids"] == plain_cached
+
+    view.fail(errno.EIO)
+    c.reset_prefix_cache()
+    eio_cached = answers.ask(c, cached, "c EIO, cached prompt")
+    eio_fresh = answers.ask(c, fresh, "c EIO, fresh prompt")
+    assert eio_cached["token_ids"] == plain_cached
+    assert eio_fresh["token_ids"] == answers.ask(a, fresh, "a, for c: a fresh prompt")["token_ids"]
+    assert answers.seconds["c EIO, cached prompt"] < FAST_S
+    assert answers.seconds["c EIO, fresh prompt"] < FAST_S
+    assert not list((storage / "quarantine").glob("*"))  # an outage proves no chunk bad
+
+    view.heal()
+    again = answers.until_hit(c, cached, "c healed, cached prompt", FULL_HIT)
+    assert again["num_cached_tokens"] >= FULL_HIT and again["token_ids"] == plain_cached
+    # Its writer lived through the outage: a prompt first seen after it is stored again.
+    before = set(_chunk_files(storage))
+    answers.ask(c, later, "c healed, a new prompt")
+    wait_for_count(lambda: set(_chunk_files(storage)) - before, PROMPT_LEN // CHUNK)
+    log = c.log_text()
+    assert "is not answering (" in log and "Input/output error" in log and "answers again" in log
     assert "Traceback" not in log
