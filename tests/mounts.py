@@ -160,21 +160,11 @@ class FailingView:
             self.daemon.kill()
 
 
-@contextlib.contextmanager
-def failing_view(source: Path, path: Path) -> Iterator[FailingView]:
+def failing_view(source: Path, path: Path) -> contextlib.closing[FailingView]:
     """``source`` through a FUSE mount at ``path`` whose calls the test can make fail."""
-    view = FailingView(source, path)
-    try:
-        yield view
-    finally:
-        view.close()
+    return contextlib.closing(FailingView(source, path))
 
 
-@contextlib.contextmanager
-def freezable_view(source: Path, path: Path) -> Iterator[FreezableView]:
+def freezable_view(source: Path, path: Path) -> contextlib.closing[FreezableView]:
     """``source`` through a FUSE mount at ``path`` that the test can freeze, thaw or kill."""
-    view = FreezableView(source, path)
-    try:
-        yield view
-    finally:
-        view.close()
+    return contextlib.closing(FreezableView(source, path))
