@@ -289,9 +289,14 @@ class GroupWorker:
 
     def _abandoned(self, deadline_s: float) -> None:
         """A step's loads passed their deadline: switch the directory off, and read the next
-        steps with a new reader (reads stuck in the kernel may still land in the old one's)."""
+        steps with a new reader (reads stuck in the kernel may still land in the old one's).
+        The old one's threads end once their stuck reads return, unwaited for."""
         assert self.breaker is not None
         self.breaker.note_timeout("load", deadline_s)
+        if self.layer_reader is not None:
+            self.layer_reader.close(wait=False)
+        if self.reader is not None:
+            self.reader.close()  # (abandoned: it waits for nothing)
         self._new_reader()
 
     def _read_whole_chunks(self, meta: LMCacheFSMetadata) -> list[ChunkFileError | None]:

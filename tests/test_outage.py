@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 
 import pytest
@@ -51,6 +52,12 @@ def _save_three(root):
     return src
 
 
+def _read_threads() -> int:
+    """Live threads of the loads' readers (whole chunks or layer by layer)."""
+    return sum(t.name.startswith(("lmcache-fs-read", "lmcache-fs-layers"))
+               for t in threading.enumerate())
+
+
 LOADS = [LoadOp("r", k, 0, tuple(range(20 + 4 * i, 24 + 4 * i))) for i, k in enumerate(KEYS)]
 
 
@@ -73,6 +80,7 @@ def test_a_frozen_mount_costs_a_load_its_deadline_and_its_late_bytes_never_land(
         assert group.layer_reader is None or not group.layer_reader.into_pages  # staging on FUSE
         loader.load(LMCacheFSMetadata(loads=LOADS))
         assert loader.take_failed_blocks() == set() and _loaded(dst, src)  # healthy: a hit
+        readers = _read_threads()
         for kv in dst:
             kv.zero_()
         os.sync()
@@ -91,6 +99,7 @@ def test_a_frozen_mount_costs_a_load_its_deadline_and_its_late_bytes_never_land(
         view.thaw()
         time.sleep(0.5)  # the abandoned reads return now: their bytes must land nowhere
         assert all(torch.count_nonzero(kv) == 0 for kv in dst)
+        assert _read_threads() == readers  # the abandoned reader's threads are gone
         assert not quarantine_dir(view.path).exists()  # nothing taken for a bad file
         clock.now += 1.0
         deadline = time.monotonic() + 10

@@ -268,9 +268,10 @@ class LayerwiseReader:
                                                           self.staging_bytes)
         return LayerwiseLoad(self, jobs, destination, deadline_s)
 
-    def close(self) -> None:
-        """Stop the threads (a load in progress finishes first)."""
-        self.pool.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop the threads once they finish what they were given (``wait``: a load in
+        progress finishes first; False, for a reader whose reads are stuck past a deadline)."""
+        self.pool.shutdown(wait=wait)
 
     # -- run in the pool threads ----------------------------------------------
 
