@@ -81,6 +81,17 @@ _MIN_TEMP_FILE_GRACE_S = 60.0
 # intervals: a pass less than once a day would leave a dead holder's budget unkept for days.
 _MAX_INTERVAL_S = 86400.0
 
+# Settings with an upper bound: (the bound, it in words, what waits that long).
+_AT_MOST = {
+    "load_deadline_s": (_MAX_INTERVAL_S, "a day", "a thread waits that long"),
+    "startup_deadline_s": (_MAX_INTERVAL_S, "a day", "a thread waits that long"),
+    "breaker_cooldown_s": (_MAX_INTERVAL_S, "a day", "a thread waits that long"),
+    "lookup_deadline_ms": (60_000.0, "a minute",
+                           "the scheduler waits that long for a lookup (the default is 200)"),
+    "eviction_interval_s": (_MAX_INTERVAL_S, "a day",
+                            "the evictor waits that long between passes (the default is 60)"),
+}
+
 
 
 @dataclass(frozen=True)
@@ -184,19 +195,10 @@ class LMCacheFSConfig:
         for name, zero_means in _NON_NEGATIVE.items():
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0{zero_means}, got {getattr(self, name)}")
-        for name in ("load_deadline_s", "startup_deadline_s", "breaker_cooldown_s"):
-            if getattr(self, name) > _MAX_INTERVAL_S:
-                raise ConfigError(f"{name} must be at most {_MAX_INTERVAL_S:.0f} (a day), got "
-                                  f"{getattr(self, name)}: a thread waits that long")
-        if self.lookup_deadline_ms > 60_000:
-            raise ConfigError(f"lookup_deadline_ms must be at most 60000 (a minute), got "
-                              f"{self.lookup_deadline_ms}: the scheduler waits that long for a "
-                              "lookup (the default is 200)")
-        if self.eviction_interval_s > _MAX_INTERVAL_S:
-            raise ConfigError(
-                f"eviction_interval_s must be at most {_MAX_INTERVAL_S:.0f} (a day), got "
-                f"{self.eviction_interval_s}: the evictor waits that long between passes (the "
-                "default is 60)")
+        for name, (bound, in_words, why) in _AT_MOST.items():
+            if getattr(self, name) > bound:
+                raise ConfigError(f"{name} must be at most {bound:.0f} ({in_words}), got "
+                                  f"{getattr(self, name)}: {why}")
         if self.temp_file_grace_s < _MIN_TEMP_FILE_GRACE_S:
             raise ConfigError(
                 f"temp_file_grace_s must be at least {_MIN_TEMP_FILE_GRACE_S:.0f}, got "
